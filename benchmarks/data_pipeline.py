@@ -1,0 +1,179 @@
+"""Images/s of our data pipeline against torchvision's ImageFolder, on realistic JPEG folders built offline.
+
+Photos are random crops of sklearn's two sample photos, resized to camera size (1600x1200) and ImageNet size
+(500x375), with mild sensor-like noise so files have the entropy (and decode cost) of real photos, saved at JPEG
+quality 90. Both pipelines read the same files in the same order with batch size 64; the first batches are not timed.
+
+    python benchmarks/data_pipeline.py                      # defaults take a few minutes on 2 cores
+    python benchmarks/data_pipeline.py --n 500 --batches 3  # a quick look
+
+Ours: scan once, ImageFileDataset + ImageLoader (JPEG draft decoding) + torchvision v2 transforms on uint8 tensors,
+collated as uint8 (normalising belongs on the accelerator, inside the model). Baseline: ImageFolder with PIL loading
+and the classic v1 transforms (ToTensor + Normalize on the CPU, float32 batches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import sklearn.datasets
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import datasets
+from torchvision import transforms as v1
+from torchvision.transforms import v2
+
+from image_finetune.data.cache import ResizedCache
+from image_finetune.data.decode import ImageLoader
+from image_finetune.data.files import ImageFileDataset
+from image_finetune.data.scan import scan_image_folder
+
+SIZES = {"camera": (1600, 1200), "imagenet": (500, 375)}
+CLASSES = 10
+JPEG_QUALITY = 90
+NOISE = 4  # +-4 grey levels, uniform: raises a smooth upscaled crop to the file size of a real photo
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+CROP, RESIZE = 224, 256
+
+
+def _make_photos(args: tuple[Path, tuple[int, int], list[int]]) -> None:
+    folder, size, indices = args
+    photos_dir = Path(sklearn.datasets.__file__).parent / "images"
+    photos = [Image.open(photos_dir / name).convert("RGB") for name in ("china.jpg", "flower.jpg")]
+    for i in indices:
+        rng = np.random.default_rng(i)
+        src = photos[i % 2]
+        h = int(src.height * rng.uniform(0.5, 1.0))
+        w = min(src.width, h * size[0] // size[1])
+        x, y = int(rng.integers(0, src.width - w + 1)), int(rng.integers(0, src.height - h + 1))
+        im = src.crop((x, y, x + w, y + h)).resize(size, Image.Resampling.BICUBIC)
+        noise = rng.integers(-NOISE, NOISE + 1, (size[1], size[0], 3), dtype=np.int16)
+        pixels = np.clip(np.asarray(im, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
+        out = folder / f"class_{i % CLASSES}" / f"img_{i:05d}.jpg"
+        Image.fromarray(pixels).save(out, "JPEG", quality=JPEG_QUALITY)
+
+
+def build_folder(root: Path, name: str, n: int) -> Path:
+    """`root/name/class_k/img_i.jpg`; reused when a previous run built it with the same settings."""
+    folder, size = root / name, SIZES[name]
+    marker = root / f"{name}.json"
+    settings = {"size": size, "n": n, "classes": CLASSES, "quality": JPEG_QUALITY, "noise": NOISE}
+    if marker.exists() and json.loads(marker.read_text()) == json.loads(json.dumps(settings)):
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    for k in range(CLASSES):
+        (folder / f"class_{k}").mkdir(parents=True)
+    started = time.perf_counter()
+    workers = os.cpu_count() or 1
+    chunks = [(folder, size, list(range(n))[j::workers]) for j in range(workers)]
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(_make_photos, chunks))
+    marker.write_text(json.dumps(settings))
+    print(f"built {n:,} {size[0]}x{size[1]} JPEGs in {folder} ({time.perf_counter() - started:.0f} s)")
+    return folder
+
+
+def baseline(folder: Path, train: bool) -> Dataset:
+    if train:
+        tf = v1.Compose([v1.RandomResizedCrop(CROP), v1.RandomHorizontalFlip(), v1.ToTensor(), v1.Normalize(MEAN, STD)])
+    else:
+        tf = v1.Compose([v1.Resize(RESIZE), v1.CenterCrop(CROP), v1.ToTensor(), v1.Normalize(MEAN, STD)])
+    return datasets.ImageFolder(str(folder), transform=tf)
+
+
+def ours(samples: Sequence[tuple[str, int]], train: bool, cache: ResizedCache | None = None) -> ImageFileDataset:
+    if train:
+        tf = v2.Compose([v2.RandomResizedCrop(CROP, antialias=True), v2.RandomHorizontalFlip()])
+    else:
+        tf = v2.Compose([v2.Resize(RESIZE, antialias=True), v2.CenterCrop(CROP)])
+    return ImageFileDataset(samples, tf, ImageLoader(min_size=CROP if train else RESIZE, cache=cache))
+
+
+def images_per_second(ds: Dataset, keys: list, workers: int, batch_size: int, warmup: int) -> float:
+    loader = DataLoader(ds, batch_size=batch_size, sampler=keys, num_workers=workers)
+    it = iter(loader)
+    for _ in range(warmup):
+        next(it)
+    started = time.perf_counter()
+    count = sum(len(batch[1]) for batch in it)
+    return count / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--root", type=Path, default=Path("/tmp/bench-data"))
+    parser.add_argument("--n", type=int, default=2000, help="JPEGs per image size")
+    parser.add_argument("--batches", type=int, default=6, help="timed batches per measurement")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed batches first (worker start-up, caches)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["camera", "imagenet"])
+    parser.add_argument("--no-cache", action="store_true", help="skip the ResizedCache column")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # both pipelines get one core per process; PIL is single-threaded anyway
+
+    per_run = (args.warmup + args.batches) * args.batch_size
+    if per_run > args.n:
+        parser.error(f"--n {args.n} is smaller than (warmup + batches) x batch size = {per_run}")
+    keys = [(int(i), 1_000 + int(i)) for i in np.random.default_rng(0).permutation(args.n)[:per_run]]
+    indices = [i for i, _ in keys]
+
+    rows = []
+    for name in args.sizes:
+        folder = build_folder(args.root, name, args.n)
+        started = time.perf_counter()
+        scan = scan_image_folder(folder, cache_dir=args.root / "scan-cache")
+        first = time.perf_counter() - started
+        started = time.perf_counter()
+        scan_image_folder(folder, cache_dir=args.root / "scan-cache")
+        again = time.perf_counter() - started
+        print(f"{name}: scan of {len(scan.samples):,} files {first:.1f} s, again with the cache {again:.2f} s")
+        assert len(scan.samples) == args.n, "the benchmark folder should hold only good images"
+        cache = None
+        if not args.no_cache:
+            cache = ResizedCache(args.root / "resized-cache", short_side=RESIZE)
+            started = time.perf_counter()
+            for path, _ in (scan.samples[i] for i in indices):
+                cache.load(path)
+            print(f"{name}: filled the resized cache for {per_run} images in {time.perf_counter() - started:.1f} s")
+        for train in (True, False):
+            for workers in args.workers:
+                base = images_per_second(baseline(folder, train), indices, workers, args.batch_size, args.warmup)
+                mine = images_per_second(ours(scan.samples, train), keys, workers, args.batch_size, args.warmup)
+                row = [name, "train" if train else "eval", workers, base, mine]
+                if cache is not None:
+                    row.append(images_per_second(ours(scan.samples, train, cache), keys, workers, args.batch_size, args.warmup))
+                rows.append(row)
+                print("  ", _format(row), flush=True)
+
+    head = "| images | pipeline | workers | ImageFolder img/s | ours img/s | ours / ImageFolder |"
+    rule = "|---|---|---:|---:|---:|---:|"
+    if not args.no_cache:
+        head += " ours + resized cache img/s | cache / ImageFolder |"
+        rule += "---:|---:|"
+    print(f"\n{os.cpu_count()} CPUs, batch size {args.batch_size}, {args.batches} timed batches after {args.warmup}")
+    print(head)
+    print(rule)
+    for row in rows:
+        print(_format(row))
+
+
+def _format(row: list) -> str:
+    name, mode, workers, base, mine, *cached = row
+    size = "x".join(map(str, SIZES[name]))
+    cells = [f"{name} {size}", mode, str(workers), f"{base:,.0f}", f"{mine:,.0f}", f"{mine / base:.2f}x"]
+    cells += [c for v in cached for c in (f"{v:,.0f}", f"{v / base:.2f}x")]
+    return "| " + " | ".join(cells) + " |"
+
+
+if __name__ == "__main__":
+    main()

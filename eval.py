@@ -1,0 +1,17 @@
+"""Test a checkpoint: ``python eval.py ckpt_path=PATH [data=... data.root=...]`` (see README)."""
+
+import hydra
+from omegaconf import DictConfig
+
+from image_finetune.cli import user_errors
+from image_finetune.evaluate import evaluate
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    with user_errors():
+        evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""What the entry scripts share: config -> plain data, one-line errors, and the run summary."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+
+from image_finetune.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def to_plain(cfg: DictConfig) -> dict[str, Any]:
+    """Resolved plain containers: safe for hparams and ``torch.load(weights_only=True)`` checkpoints."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # type: ignore[return-value]
+
+
+def _user_error(err: BaseException | None) -> UserError | None:
+    while err is not None:
+        if isinstance(err, UserError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn mistakes a user can fix into one line on stderr and exit code 2, instead of a traceback.
+
+    Hydra wraps exceptions raised inside ``instantiate`` in ``InstantiationException``; we unwrap to find ours.
+    """
+    try:
+        yield
+    except (UserError, InstantiationException) as err:
+        user_error = _user_error(err)
+        if user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def save_json(data: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Atomic write: a killed run never leaves half a metrics file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(dict(data), indent=2, sort_keys=True))
+    os.replace(tmp, path)
+    return path
+
+
+def scalar_metrics(metrics: Mapping[str, Any], prefixes: tuple[str, ...] = ("train/", "val/", "test/")) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if k.startswith(prefixes)}

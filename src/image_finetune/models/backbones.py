@@ -1,0 +1,141 @@
+"""Turn a torchvision model name and a weights name into a headless feature extractor.
+
+Any classification model that ``torchvision.models.get_model`` knows works: its last ``nn.Linear`` (``fc`` in ResNets,
+``classifier[-1]`` in EfficientNets, ``heads.head`` in ViTs) is the ImageNet classifier, and we replace it with
+``nn.Identity`` so the network outputs pooled features for a new head.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.error import URLError
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import WeightsEnum
+
+from image_finetune.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_NO_WEIGHTS = {None, "", "none", "null", "random"}
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A feature extractor plus what the rest of the pipeline must know about it."""
+
+    module: nn.Module
+    num_features: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    pretrained: bool
+    """True when pretrained weights were actually loaded (False for ``weights=null`` or the offline fallback)."""
+
+
+def classification_models() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _check_name(name: str) -> None:
+    known = classification_models()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(
+            f"model.backbone.name={name!r} is not a torchvision classification model.{hint} "
+            f"Choose one of torchvision.models.list_models(module=torchvision.models), e.g. resnet18, resnet50."
+        )
+
+
+def resolve_weights(name: str, weights: str | None) -> WeightsEnum | Path | None:
+    """Map the config value to a torchvision weights enum, a local file, or None (random init)."""
+    if weights is None or str(weights).strip().lower() in _NO_WEIGHTS:
+        return None
+    weights = str(weights)
+    looks_like_path = os.sep in weights or weights.endswith((".pth", ".pt", ".bin")) or weights.startswith("~")
+    if looks_like_path:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"model.backbone.weights={weights!r}: no such file. Give a path to a state_dict (.pth).")
+        return path
+    enum = torchvision.models.get_model_weights(name)
+    try:
+        return enum[weights]
+    except KeyError:
+        choices = ["DEFAULT", *enum.__members__]
+        raise ConfigError(
+            f"model.backbone.weights={weights!r} is not a weights name for {name}. "
+            f"Choose one of {choices}, a path to a .pth file, or null for random initialisation."
+        ) from None
+
+
+def _replace_classifier(model: nn.Module) -> tuple[str, int]:
+    """Swap the last Linear layer for Identity; return its qualified name and input width."""
+    linears = [(qualname, m) for qualname, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ConfigError(
+            f"{type(model).__name__} has no nn.Linear classifier to replace; choose a model with a linear head (e.g. resnet50)."
+        )
+    qualname, linear = linears[-1]
+    parent_name, _, attr = qualname.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, nn.Identity())
+    return qualname, linear.in_features
+
+
+def _hub_file(weights: WeightsEnum) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+
+
+def _load_local(model: nn.Module, path: Path, classifier: str) -> None:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    state = {k: v for k, v in state.items() if not k.startswith(f"{classifier}.")}
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ConfigError(
+            f"model.backbone.weights={str(path)!r} does not fit {type(model).__name__}: "
+            f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}. "
+            "The file must be a state_dict of the same architecture."
+        )
+
+
+def build_backbone(name: str, weights: str | None = "DEFAULT", *, allow_random_init: bool = False) -> Backbone:
+    """Build a headless torchvision model.
+
+    ``allow_random_init`` is for the offline demo only: when pretrained weights cannot be downloaded it trains from
+    random initialisation with a loud warning instead of stopping. Everywhere else a missing download is an error that
+    says where to put the file, because silently fine-tuning random weights wastes a user's GPU day.
+    """
+    _check_name(name)
+    resolved = resolve_weights(name, weights)
+    enum = resolved if isinstance(resolved, WeightsEnum) else None
+    try:
+        model = torchvision.models.get_model(name, weights=enum)
+    except (URLError, OSError, RuntimeError) as err:
+        assert enum is not None  # without weights nothing is downloaded
+        target = _hub_file(enum)
+        message = (
+            f"could not load pretrained weights {name}/{enum.name} ({err}). If this machine is offline, download "
+            f"{enum.url} elsewhere and put it at {target} (or set TORCH_HOME), or pass model.backbone.weights=PATH."
+        )
+        if not allow_random_init:
+            raise ConfigError(message) from err
+        log.warning("!" * 80 + "\n%s\nTRAINING FROM RANDOM INITIALISATION INSTEAD.\n" + "!" * 80, message)
+        model, enum = torchvision.models.get_model(name, weights=None), None
+        resolved = None
+    classifier, num_features = _replace_classifier(model)
+    if isinstance(resolved, Path):
+        _load_local(model, resolved, classifier)
+    preset = enum.transforms() if enum is not None else None
+    mean = tuple(getattr(preset, "mean", IMAGENET_MEAN))
+    std = tuple(getattr(preset, "std", IMAGENET_STD))
+    return Backbone(model, num_features, mean, std, pretrained=resolved is not None)  # type: ignore[arg-type]

@@ -1,0 +1,267 @@
+"""The LightningModule: a pretrained backbone, a new head, and one shared step for every split."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from image_finetune.errors import ConfigError, UserError
+from image_finetune.finetune import FinetuneSchedule
+from image_finetune.models.backbones import build_backbone
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+class ClassifierNet(nn.Module):
+    """Normalisation + backbone + head: the whole inference network, exported as is.
+
+    Input is float RGB in [0, 1], NCHW. Normalising inside the network means the mean/std of the backbone's
+    pretrained weights travel with the checkpoint and the exported model, so serving code cannot get them wrong.
+    """
+
+    def __init__(
+        self, backbone: nn.Module, num_features: int, num_classes: int, dropout: float, mean: Sequence[float], std: Sequence[float]
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(num_features, num_classes))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone((images - self.mean) / self.std))
+
+
+def _metrics(num_classes: int, split: str) -> MetricCollection:
+    metrics: dict[str, Any] = {
+        "acc": MulticlassAccuracy(num_classes, average="micro"),
+        "f1": MulticlassF1Score(num_classes, average="macro"),
+    }
+    if num_classes > 5:
+        metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    return MetricCollection(metrics, prefix=f"{split}/")
+
+
+class ImageClassifier(L.LightningModule):
+    """Fine-tunes a torchvision backbone with a new dropout + linear head.
+
+    ``class_names`` may be left out: the head is then sized in ``setup`` from the data module's classes, so no
+    config ever hard-codes ``num_classes``. The names are stored in the checkpoint's hparams so that a checkpoint
+    alone is enough to predict.
+    """
+
+    def __init__(
+        self,
+        backbone: Mapping[str, Any],
+        class_names: Sequence[str] | None = None,
+        finetune: Mapping[str, Any] | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        scheduler_interval: str = "step",
+        scheduler_monitor: str = "val/loss",
+        dropout: float = 0.2,
+        label_smoothing: float = 0.0,
+        compile: bool = False,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        self.finetune = FinetuneSchedule(**dict(finetune or {}))
+        backbone = dict(backbone)
+        # Plain containers only: checkpoints must load with torch.load(weights_only=True).
+        self.save_hyperparameters(
+            {
+                "backbone": backbone,
+                "class_names": list(class_names) if class_names is not None else None,
+                "finetune": self.finetune.as_dict(),
+                "dropout": dropout,
+                "label_smoothing": label_smoothing,
+                "compile": compile,
+                "channels_last": channels_last,
+                "scheduler_interval": scheduler_interval,
+                "scheduler_monitor": scheduler_monitor,
+            }
+        )
+        self.optimizer_factory = optimizer or torch.optim.AdamW
+        self.scheduler_factory = scheduler
+        self._backbone = build_backbone(
+            backbone["name"], backbone.get("weights"), allow_random_init=bool(backbone.get("allow_random_init", False))
+        )
+        self.hparams["pretrained"] = self._backbone.pretrained
+        self.net: ClassifierNet | None = None
+        self.metrics = nn.ModuleDict()
+        self.backbone_frozen = False
+        self._forward_net: Callable[[torch.Tensor], torch.Tensor] | None = None
+        if class_names is not None:
+            self._build_head(len(class_names))
+
+    # ---- construction -------------------------------------------------------------------------------------------
+    def _build_head(self, num_classes: int) -> None:
+        if num_classes < 2:
+            raise ConfigError(f"need at least 2 classes to train a classifier, got {num_classes}")
+        b = self._backbone
+        self.net = ClassifierNet(b.module, b.num_features, num_classes, self.hparams.dropout, b.mean, b.std)
+        self.metrics = nn.ModuleDict({f"{split}_metrics": _metrics(num_classes, split) for split in SPLITS})
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.hparams.class_names or [])
+
+    def setup(self, stage: str) -> None:
+        """Size the head from the data (once), then prepare this fit's network: freeze state, memory format, compile.
+
+        Runs at the start of every ``fit``, before Lightning moves the model or wraps it in DDP; see ``finetune.py``
+        for why each fine-tuning phase is its own ``fit``.
+        """
+        if self.net is None:
+            datamodule = self.trainer.datamodule
+            names = list(getattr(datamodule, "class_names", None) or [])
+            if not names:
+                raise ConfigError("model.class_names is not set and the data module exposes no class_names")
+            self.hparams["class_names"] = names
+            self._build_head(len(names))
+        assert self.net is not None
+        if self.hparams.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        self._apply_freeze()
+        forward_net: Callable[[torch.Tensor], torch.Tensor] = self.net
+        if self.hparams.compile and stage == "fit":
+            # A fresh graph per phase: dynamo may reuse a graph traced under the old requires_grad (pytorch#139476).
+            torch._dynamo.reset()
+            forward_net = torch.compile(self.net)
+        # Not a registered submodule: the compiled wrapper must not add ``_orig_mod.*`` keys to checkpoints.
+        object.__setattr__(self, "_forward_net", forward_net)
+
+    # ---- fine-tuning state ----------------------------------------------------------------------------------------
+    def _apply_freeze(self) -> None:
+        """Apply ``backbone_frozen`` (set by ``finetune.fit`` before each fit) to the parameters and layer modes.
+
+        Frozen weights get ``requires_grad=False``, so autograd computes no gradient for them and the optimizer (which
+        holds every group from the start) skips them. With ``train_bn`` the BatchNorm layers keep training.
+        """
+        assert self.net is not None
+        for module in self.net.backbone.modules():
+            trainable = not self.backbone_frozen or (self.finetune.train_bn and _is_batchnorm(module))
+            for p in module.parameters(recurse=False):
+                p.requires_grad_(trainable)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> ImageClassifier:
+        """Keep frozen backbone layers in eval mode so their BatchNorm running statistics do not drift (Lightning #15062)."""
+        super().train(mode)
+        if mode and self.backbone_frozen and self.net is not None:
+            for module in self.net.backbone.modules():
+                if not (self.finetune.train_bn and _is_batchnorm(module)):
+                    module.eval()
+        return self
+
+    # ---- steps ----------------------------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        net = self.net if self._forward_net is None else self._forward_net
+        assert net is not None
+        return net(images)
+
+    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
+        images, targets = batch
+        logits = self(images)
+        # Label smoothing regularises training; val/test report the plain cross-entropy so runs stay comparable.
+        smoothing = self.hparams.label_smoothing if split == "train" else 0.0
+        loss = F.cross_entropy(logits, targets, label_smoothing=smoothing)
+        metrics = self.metrics[f"{split}_metrics"]
+        metrics.update(logits.detach(), targets)
+        size = targets.shape[0]
+        self.log(f"{split}/loss", loss, on_step=split == "train", on_epoch=True, prog_bar=True, batch_size=size, sync_dist=split != "train")
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=split != "test", batch_size=size)
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(images).softmax(dim=-1)
+
+    # ---- optimisation ---------------------------------------------------------------------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Named groups ``head``, ``backbone`` (+ ``/no_decay``), all present from the first step.
+
+        The backbone groups exist even while frozen so that resuming, every LR scheduler and ``LearningRateMonitor``
+        see the same groups in every phase. Biases and norm weights (1-D tensors) get no weight decay.
+        """
+        assert self.net is not None
+        base_lr = getattr(self.optimizer_factory, "keywords", {}).get("lr")
+        if base_lr is None:
+            raise ConfigError("model.optimizer must set lr (e.g. model.optimizer.lr=1e-3)")
+        lrs = {"head": base_lr, "backbone": base_lr * self.finetune.backbone_lr_ratio}
+        groups: dict[str, dict[str, Any]] = {}
+        for part in ("head", "backbone"):
+            for name, p in getattr(self.net, part).named_parameters():
+                key = part if p.ndim > 1 else f"{part}/no_decay"
+                group = groups.setdefault(key, {"name": key, "params": [], "lr": lrs[part]})
+                if p.ndim <= 1:
+                    group["weight_decay"] = 0.0
+                group["params"].append(p)
+        return list(groups.values())
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.param_groups())
+        if self.scheduler_factory is None:
+            return optimizer
+        kwargs = {}
+        if "total_steps" in inspect.signature(self.scheduler_factory).parameters:
+            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer, **kwargs)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {
+                "scheduler": scheduler,
+                "interval": self.hparams.scheduler_interval,
+                "monitor": self.hparams.scheduler_monitor,
+            },
+        }
+
+    # ---- loading --------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> ImageClassifier:
+        """Load for inference: safe (``weights_only=True``), offline (no weight download), class names included."""
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise UserError(f"ckpt_path={str(path)!r}: no such file")
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
+        if "backbone" not in hparams or not hparams.get("class_names"):
+            raise UserError(f"{path} is not a checkpoint of image_finetune.ImageClassifier (no backbone/class_names hparams)")
+        backbone = {**hparams["backbone"], "weights": None}
+        model = cls(
+            backbone=backbone,
+            class_names=hparams["class_names"],
+            finetune=hparams.get("finetune"),
+            dropout=hparams.get("dropout", 0.0),
+            channels_last=hparams.get("channels_last", False),
+        )
+        model.hparams["pretrained"] = hparams.get("pretrained")
+        model.load_state_dict(checkpoint["state_dict"])
+        return model.eval()
+
+
+def _is_batchnorm(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)

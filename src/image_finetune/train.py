@@ -1,0 +1,78 @@
+"""``train(cfg)``: instantiate what the config names, run the fine-tuning schedule, test the best checkpoint."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from image_finetune import finetune
+from image_finetune.callbacks import StoreRunConfig
+from image_finetune.cli import save_json, scalar_metrics, to_plain
+from image_finetune.errors import UserError
+from image_finetune.models import ImageClassifier
+
+log = logging.getLogger(__name__)
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | None:
+    """``last`` means this run dir's ``checkpoints/last.ckpt``; a missing checkpoint is an error, never a fresh start."""
+    if ckpt_path is None:
+        return None
+    path = Path(output_dir) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path).expanduser()
+    if not path.is_file():
+        hint = " To resume a run, pass its dir too: hydra.run.dir=<run dir> ckpt_path=last." if ckpt_path == "last" else ""
+        raise UserError(f"ckpt_path={ckpt_path!r}: no checkpoint at {path}.{hint}")
+    return str(path)
+
+
+@dataclass
+class Run:
+    """The three objects a config describes."""
+
+    datamodule: L.LightningDataModule
+    model: ImageClassifier
+    trainer: L.Trainer
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a dict-of-configs group (``callbacks``, ``logger``); None entries are switched off."""
+    return [instantiate(c) for c in (group or {}).values() if c is not None]
+
+
+def build(cfg: DictConfig) -> Run:
+    """Seed, then instantiate data, model, callbacks, loggers and trainer from the config."""
+    L.seed_everything(cfg.seed, workers=True)
+    plain = to_plain(cfg)
+    datamodule: L.LightningDataModule = instantiate(cfg.data)
+    model: ImageClassifier = instantiate(cfg.model)
+    callbacks = [*instantiate_group(cfg.get("callbacks")), StoreRunConfig(plain)]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")) or False)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(plain)
+    return Run(datamodule, model, trainer)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit (frozen phase, then unfrozen) and test; returns the final metrics, also saved as ``metrics.json``."""
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
+    run = build(cfg)
+    trainer = run.trainer
+    finetune.fit(trainer, run.model, run.datamodule, ckpt_path=ckpt_path)
+    metrics: dict[str, Any] = scalar_metrics(trainer.callback_metrics)
+
+    if cfg.get("test") and not trainer.interrupted:
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if not best:
+            log.warning("No best checkpoint (checkpointing off or no validation): testing the current weights.")
+        trainer.test(run.model, datamodule=run.datamodule, ckpt_path=best or None, weights_only=True)
+        metrics.update(scalar_metrics(trainer.callback_metrics, ("test/",)))
+        metrics["best_checkpoint"] = best
+    if trainer.is_global_zero:
+        save_json(metrics, Path(cfg.paths.output_dir) / "metrics.json")
+    return metrics

@@ -1,0 +1,110 @@
+"""Fixtures that let every test run offline on 2 CPU cores: fake pretrained weights, tiny image folders, fake CIFAR.
+
+Each one exercises the real code path (torchvision's weight loading, CIFAR10(download=True), our image-folder module)
+with files we make, as described in shared/GUIDE.md section 7.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from support import make_image_folder
+
+CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
+REPO = Path(__file__).resolve().parents[1]
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any download attempt fails at once, as it would offline: tests never touch the network."""
+
+    def refuse(url: str, *args: object, **kwargs: object) -> None:
+        raise URLError(f"tests are offline (refused {url})")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(torchvision.datasets.utils, "download_url", refuse)
+
+
+@pytest.fixture(scope="session")
+def hub_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A torch hub cache holding randomly initialised ResNet-18/50 weights under their official file names."""
+    root = tmp_path_factory.mktemp("torch_home")
+    checkpoints = root / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    for name, weights in (("resnet18", "IMAGENET1K_V1"), ("resnet50", "IMAGENET1K_V2")):
+        enum = torchvision.models.get_model_weights(name)[weights]
+        torch.manual_seed(0)
+        torch.save(torchvision.models.get_model(name).state_dict(), checkpoints / os.path.basename(enum.url))
+    return root
+
+
+@pytest.fixture
+def pretrained(hub_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Make ``weights=DEFAULT`` find the seeded files, through torchvision's real loading code."""
+    monkeypatch.setenv("TORCH_HOME", str(hub_dir))
+    return hub_dir
+
+
+@pytest.fixture
+def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty hub cache: pretrained weights cannot be had."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    return tmp_path / "empty_torch_home"
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "images")
+
+
+@pytest.fixture
+def cifar_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Tiny CIFAR-10 batches in the real format; the integrity check passes so ``download=True`` uses them."""
+    root = tmp_path / "cifar"
+    batches = root / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    for name, n in [*((f"data_batch_{i}", 20) for i in range(1, 6)), ("test_batch", 30)]:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": [i % 10 for i in range(n)]}
+        with open(batches / name, "wb") as f:
+            pickle.dump(batch, f)
+    with open(batches / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [n.encode() for n in names]}, f)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    return root
+
+
+@pytest.fixture
+def compose_cfg(tmp_path: Path) -> Iterator[Callable[..., DictConfig]]:
+    """Compose ``configs/<name>.yaml`` with overrides, with every path the run writes under ``tmp_path``."""
+
+    def _compose(*overrides: str, config_name: str = "train", output_dir: Path | None = None) -> DictConfig:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+        out = output_dir or tmp_path / "run"
+        with open_dict(cfg):
+            cfg.paths.root_dir = str(REPO)
+            cfg.paths.data_dir = str(tmp_path / "data")
+            cfg.paths.log_dir = str(tmp_path / "logs")
+            cfg.paths.output_dir = str(out)
+            cfg.hydra.runtime.output_dir = str(out)
+            cfg.hydra.job.num = 0
+        HydraConfig().set_config(cfg)
+        return cfg
+
+    yield _compose
+    GlobalHydra.instance().clear()

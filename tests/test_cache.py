@@ -1,0 +1,116 @@
+"""ResizedCache serves the right version of each image at the right size, and never a stale or half-written one."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from messy_folder import BLUE, RED, photo, save
+from PIL import Image
+
+from image_finetune.data import cache as cache_mod
+from image_finetune.data.cache import ResizedCache
+
+
+def entries(cache_dir: Path) -> list[Path]:
+    return sorted(p for p in cache_dir.rglob("*") if p.is_file())
+
+
+def assert_size(im: Image.Image, expected: tuple[int, int]) -> None:
+    """Short side exact; long side within a pixel (reduced-scale JPEG decoding rounds the source size up)."""
+    assert min(im.size) == min(expected)
+    assert abs(max(im.size) - max(expected)) <= 1 and (im.width >= im.height) == (expected[0] >= expected[1])
+
+
+def forbid_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the source was decoded although the cache holds it")
+
+    monkeypatch.setattr(cache_mod, "load_rgb", fail)
+
+
+def test_miss_then_hit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = save(photo(), tmp_path / "china.jpg", "JPEG", quality=95)  # 640x427
+    cache = ResizedCache(tmp_path / "cache", short_side=160)
+    first = cache.load(src)
+    assert_size(first, (240, 160))
+    assert first.mode == "RGB"
+    (entry,) = entries(tmp_path / "cache")
+    assert entry.suffix == ".jpg" and Image.open(entry).size == first.size
+
+    forbid_decoding(monkeypatch)
+    again = cache.load(src)
+    assert again.size == first.size and again.mode == "RGB"
+    assert np.abs(np.asarray(again, int) - np.asarray(first, int)).mean() < 4  # only JPEG re-encoding noise
+    reference = np.asarray(photo().resize(first.size, Image.Resampling.LANCZOS), int)
+    assert np.abs(np.asarray(again, int) - reference).mean() < 8  # the whole picture (a crop or a shift scores ~75)
+
+
+def test_small_images_are_not_upscaled_and_stored_losslessly(tmp_path: Path) -> None:
+    small = photo().resize((50, 40))
+    src = save(small, tmp_path / "small.png")
+    cache = ResizedCache(tmp_path / "cache", short_side=224)
+    assert cache.load(src).size == (50, 40)
+    (entry,) = entries(tmp_path / "cache")
+    assert entry.suffix == ".png"
+    np.testing.assert_array_equal(np.asarray(cache.load(src)), np.asarray(small))
+
+
+def test_changed_source_gets_a_new_entry(tmp_path: Path) -> None:
+    src = save(Image.new("RGB", (300, 200), RED), tmp_path / "x.bmp")
+    cache = ResizedCache(tmp_path / "cache", short_side=150)
+    assert np.asarray(cache.load(src))[0, 0].tolist() == list(RED)
+    old = cache.entry_stem(src)
+
+    size = src.stat().st_size
+    save(Image.new("RGB", (300, 200), BLUE), src)  # same name, same size (BMP): only mtime tells them apart
+    st = src.stat()
+    assert st.st_size == size
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert cache.entry_stem(src) != old
+    assert np.asarray(cache.load(src))[0, 0].tolist() == list(BLUE)
+    assert len(entries(tmp_path / "cache")) == 2
+
+
+def test_other_short_side_gets_a_new_entry(tmp_path: Path) -> None:
+    src = save(photo(), tmp_path / "china.jpg", "JPEG")
+    assert_size(ResizedCache(tmp_path / "cache", 200).load(src), (300, 200))
+    assert_size(ResizedCache(tmp_path / "cache", 300).load(src), (450, 300))
+    sizes = sorted(min(Image.open(p).size) for p in entries(tmp_path / "cache"))
+    assert sizes == [200, 300]
+
+
+def test_symlink_and_target_share_an_entry(tmp_path: Path) -> None:
+    src = save(photo(), tmp_path / "china.jpg", "JPEG")
+    os.symlink(src, tmp_path / "link.jpg")
+    cache = ResizedCache(tmp_path / "cache", 200)
+    assert cache.entry_stem(src) == cache.entry_stem(tmp_path / "link.jpg")
+
+
+def test_damaged_entry_is_rebuilt(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    src = save(photo(), tmp_path / "china.jpg", "JPEG")
+    cache = ResizedCache(tmp_path / "cache", 200)
+    cache.load(src)
+    (entry,) = entries(tmp_path / "cache")
+    entry.write_bytes(entry.read_bytes()[:100])
+    assert_size(cache.load(src), (300, 200))
+    assert "re-creating unreadable cache entry" in caplog.text
+    assert min(Image.open(entry).size) == 200
+    assert [p.name for p in entries(tmp_path / "cache")] == [entry.name]  # no temp files left behind
+
+
+def test_unwritable_cache_still_returns_images(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    src = save(photo(), tmp_path / "china.jpg", "JPEG")
+    (tmp_path / "blocker").write_text("a file where the cache folder should be")
+    cache = ResizedCache(tmp_path / "blocker", 200)
+    assert_size(cache.load(src), (300, 200))
+    assert_size(cache.load(src), (300, 200))
+    assert "unreadable cache entry" not in caplog.text
+    assert caplog.text.count("cannot write to image cache") == 1
+
+
+def test_short_side_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="short_side"):
+        ResizedCache(tmp_path, 0)

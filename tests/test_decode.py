@@ -1,0 +1,160 @@
+"""load_rgb must show the picture a person would see, whatever odd mode or orientation the file is stored in."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from messy_folder import (
+    BLUE,
+    GREEN,
+    RED,
+    exif_rotated_jpeg,
+    gradient16,
+    palette_png,
+    photo,
+    rgba_png,
+    save,
+    truncated_jpeg,
+    two_frame_gif,
+)
+from PIL import Image, UnidentifiedImageError
+
+from image_finetune.data.cache import ResizedCache
+from image_finetune.data.decode import BACKGROUND, ImageLoader, load_rgb, pil_to_tensor_uint8
+
+
+def pixels(path: Path, **kwargs: object) -> np.ndarray:
+    im = load_rgb(path, **kwargs)
+    assert im.mode == "RGB"
+    return np.asarray(im).astype(int)
+
+
+@pytest.mark.parametrize(("fmt", "suffix"), [("PNG", ".png"), ("WEBP", ".webp"), ("BMP", ".bmp"), ("TIFF", ".tif")])
+def test_lossless_formats_decode_exactly(tmp_path: Path, fmt: str, suffix: str) -> None:
+    src = photo().resize((40, 30))
+    kwargs = {"lossless": True} if fmt == "WEBP" else {}
+    out = pixels(save(src, tmp_path / f"x{suffix}", fmt, **kwargs))
+    np.testing.assert_array_equal(out, np.asarray(src))
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".JPG", ".Jpeg"])
+def test_jpeg_any_extension_case(tmp_path: Path, suffix: str) -> None:
+    src = photo().resize((64, 48))
+    out = pixels(save(src, tmp_path / f"x{suffix}", "JPEG", quality=95))
+    assert out.shape == (48, 64, 3)
+    assert np.abs(out - np.asarray(src)).mean() < 4
+
+
+def test_grayscale_becomes_equal_channels(tmp_path: Path) -> None:
+    out = pixels(save(Image.new("L", (8, 8), 77), tmp_path / "g.png"))
+    assert (out == 77).all()
+
+
+def test_cmyk_jpeg_keeps_its_colour(tmp_path: Path) -> None:
+    out = pixels(save(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), tmp_path / "c.jpg", "JPEG", quality=95))
+    assert np.abs(out - RED).max() <= 3
+
+
+def test_rgba_is_composited_on_background_not_hidden_colour(tmp_path: Path) -> None:
+    out = pixels(rgba_png(tmp_path / "a.png"))
+    assert (out[1:, :10] == GREEN).all()
+    assert (out[:, 10:] == (255, 255, 255)).all()  # white, not the red stored under alpha 0 that nobody ever saw
+    half = np.array(BACKGROUND) * (1 - 128 / 255)
+    assert np.abs(out[0, 0] - half).max() <= 1
+
+
+def test_palette_with_transparency(tmp_path: Path) -> None:
+    out = pixels(palette_png(tmp_path / "p.png"))
+    assert (out[:, :10] == BLUE).all()
+    assert (out[:, 10:] == BACKGROUND).all()
+
+
+def test_palette_without_transparency(tmp_path: Path) -> None:
+    im = Image.new("P", (4, 4), 1)
+    im.putpalette([*RED, *BLUE] + [0] * 762)
+    assert (pixels(save(im, tmp_path / "p.bmp", "BMP")) == BLUE).all()
+
+
+@pytest.mark.parametrize(("suffix", "top"), [(".png", 4095), (".png", 65535), (".tif", 65535), (".tif", 4095)])
+def test_16_bit_scaled_by_bit_depth(tmp_path: Path, suffix: str, top: int) -> None:
+    values = gradient16(tmp_path / f"deep{suffix}", top)
+    assert Image.open(tmp_path / f"deep{suffix}").mode.startswith("I;16")
+    out = pixels(tmp_path / f"deep{suffix}")
+    expected = np.rint(values.astype(float) * 255 / top)
+    assert (out == expected[..., None]).all()
+    assert (out == 255).mean() < 0.01  # the failure this guards against: Pillow's convert("RGB") clips to all white
+
+
+def test_16_bit_dark_image_is_not_stretched_beyond_its_depth(tmp_path: Path) -> None:
+    save(Image.fromarray(np.full((4, 4), 3000, np.uint16)), tmp_path / "d.png")  # 12-bit data: 3000/4095
+    assert (pixels(tmp_path / "d.png") == round(3000 * 255 / 4095)).all()
+
+
+def test_float_tiff_in_unit_range(tmp_path: Path) -> None:
+    save(Image.fromarray(np.full((4, 4), 0.5, np.float32), "F"), tmp_path / "f.tif")
+    assert (pixels(tmp_path / "f.tif") == 128).all()
+
+
+def test_exif_orientation_applied(tmp_path: Path) -> None:
+    out = pixels(exif_rotated_jpeg(tmp_path / "r.jpg", size=(60, 40), orientation=6))
+    assert out.shape == (60, 40, 3)  # 60 wide x 40 high on disk, displayed 40 wide x 60 high
+    # Orientation 6 means "rotate 90 degrees clockwise to display": the stored top-left lands top-right.
+    assert np.abs(out[3, 36] - RED).max() < 40
+    assert np.abs(out[3, 3] - (128, 128, 128)).max() < 40
+    assert np.abs(out[56, 3] - (128, 128, 128)).max() < 40
+
+
+def test_gif_first_frame(tmp_path: Path) -> None:
+    assert (pixels(two_frame_gif(tmp_path / "a.gif")) == RED).all()
+
+
+def test_draft_keeps_short_side_at_least_min_size(tmp_path: Path) -> None:
+    path = save(photo().resize((1600, 1200)), tmp_path / "camera.jpg", "JPEG", quality=90)
+    assert load_rgb(path).size == (1600, 1200)
+    assert load_rgb(path, min_size=224).size == (400, 300)  # 1/4 scale: 1/8 would give 150 < 224
+    assert load_rgb(path, min_size=300).size == (400, 300)
+    assert load_rgb(path, min_size=301).size == (800, 600)
+    assert load_rgb(path, min_size=2000).size == (1600, 1200)  # never upscaled
+    reduced, full = pixels(path, min_size=224), np.asarray(load_rgb(path).resize((400, 300), Image.Resampling.BOX))
+    assert np.abs(reduced - full).mean() < 4  # the same picture, not a crop or a corrupted decode
+
+
+def test_draft_with_exif_rotation(tmp_path: Path) -> None:
+    path = exif_rotated_jpeg(tmp_path / "r.jpg", size=(1600, 1200), orientation=6)
+    assert load_rgb(path, min_size=224).size == (300, 400)
+
+
+def test_draft_ignored_for_non_jpeg(tmp_path: Path) -> None:
+    path = save(photo().resize((800, 600)), tmp_path / "big.png")
+    assert load_rgb(path, min_size=100).size == (800, 600)
+
+
+def test_unreadable_files_raise(tmp_path: Path) -> None:
+    (tmp_path / "fake.jpg").write_text("not a jpeg")
+    with pytest.raises(UnidentifiedImageError):
+        load_rgb(tmp_path / "fake.jpg")
+    with pytest.raises(OSError, match="truncated"):
+        load_rgb(truncated_jpeg(tmp_path / "cut.jpg"))
+    with pytest.raises(ValueError, match="min_size"):
+        load_rgb(save(photo(), tmp_path / "ok.jpg"), min_size=0)
+
+
+def test_pil_to_tensor_uint8() -> None:
+    im = photo().resize((30, 20))
+    t = pil_to_tensor_uint8(im)
+    assert t.dtype == torch.uint8 and t.shape == (3, 20, 30) and t.is_contiguous()
+    np.testing.assert_array_equal(t.permute(1, 2, 0).numpy(), np.asarray(im))
+    assert pil_to_tensor_uint8(Image.new("L", (5, 4), 9)).shape == (1, 4, 5)
+
+
+def test_image_loader_pickles_and_loads(tmp_path: Path) -> None:
+    path = str(save(photo().resize((1600, 1200)), tmp_path / "camera.jpg", "JPEG"))
+    loader = pickle.loads(pickle.dumps(ImageLoader(min_size=224)))
+    assert loader(path).size == (400, 300)
+    cached = pickle.loads(pickle.dumps(ImageLoader(cache=ResizedCache(tmp_path / "cache", short_side=150))))
+    assert cached(path).size == (200, 150)
+    assert len(list((tmp_path / "cache").rglob("*.jpg"))) == 1

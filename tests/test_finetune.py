@@ -1,0 +1,186 @@
+"""The fine-tuning schedule: what is frozen stays bitwise frozen, the unfreeze happens, and nothing breaks it.
+
+Runs on a tiny generated image folder with seeded "pretrained" ResNet-18 weights (see conftest).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from omegaconf import DictConfig
+
+from image_finetune import finetune
+from image_finetune.train import build, train
+from support import FAST
+
+pytestmark = pytest.mark.usefixtures("pretrained")
+
+
+def folder_cfg(compose_cfg: Callable[..., DictConfig], root: Path, *overrides: str, output_dir: Path | None = None) -> DictConfig:
+    return compose_cfg(
+        "data=imagefolder", f"data.root={root}", "trainer.max_epochs=3", "logger=csv", "test=false",
+        *FAST, *overrides, output_dir=output_dir,
+    )
+
+
+FROZEN = ("finetune.freeze_epochs=null", "trainer.max_epochs=1")
+
+
+class RecordPhases(L.Callback):
+    """Records, at every training step, whether any backbone parameter required grad and whether grads were computed."""
+
+    def __init__(self) -> None:
+        self.requires_grad: dict[int, bool] = {}
+        self.backbone_grads: dict[int, bool] = {}
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        non_bn = [
+            p for m in pl_module.net.backbone.modules() if not isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters(recurse=False)
+        ]
+        epoch = trainer.current_epoch
+        self.requires_grad[epoch] = any(p.requires_grad for p in non_bn)
+        self.backbone_grads[epoch] = any(p.grad is not None for p in non_bn)
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def run_frozen_phase(cfg: DictConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], RecordPhases, L.LightningModule]:
+    """One epoch that never leaves the frozen phase; returns backbone state before and after."""
+    run = build(cfg)
+    before = snapshot(run.model._backbone.module)
+    recorder = RecordPhases()
+    run.trainer.callbacks.append(recorder)
+    finetune.fit(run.trainer, run.model, run.datamodule)
+    return before, snapshot(run.model.net.backbone), recorder, run.model
+
+
+def test_frozen_backbone_is_bitwise_unchanged_without_train_bn(compose_cfg, image_folder):
+    before, after, recorder, _ = run_frozen_phase(folder_cfg(compose_cfg, image_folder, *FROZEN, "finetune.train_bn=false"))
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed == [], f"frozen backbone tensors changed: {changed[:5]}"
+    assert recorder.requires_grad == {0: False} and recorder.backbone_grads == {0: False}
+
+
+def test_train_bn_trains_only_batchnorm_while_frozen(compose_cfg, image_folder):
+    before, after, recorder, model = run_frozen_phase(folder_cfg(compose_cfg, image_folder, *FROZEN, "finetune.train_bn=true"))
+    bn_prefixes = tuple(f"{n}." for n, m in model.net.backbone.named_modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn_keys = [k for k in before if k.startswith(bn_prefixes)]
+    other_keys = [k for k in before if not k.startswith(bn_prefixes)]
+    assert bn_keys and other_keys
+    assert all(torch.equal(before[k], after[k]) for k in other_keys), "non-BatchNorm backbone weights must not move"
+    assert any(not torch.equal(before[k], after[k]) for k in bn_keys if k.endswith(("weight", "running_mean")))
+    assert recorder.backbone_grads == {0: False}
+
+
+def test_unfreeze_trains_backbone_with_named_groups_and_lr_ratio(compose_cfg, image_folder):
+    cfg = folder_cfg(compose_cfg, image_folder, "finetune.backbone_lr_ratio=0.25", "model.scheduler=null")
+    run = build(cfg)
+    recorder = RecordPhases()
+    run.trainer.callbacks.append(recorder)
+    finetune.fit(run.trainer, run.model, run.datamodule)
+    assert recorder.requires_grad == {0: False, 1: True, 2: True}
+    assert recorder.backbone_grads == {0: False, 1: True, 2: True}
+    groups = {g["name"]: g for g in run.trainer.optimizers[0].param_groups}
+    assert set(groups) == {"head", "head/no_decay", "backbone", "backbone/no_decay"}
+    assert groups["backbone"]["lr"] == pytest.approx(0.25 * groups["head"]["lr"])
+    assert groups["backbone/no_decay"]["weight_decay"] == 0.0 and groups["backbone"]["weight_decay"] > 0
+    assert (Path(cfg.paths.output_dir) / "checkpoints" / finetune.BOUNDARY_CHECKPOINT).is_file()
+    metrics = (Path(cfg.paths.output_dir) / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"lr-AdamW/head", "lr-AdamW/backbone"} <= set(metrics), "LearningRateMonitor must name the groups"
+
+
+def test_linear_probe_never_unfreezes(compose_cfg, image_folder):
+    cfg = folder_cfg(compose_cfg, image_folder, "finetune=linear_probe", "trainer.max_epochs=2")
+    run = build(cfg)
+    recorder = RecordPhases()
+    run.trainer.callbacks.append(recorder)
+    finetune.fit(run.trainer, run.model, run.datamodule)
+    assert recorder.requires_grad == {0: False, 1: False}
+    assert run.trainer.current_epoch == 2
+
+
+def test_full_finetune_trains_everything_from_the_start(compose_cfg, image_folder):
+    run = build(folder_cfg(compose_cfg, image_folder, "finetune=full", "trainer.max_epochs=1"))
+    recorder = RecordPhases()
+    run.trainer.callbacks.append(recorder)
+    finetune.fit(run.trainer, run.model, run.datamodule)
+    assert recorder.requires_grad == {0: True} and recorder.backbone_grads == {0: True}
+
+
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        ["model.scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau", "~model.scheduler.warmup_fraction", "model.scheduler_interval=epoch"],
+        ["model.scheduler._target_=torch.optim.lr_scheduler.OneCycleLR", "~model.scheduler.warmup_fraction", "+model.scheduler.max_lr=0.01"],
+        ["model.scheduler._target_=torch.optim.lr_scheduler.CosineAnnealingWarmRestarts", "~model.scheduler.warmup_fraction", "+model.scheduler.T_0=2"],
+        ["model.scheduler._target_=torch.optim.lr_scheduler.StepLR", "~model.scheduler.warmup_fraction", "+model.scheduler.step_size=1"],
+    ],
+    ids=["plateau", "onecycle", "warm_restarts", "step"],
+)
+def test_every_scheduler_survives_the_unfreeze_and_drives_every_group(compose_cfg, image_folder, scheduler):
+    run = build(folder_cfg(compose_cfg, image_folder, *scheduler))
+    finetune.fit(run.trainer, run.model, run.datamodule)
+    assert run.trainer.current_epoch == 3
+    config = run.trainer.lr_scheduler_configs[0]
+    optimizer = run.trainer.optimizers[0]
+    lrs = getattr(config.scheduler, "min_lrs", None) or config.scheduler.base_lrs
+    assert len(lrs) == len(optimizer.param_groups) == 4
+
+
+def test_resume_across_the_unfreeze_matches_an_uninterrupted_run(compose_cfg, image_folder, tmp_path):
+    """Checkpoints from inside the frozen phase, at the boundary, and after it all resume to the same final weights."""
+    common = ("finetune.freeze_epochs=2", "trainer.max_epochs=4", "callbacks.model_checkpoint.save_top_k=-1",
+              "callbacks.model_checkpoint.filename='e{epoch}'", "callbacks.model_checkpoint.monitor=null")
+    full_dir = tmp_path / "full"
+    full = build(folder_cfg(compose_cfg, image_folder, *common, output_dir=full_dir))
+    finetune.fit(full.trainer, full.model, full.datamodule)
+    expected = snapshot(full.model.net)
+    for epoch in (0, 1, 2):  # frozen, boundary (last frozen epoch), unfrozen
+        ckpt = full_dir / "checkpoints" / f"e{epoch}.ckpt"
+        assert finetune.resume_epoch(ckpt) == epoch + 1
+        resumed = build(folder_cfg(compose_cfg, image_folder, *common, output_dir=tmp_path / f"resume{epoch}"))
+        finetune.fit(resumed.trainer, resumed.model, resumed.datamodule, ckpt_path=ckpt)
+        got = snapshot(resumed.model.net)
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=f"resumed from epoch {epoch}: {key}")
+
+
+def test_compile_gets_a_fresh_graph_after_the_unfreeze(compose_cfg, image_folder, monkeypatch):
+    """With compile=true the unfrozen phase must produce backbone gradients (no stale frozen graph)."""
+    compiled: list[torch.nn.Module] = []
+    real_compile = torch.compile
+
+    def compile_cheaply(module: torch.nn.Module, **kwargs: object) -> torch.nn.Module:
+        compiled.append(module)
+        return real_compile(module, backend="aot_eager")  # dynamo + AOTAutograd, without a C++ toolchain run
+
+    monkeypatch.setattr(torch, "compile", compile_cheaply)
+    run = build(folder_cfg(compose_cfg, image_folder, "compile=true", "trainer.max_epochs=2", "finetune.train_bn=false"))
+    recorder = RecordPhases()
+    run.trainer.callbacks.append(recorder)
+    before = snapshot(run.model._backbone.module)
+    finetune.fit(run.trainer, run.model, run.datamodule)
+    assert len(compiled) == 2, "one compiled graph per phase"
+    assert recorder.backbone_grads == {0: False, 1: True}
+    after = snapshot(run.model.net.backbone)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("conv1.weight"))
+    assert not [k for k in run.model.state_dict() if "_orig_mod" in k], "checkpoints must not depend on compile"
+
+
+def test_train_writes_checkpoints_that_load_with_weights_only(compose_cfg, image_folder):
+    cfg = folder_cfg(compose_cfg, image_folder, "trainer.max_epochs=2", "test=true")
+    metrics = train(cfg)
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(last) == []
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint["hyper_parameters"]["class_names"] == ["class_0", "class_1", "class_2"]
+    assert checkpoint["hyper_parameters"]["pretrained"] is True
+    assert checkpoint["run_config"]["data"]["root"] == str(image_folder)
+    assert 0.0 <= metrics["test/acc"] <= 1.0 and Path(metrics["best_checkpoint"]).is_file()
