@@ -46,7 +46,7 @@ def exif_rotated_jpeg(path: Path, size: tuple[int, int] = (60, 40), orientation:
 
 
 def rgba_png(path: Path) -> Path:
-    """Left half opaque green, right half fully transparent red (a colour nobody should see), one half-alpha black pixel."""
+    """Left half opaque green, right half fully transparent red (nobody should see it), one half-alpha black pixel."""
     arr = np.zeros((20, 20, 4), np.uint8)
     arr[:, :10] = (*GREEN, 255)
     arr[:, 10:] = (*RED, 0)
@@ -68,13 +68,14 @@ def two_frame_gif(path: Path) -> Path:
 
 
 def bomb_png(path: Path, side: int = 100_000) -> Path:
-    """A valid PNG header claiming side x side pixels: far past Pillow's decompression-bomb limit, a few bytes on disk."""
+    """A valid PNG header claiming side x side pixels: far past Pillow's decompression-bomb limit, tiny on disk."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
     return path
 
 

@@ -14,6 +14,11 @@ from image_finetune.data import cache as cache_mod
 from image_finetune.data.cache import ResizedCache
 
 
+def size_on_disk(path: Path) -> tuple[int, int]:
+    with Image.open(path) as im:
+        return im.size
+
+
 def entries(cache_dir: Path) -> list[Path]:
     return sorted(p for p in cache_dir.rglob("*") if p.is_file())
 
@@ -38,7 +43,7 @@ def test_miss_then_hit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert_size(first, (240, 160))
     assert first.mode == "RGB"
     (entry,) = entries(tmp_path / "cache")
-    assert entry.suffix == ".jpg" and Image.open(entry).size == first.size
+    assert entry.suffix == ".jpg" and size_on_disk(entry) == first.size
 
     forbid_decoding(monkeypatch)
     again = cache.load(src)
@@ -78,7 +83,7 @@ def test_other_short_side_gets_a_new_entry(tmp_path: Path) -> None:
     src = save(photo(), tmp_path / "china.jpg", "JPEG")
     assert_size(ResizedCache(tmp_path / "cache", 200).load(src), (300, 200))
     assert_size(ResizedCache(tmp_path / "cache", 300).load(src), (450, 300))
-    sizes = sorted(min(Image.open(p).size) for p in entries(tmp_path / "cache"))
+    sizes = sorted(min(size_on_disk(p)) for p in entries(tmp_path / "cache"))
     assert sizes == [200, 300]
 
 
@@ -97,7 +102,7 @@ def test_damaged_entry_is_rebuilt(tmp_path: Path, caplog: pytest.LogCaptureFixtu
     entry.write_bytes(entry.read_bytes()[:100])
     assert_size(cache.load(src), (300, 200))
     assert "re-creating unreadable cache entry" in caplog.text
-    assert min(Image.open(entry).size) == 200
+    assert min(size_on_disk(entry)) == 200
     assert [p.name for p in entries(tmp_path / "cache")] == [entry.name]  # no temp files left behind
 
 

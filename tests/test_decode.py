@@ -22,6 +22,7 @@ from messy_folder import (
     two_frame_gif,
 )
 from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import v2
 
 from image_finetune.data.cache import ResizedCache
 from image_finetune.data.decode import BACKGROUND, ImageLoader, load_rgb, pil_to_tensor_uint8
@@ -82,7 +83,8 @@ def test_palette_without_transparency(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("suffix", "top"), [(".png", 4095), (".png", 65535), (".tif", 65535), (".tif", 4095)])
 def test_16_bit_scaled_by_bit_depth(tmp_path: Path, suffix: str, top: int) -> None:
     values = gradient16(tmp_path / f"deep{suffix}", top)
-    assert Image.open(tmp_path / f"deep{suffix}").mode.startswith("I;16")
+    with Image.open(tmp_path / f"deep{suffix}") as stored:
+        assert stored.mode.startswith("I;16")
     out = pixels(tmp_path / f"deep{suffix}")
     expected = np.rint(values.astype(float) * 255 / top)
     assert (out == expected[..., None]).all()
@@ -149,6 +151,18 @@ def test_pil_to_tensor_uint8() -> None:
     assert t.dtype == torch.uint8 and t.shape == (3, 20, 30) and t.is_contiguous()
     np.testing.assert_array_equal(t.permute(1, 2, 0).numpy(), np.asarray(im))
     assert pil_to_tensor_uint8(Image.new("L", (5, 4), 9)).shape == (1, 4, 5)
+
+
+def test_channels_last_view_gives_the_same_augmented_pixels() -> None:
+    im = photo().resize((400, 300))
+    view = pil_to_tensor_uint8(im, channels_last=True)
+    assert view.shape == (3, 300, 400) and not view.is_contiguous()
+    augment = v2.Compose([v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip(), v2.Resize(100)])
+    for seed in range(5):
+        torch.manual_seed(seed)
+        expected = augment(pil_to_tensor_uint8(im))
+        torch.manual_seed(seed)
+        assert torch.equal(augment(view), expected)
 
 
 def test_image_loader_pickles_and_loads(tmp_path: Path) -> None:

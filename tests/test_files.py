@@ -1,4 +1,4 @@
-"""ImageFileDataset: augmentation is a function of (seed, index) only, and a file that breaks mid-run costs one warning."""
+"""ImageFileDataset: augmentation depends on (seed, index) only; a file that breaks mid-run costs one warning."""
 
 from __future__ import annotations
 
@@ -38,8 +38,11 @@ def truncate(path: str) -> None:
 def test_items_are_uint8_chw_with_labels(samples: list[tuple[str, int]]) -> None:
     ds = ImageFileDataset(samples, transform=None, loader=ImageLoader())
     image, label = ds[3]
-    assert image.dtype == torch.uint8 and image.shape == (3, 64, 96)
+    assert image.dtype == torch.uint8 and image.shape == (3, 64, 96) and image.is_contiguous()
     assert label == samples[3][1]
+    cropped = ImageFileDataset(samples, transform=v2.CenterCrop(32), loader=ImageLoader())[(3, 0)][0]
+    assert cropped.shape == (3, 32, 32) and cropped.is_contiguous()
+    assert torch.equal(cropped, image[:, 16:48, 32:64])
 
 
 def test_broken_file_is_replaced_by_the_next_and_recorded(

@@ -13,6 +13,7 @@ from PIL import Image
 
 from image_finetune.data import scan as scan_mod
 from image_finetune.data.scan import (
+    REASON_KINDS,
     FolderScan,
     reason_kind,
     scan_image_folder,
@@ -52,9 +53,11 @@ def test_messy_folder_keeps_exactly_the_good_images(messy: MessyFolder, num_work
     assert all(os.path.isabs(p) for p, _ in scan.samples)
     assert len({os.path.realpath(p) for p, _ in scan.samples}) == len(scan.samples)  # each real file once
     reasons = dict(scan.skipped)
-    assert reasons[str(messy.root / "cats" / "flower-link.jpg")] == f"duplicate: same file as {messy.root / 'dogs' / 'flower.jpg'}"
+    original = messy.root / "dogs" / "flower.jpg"
+    assert reasons[str(messy.root / "cats" / "flower-link.jpg")] == f"duplicate: same file as {original}"
     assert reasons[str(messy.root / "cats" / "icon.png")] == "unsupported format: ICO"
     assert reasons[str(messy.root / "cats" / "notes.txt")] == "unsupported extension: .txt"
+    assert {reason_kind(r) for r in reasons.values()} <= set(REASON_KINDS)  # the documented vocabulary, nothing else
 
 
 def test_every_kept_image_decodes_with_the_training_loader(messy: MessyFolder) -> None:
@@ -72,7 +75,7 @@ def test_summary_and_report(messy: MessyFolder, tmp_path: Path) -> None:
     assert rows[0] == ["path", "reason"]
     assert [tuple(r) for r in rows[1:]] == scan.skipped
     line = summarize(scan, report)
-    assert line.startswith("kept 18 images in 3 classes; left out 15 (5 hidden, 2 truncated, 1 broken symlink, 1 duplicate,")
+    assert line.startswith("kept 18 images in 3 classes; left out 15 (5 hidden, 2 truncated, 1 broken symlink,")
     assert "1 too large (decompression bomb)" in line
     assert line.endswith(f" - see {report}")
 
@@ -93,6 +96,16 @@ def test_missing_root(tmp_path: Path) -> None:
         scan_image_folder(tmp_path / "nope")
     assert str(tmp_path / "nope") in str(e.value)
     assert isinstance(e.value, UserError) and isinstance(e.value, ValueError)
+
+
+def test_relative_root_gives_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    small_folder(tmp_path / "d")
+    monkeypatch.chdir(tmp_path)
+    scan = scan_image_folder("d")
+    assert scan.root == tmp_path / "d"
+    assert scan.samples[0] == (str(tmp_path / "d" / "a" / "0.jpg"), 0)
+    with pytest.raises(DataError, match=f"relative paths are resolved against the working directory {tmp_path}"):
+        scan_image_folder("typo")
 
 
 def test_root_is_a_file(tmp_path: Path) -> None:

@@ -70,7 +70,7 @@ def resolve_weights(name: str, weights: str | None) -> WeightsEnum | Path | None
     try:
         return enum[weights]
     except KeyError:
-        choices = ["DEFAULT", *enum.__members__]
+        choices = ["DEFAULT", *(m for m in enum.__members__ if m != "DEFAULT")]
         raise ConfigError(
             f"model.backbone.weights={weights!r} is not a weights name for {name}. "
             f"Choose one of {choices}, a path to a .pth file, or null for random initialisation."

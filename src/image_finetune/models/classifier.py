@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from image_finetune.errors import ConfigError, UserError
@@ -20,6 +21,9 @@ from image_finetune.finetune import FinetuneSchedule
 from image_finetune.models.backbones import build_backbone
 
 log = logging.getLogger(__name__)
+# Epoch metrics are computed by torchmetrics across ranks before they are logged (see _log_epoch_metrics), so
+# Lightning's advice to also pass sync_dist=True does not apply to them.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(train|val|test)/")
 
 SPLITS = ("train", "val", "test")
 
@@ -79,6 +83,9 @@ class ImageClassifier(L.LightningModule):
         super().__init__()
         self.finetune = FinetuneSchedule(**dict(finetune or {}))
         backbone = dict(backbone)
+        self._backbone = build_backbone(
+            backbone["name"], backbone.get("weights"), allow_random_init=bool(backbone.get("allow_random_init", False))
+        )
         # Plain containers only: checkpoints must load with torch.load(weights_only=True).
         self.save_hyperparameters(
             {
@@ -91,16 +98,15 @@ class ImageClassifier(L.LightningModule):
                 "channels_last": channels_last,
                 "scheduler_interval": scheduler_interval,
                 "scheduler_monitor": scheduler_monitor,
+                # whether pretrained weights were really loaded (the offline demo may fall back to random init)
+                "pretrained": self._backbone.pretrained,
             }
         )
         self.optimizer_factory = optimizer or torch.optim.AdamW
         self.scheduler_factory = scheduler
-        self._backbone = build_backbone(
-            backbone["name"], backbone.get("weights"), allow_random_init=bool(backbone.get("allow_random_init", False))
-        )
-        self.hparams["pretrained"] = self._backbone.pretrained
         self.net: ClassifierNet | None = None
         self.metrics = nn.ModuleDict()
+        self.losses = nn.ModuleDict()
         self.backbone_frozen = False
         self._forward_net: Callable[[torch.Tensor], torch.Tensor] | None = None
         if class_names is not None:
@@ -113,6 +119,7 @@ class ImageClassifier(L.LightningModule):
         b = self._backbone
         self.net = ClassifierNet(b.module, b.num_features, num_classes, self.hparams.dropout, b.mean, b.std)
         self.metrics = nn.ModuleDict({f"{split}_metrics": _metrics(num_classes, split) for split in SPLITS})
+        self.losses = nn.ModuleDict({f"{split}_loss": MeanMetric() for split in SPLITS})
 
     @property
     def class_names(self) -> list[str]:
@@ -174,27 +181,51 @@ class ImageClassifier(L.LightningModule):
         assert net is not None
         return net(images)
 
-    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
+    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> dict[str, torch.Tensor]:
+        """Loss and metric updates for any split; returns what callbacks need (loss, logits) from ``outputs``."""
         images, targets = batch
         logits = self(images)
         # Label smoothing regularises training; val/test report the plain cross-entropy so runs stay comparable.
         smoothing = self.hparams.label_smoothing if split == "train" else 0.0
         loss = F.cross_entropy(logits, targets, label_smoothing=smoothing)
-        metrics = self.metrics[f"{split}_metrics"]
-        metrics.update(logits.detach(), targets)
-        size = targets.shape[0]
-        self.log(f"{split}/loss", loss, on_step=split == "train", on_epoch=True, prog_bar=True, batch_size=size, sync_dist=split != "train")
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=split != "test", batch_size=size)
-        return loss
+        self.metrics[f"{split}_metrics"].update(logits.detach(), targets)
+        self.losses[f"{split}_loss"].update(loss.detach(), weight=targets.shape[0])
+        if split == "train":
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=targets.shape[0])
+        return {"loss": loss, "logits": logits.detach()}
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def _log_epoch_metrics(self, split: str) -> None:
+        """Compute (synchronised across ranks) and log one split's epoch metrics, then reset them.
+
+        Metrics are computed here, in a hook every rank runs, and logged as plain numbers. Logging the metric objects
+        instead would let Lightning compute them lazily, and the first to ask is the progress bar, which runs on rank
+        0 only: its collective calls then never meet the other ranks' and DDP hangs (Lightning #21264).
+        """
+        metrics, loss = self.metrics[f"{split}_metrics"], self.losses[f"{split}_loss"]
+        if loss.update_count == 0:  # e.g. limit_val_batches=0
+            return
+        values = {**metrics.compute(), f"{split}/loss": loss.compute()}
+        self.log_dict(values, prog_bar=split != "test")
+        metrics.reset()
+        loss.reset()
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         return self._shared_step(batch, "train")
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "val")
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._shared_step(batch, "val")
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "test")
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._shared_step(batch, "test")
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch

@@ -1,0 +1,35 @@
+# Two commands do all the set-up on a fresh machine: `make train` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.install-stamp
+# torch/torchvision pinned to the releases this project is tested with; pip never picks a newer torch.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+ARGS ?=
+
+.PHONY: install train test test-fast benchmark clean
+
+install: $(STAMP)
+
+# Re-runs only when the project's dependencies change.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_PINS)
+	$(BIN)/python -m pip install --quiet -e ".[test]" $(TORCH_PINS)
+	touch $(STAMP)
+
+train: install
+	$(BIN)/python train.py $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+benchmark: install
+	$(BIN)/python benchmarks/data_pipeline.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

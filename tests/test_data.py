@@ -1,0 +1,158 @@
+"""Data modules: both folder layouts, reproducible splits that survive a resume, sampling, CIFAR-10 offline, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from image_finetune.data import CIFAR10DataModule, DigitsDataModule, EpochSampler, ImageFolderDataModule
+from image_finetune.data.cifar10 import random_crop_flip
+from image_finetune.data.imagefolder import balanced_weights
+from image_finetune.errors import ConfigError, DataError
+from image_finetune.models.backbones import build_backbone
+from support import make_image_folder
+
+
+def folder_module(root: Path, tmp_path: Path, **kwargs: object) -> ImageFolderDataModule:
+    defaults = dict(image_size=16, batch_size=4, num_workers=0, cache_dir=tmp_path / "cache", manifest_path=tmp_path / "run" / "split.json")
+    return ImageFolderDataModule(root, **{**defaults, **kwargs})
+
+
+def test_pool_layout_is_split_stratified_and_reproducibly(image_folder, tmp_path):
+    dm = folder_module(image_folder, tmp_path, val_fraction=0.25, test_fraction=0.25)
+    dm.setup("fit")
+    assert dm.class_names == ["class_0", "class_1", "class_2"]
+    sizes = {split: len(items) for split, items in dm.splits.items()}
+    assert sizes == {"train": 18, "val": 9, "test": 9}
+    for split in ("val", "test"):
+        labels = [label for _, label in dm.splits[split]]
+        assert sorted(labels) == [0] * 3 + [1] * 3 + [2] * 3, "each class held out in proportion"
+    all_paths = [p for items in dm.splits.values() for p, _ in items]
+    assert len(all_paths) == len(set(all_paths)) == 36
+    again = folder_module(image_folder, tmp_path / "other", val_fraction=0.25, test_fraction=0.25)
+    again.setup("fit")
+    assert again.splits == dm.splits
+
+
+def test_split_layout_uses_the_given_folders_and_splits_val_off_train_when_missing(tmp_path):
+    root = tmp_path / "data"
+    make_image_folder(root / "train", per_class=10)
+    make_image_folder(root / "test", per_class=2, seed=1)
+    dm = folder_module(root, tmp_path, val_fraction=0.2)
+    dm.setup("fit")
+    assert {split: len(items) for split, items in dm.splits.items()} == {"train": 24, "val": 6, "test": 6}
+    assert all("/test/" in path for path, _ in dm.splits["test"])
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.dtype == torch.uint8 and images.shape == (4, 3, 16, 16) and labels.dtype == torch.int64
+
+
+def test_the_split_manifest_is_reused_on_resume(image_folder, tmp_path):
+    dm = folder_module(image_folder, tmp_path)
+    dm.setup("fit")
+    manifest = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert manifest["classes"] == dm.class_names
+    # Images added after the run started must not leak into the resumed run's splits.
+    shutil.copy(dm.splits["train"][0][0], image_folder / "class_0" / "new_image.png")
+    resumed = folder_module(image_folder, tmp_path)
+    resumed.setup("fit")
+    assert resumed.splits == dm.splits
+    fresh = folder_module(image_folder, tmp_path, manifest_path=tmp_path / "fresh" / "split.json")
+    fresh.setup("fit")
+    assert sum(map(len, fresh.splits.values())) == sum(map(len, dm.splits.values())) + 1
+
+
+def test_val_classes_must_match_train(tmp_path):
+    root = tmp_path / "data"
+    make_image_folder(root / "train", classes=3)
+    make_image_folder(root / "val", classes=2)
+    with pytest.raises(DataError, match=r"val has different classes than .*train: missing \['class_2'\]"):
+        folder_module(root, tmp_path).setup("fit")
+
+
+def test_missing_root_is_reported_at_construction(tmp_path):
+    with pytest.raises(DataError, match=r"data.root='.*nowhere' does not exist"):
+        folder_module(tmp_path / "nowhere", tmp_path)
+
+
+def test_too_few_images_for_the_split_is_an_error(tmp_path):
+    root = make_image_folder(tmp_path / "data", per_class=2)
+    with pytest.raises(DataError, match=r"class 'class_0' has 2 usable image\(s\): too few"):
+        folder_module(root, tmp_path, val_fraction=0.3, test_fraction=0.3).setup("fit")
+
+
+def test_sampler_is_a_function_of_seed_and_epoch_and_shards_ranks():
+    first = list(EpochSampler(10, seed=1, epoch=3))
+    assert first == list(EpochSampler(10, seed=1, epoch=3))
+    assert first != list(EpochSampler(10, seed=1, epoch=4))
+    later = EpochSampler(10, seed=1)
+    later.set_epoch(3)
+    assert list(later) == first
+    assert sorted(index for index, _ in first) == list(range(10))
+    ranks = [list(EpochSampler(10, seed=1, epoch=3, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 5
+    assert sorted(i for shard in ranks for i, _ in shard) == list(range(10))
+
+
+def test_balanced_sampling_draws_classes_equally_often():
+    labels = [0] * 90 + [1] * 10
+    sampler = EpochSampler(100, seed=0, weights=balanced_weights(labels, 2))
+    counts = torch.bincount(torch.tensor([labels[i] for epoch in range(20) for i, _ in (sampler.set_epoch(epoch) or sampler)]))
+    assert abs(counts[0].item() / counts.sum().item() - 0.5) < 0.05
+
+
+def test_digits_are_written_once_as_an_image_folder(tmp_path):
+    dm = DigitsDataModule(tmp_path / "digits", image_size=16, num_workers=0, cache_dir=tmp_path / "cache", test_fraction=0.15)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.class_names == [str(d) for d in range(10)]
+    assert sum(map(len, dm.splits.values())) == 1797
+    stamp = (tmp_path / "digits" / "0").stat().st_mtime_ns
+    dm.prepare_data()
+    assert (tmp_path / "digits" / "0").stat().st_mtime_ns == stamp
+
+
+def test_cifar10_downloads_through_torchvision_and_splits(cifar_root):
+    dm = CIFAR10DataModule(cifar_root, batch_size=8, num_workers=0, val_size=20)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.class_names[:2] == ["airplane", "automobile"]
+    assert {split: len(ds) for split, ds in dm.datasets.items()} == {"train": 80, "val": 20, "test": 30}
+    images, _ = next(iter(dm.train_dataloader()))
+    assert images.dtype == torch.uint8 and images.shape == (8, 3, 32, 32)
+
+
+def test_cifar_device_augmentation_crops_and_flips_within_the_padding():
+    torch.manual_seed(0)
+    images = torch.rand(64, 3, 32, 32)
+    out = random_crop_flip(images)
+    assert out.shape == images.shape
+    assert not torch.equal(out, images)
+    unchanged = [torch.equal(out[i], images[i]) or torch.equal(out[i], images[i].flip(-1)) for i in range(64)]
+    assert 0 < sum(unchanged) < 64  # some samples drew offset (4, 4): no shift
+
+
+@pytest.mark.parametrize(
+    ("name", "weights", "message"),
+    [
+        ("resnet51", "DEFAULT", r"'resnet51' is not a torchvision classification model\. Did you mean resnet50"),
+        ("resnet18", "IMAGENET1K_V9", r"'IMAGENET1K_V9' is not a weights name for resnet18\. Choose one of \['DEFAULT', 'IMAGENET1K_V1'\]"),
+        ("resnet18", "/no/such/file.pth", r"no such file"),
+    ],
+)
+def test_unknown_backbone_or_weights_names_are_clear_errors(name, weights, message):
+    with pytest.raises(ConfigError, match=message):
+        build_backbone(name, weights)
+
+
+def test_weights_from_a_local_file(tmp_path):
+    import torchvision
+
+    reference = torchvision.models.resnet18()
+    torch.save(reference.state_dict(), tmp_path / "mine.pth")
+    backbone = build_backbone("resnet18", str(tmp_path / "mine.pth"))
+    assert backbone.pretrained and backbone.num_features == 512
+    assert torch.equal(backbone.module.conv1.weight, reference.conv1.weight)
