@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
+
+from image_finetune.cli import compose_config
 
 from support import make_image_folder
 
@@ -92,19 +92,8 @@ def compose_cfg(tmp_path: Path) -> Iterator[Callable[..., DictConfig]]:
     """Compose ``configs/<name>.yaml`` with overrides, with every path the run writes under ``tmp_path``."""
 
     def _compose(*overrides: str, config_name: str = "train", output_dir: Path | None = None) -> DictConfig:
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
-        out = output_dir or tmp_path / "run"
-        with open_dict(cfg):
-            cfg.paths.root_dir = str(REPO)
-            cfg.paths.data_dir = str(tmp_path / "data")
-            cfg.paths.log_dir = str(tmp_path / "logs")
-            cfg.paths.output_dir = str(out)
-            cfg.hydra.runtime.output_dir = str(out)
-            cfg.hydra.job.num = 0
-        HydraConfig().set_config(cfg)
-        return cfg
+        paths = [f"paths.root_dir={REPO}", f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}"]
+        return compose_config(CONFIGS, config_name, [*paths, *overrides], output_dir or tmp_path / "run")
 
     yield _compose
     GlobalHydra.instance().clear()

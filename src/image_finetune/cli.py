@@ -11,8 +11,11 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from image_finetune.errors import UserError
 
@@ -22,6 +25,22 @@ log = logging.getLogger(__name__)
 def to_plain(cfg: DictConfig) -> dict[str, Any]:
     """Resolved plain containers: safe for hparams and ``torch.load(weights_only=True)`` checkpoints."""
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # type: ignore[return-value]
+
+
+def compose_config(config_dir: str | os.PathLike, config_name: str, overrides: list[str], output_dir: str | os.PathLike) -> DictConfig:
+    """Compose a config as ``@hydra.main`` would, for scripts and tests that call ``train(cfg)`` in-process.
+
+    Sets Hydra's runtime so that ``${hydra:runtime.output_dir}`` (the run dir) and ``${hydra:runtime.cwd}`` resolve.
+    """
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.runtime.cwd = os.getcwd()
+        cfg.hydra.job.num = 0
+    HydraConfig().set_config(cfg)
+    return cfg
 
 
 def _user_error(err: BaseException | None) -> UserError | None:
