@@ -1,0 +1,147 @@
+"""What every classification data module shares: reproducible sampling, loaders, and uint8 -> float on the device."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+
+class EpochSampler(DistributedSampler):
+    """Yields ``(index, sample_seed)`` pairs drawn from ``(seed, epoch)`` alone.
+
+    The dataset seeds its augmentation with ``sample_seed``, so what a sample looks like in an epoch depends on
+    neither the number of workers, nor whether workers persist, nor whether the run was resumed: a resumed run sees
+    exactly the batches an uninterrupted one would (Lightning checkpoints hold no RNG state). It subclasses
+    ``DistributedSampler`` so Lightning neither replaces nor re-wraps it; it shards across ranks itself.
+    ``weights`` switches to sampling with replacement in proportion to the weights (``data.balance=true``).
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        seed: int,
+        epoch: int = 0,
+        weights: torch.Tensor | None = None,
+        num_replicas: int = 1,
+        rank: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        self.num_samples_total, self.seed, self.epoch, self.weights = num_samples, seed, epoch, weights
+        self.num_replicas, self.rank, self.drop_last, self.shuffle = num_replicas, rank, drop_last, True
+        per_rank = num_samples / num_replicas
+        self.num_samples = math.floor(per_rank) if drop_last else math.ceil(per_rank)
+        self.total_size = self.num_samples * num_replicas
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch)) & 0x7FFF_FFFF_FFFF_FFFF)
+        n = self.num_samples_total
+        if self.weights is not None:
+            order = torch.multinomial(self.weights, self.total_size, replacement=True, generator=generator)
+        else:
+            order = torch.randperm(n, generator=generator)
+            order = order.repeat(math.ceil(self.total_size / n))[: self.total_size]
+        seeds = torch.randint(0, 2**62, (self.total_size,), generator=generator)
+        shard = slice(self.rank, self.total_size, self.num_replicas)
+        return zip(order[shard].tolist(), seeds[shard].tolist())
+
+
+def default_num_workers() -> int:
+    """Leave one core to the training process; at most 8 workers per process."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores - 1))
+
+
+class ClassificationDataModule(L.LightningDataModule):
+    """Base for data modules that yield ``(uint8 NCHW images, int64 labels)`` batches.
+
+    Workers only decode and crop; batches travel to the device as uint8 (4x less than float32) and become float in
+    ``[0, 1]`` there, where ``device_transform`` can do batched augmentation. Normalisation belongs to the network
+    (``ClassifierNet``), which knows the statistics of its pretrained weights.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int | None = None,
+        seed: int = 42,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+    ) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.seed = seed
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.class_names: list[str] = []
+        self.datasets: dict[str, Dataset] = {}
+        self.sample_weights: torch.Tensor | None = None
+
+    # ---- subclasses fill these ------------------------------------------------------------------------------------
+    def device_transform(self, images: torch.Tensor, train: bool) -> torch.Tensor:
+        """Batched transforms on the device, on float images in [0, 1]. Identity by default."""
+        return images
+
+    # ---- loaders --------------------------------------------------------------------------------------------------
+    def _loader(self, split: str, sampler: Any = None) -> DataLoader:
+        if split not in self.datasets:
+            raise RuntimeError(f"no {split!r} split: call setup() first, or give the data a {split}/ folder or fraction")
+        on_gpu = self.trainer is not None and self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
+        workers = self.num_workers
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size,
+            sampler=sampler,
+            shuffle=False,
+            num_workers=workers,
+            pin_memory=on_gpu if self.pin_memory is None else self.pin_memory,
+            persistent_workers=self.persistent_workers and workers > 0,
+            drop_last=split == "train" and len(self.datasets[split]) > self.batch_size,
+            # Its own generator: creating an iterator must not consume the global RNG (dropout draws from it), or
+            # a resumed run, whose first iterator is made at a different moment, would diverge.
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        sampler = EpochSampler(
+            len(self.datasets["train"]),  # type: ignore[arg-type]
+            seed=self.seed,
+            # On resume Lightning draws the first batch before it calls set_epoch; start at the epoch it will resume.
+            epoch=trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0,
+            weights=self.sample_weights,
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+        )
+        return self._loader("train", sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test" if "test" in self.datasets else "val")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        images, labels = batch
+        images = images.float().div_(255) if images.dtype == torch.uint8 else images
+        training = self.trainer is not None and self.trainer.training
+        return self.device_transform(images, train=training), labels
+
+
+def split_sizes(n: int, fractions: Sequence[float]) -> list[int]:
+    """Sizes of the held-out parts of ``n`` items (rounded, at least 1 each when the fraction is positive)."""
+    return [max(1, round(n * f)) if f > 0 else 0 for f in fractions]

@@ -1,0 +1,200 @@
+"""A data module for a folder of labelled images, in either of the two layouts people actually have.
+
+* ``root/train/<class>/...``, ``root/val/<class>/...`` and optionally ``root/test/<class>/...``; a missing ``val/`` is
+  split off ``train/``.
+* ``root/<class>/...``: one pool, split into train/val(/test) by fractions, stratified by class, with a fixed seed.
+
+The split is written to ``manifest_path`` (in the run dir) and read back from there when the run is resumed, so a
+resumed run trains and validates on exactly the same files even if the folder gained images meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from image_finetune.data.base import ClassificationDataModule, split_sizes
+from image_finetune.data.cache import ResizedCache
+from image_finetune.data.decode import ImageLoader
+from image_finetune.data.files import ImageFileDataset
+from image_finetune.data.scan import FolderScan, scan_image_folder, summarize, write_scan_report
+from image_finetune.data.transforms import eval_transform, train_transform
+from image_finetune.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+Samples = list[tuple[str, int]]
+SPLIT_DIRS = ("train", "val", "test")
+
+
+class ImageFolderDataModule(ClassificationDataModule):
+    """Image classification data from folders of files, scanned once, split reproducibly, decoded robustly."""
+
+    #: Subclasses that write their folder in ``prepare_data`` set this, so a missing root is not an error at init.
+    root_created_by_prepare_data = False
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        image_size: int = 224,
+        batch_size: int = 64,
+        num_workers: int | None = None,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.0,
+        seed: int = 42,
+        crop_scale: Sequence[float] = (0.08, 1.0),
+        crop_ratio: float = 0.875,
+        hflip: bool = True,
+        balance: bool = False,
+        cache: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        manifest_path: str | os.PathLike | None = None,
+        report_path: str | os.PathLike | None = None,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+    ) -> None:
+        super().__init__(batch_size, num_workers, seed, pin_memory, persistent_workers)
+        if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+            raise ConfigError(f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must be in [0, 1) and sum to < 1")
+        if cache not in (None, "resized"):
+            raise ConfigError(f"data.cache={cache!r}: use null (read the original files) or 'resized'")
+        self.save_hyperparameters(
+            {"root": str(root), "image_size": image_size, "val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed}
+        )
+        self.root = Path(root).expanduser()
+        self.image_size = image_size
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.crop_scale, self.crop_ratio, self.hflip = tuple(crop_scale), crop_ratio, hflip
+        self.balance = balance
+        # Scan results and resized images are keyed by source path, so one cache dir serves every dataset.
+        self.cache_dir = Path(cache_dir or Path.home() / ".cache" / "image_finetune").expanduser()
+        self.use_resized_cache = cache == "resized"
+        self.manifest_path = Path(manifest_path) if manifest_path else None
+        self.report_path = Path(report_path) if report_path else None
+        self.splits: dict[str, Samples] = {}
+        if not self.root_created_by_prepare_data:
+            self._check_root()  # fail before anything slow (weight download, worker start-up) happens
+
+    # ---- discovery ------------------------------------------------------------------------------------------------
+    def _scan(self, folder: Path) -> FolderScan:
+        return scan_image_folder(folder, cache_dir=self.cache_dir / "scan")
+
+    def _check_root(self) -> None:
+        if not self.root.is_dir():
+            raise DataError(f"data.root={str(self.root)!r} does not exist or is not a folder. Point data.root at a folder of class folders.")
+
+    def _discover(self) -> tuple[list[str], dict[str, Samples], dict[str, FolderScan]]:
+        """Scan the folder(s) and split; returns class names, samples per split, and the scans (for the report)."""
+        self._check_root()
+        if (self.root / "train").is_dir():
+            scans = {split: self._scan(self.root / split) for split in SPLIT_DIRS if (self.root / split).is_dir()}
+            classes = scans["train"].classes
+            for split, scan in scans.items():
+                if scan.classes != classes:
+                    missing, extra = sorted(set(classes) - set(scan.classes)), sorted(set(scan.classes) - set(classes))
+                    raise DataError(
+                        f"{self.root / split} has different classes than {self.root / 'train'}: missing {missing}, extra {extra}. "
+                        "Every split needs the same class folders."
+                    )
+            splits = {split: list(scan.samples) for split, scan in scans.items()}
+            if "val" not in splits:
+                held_out = self._stratified_split(splits["train"], [self.val_fraction or 0.15], ["val"], classes)
+                splits.update(held_out)
+            return classes, splits, scans
+        scan = self._scan(self.root)
+        fractions = [self.val_fraction, self.test_fraction]
+        return scan.classes, self._stratified_split(list(scan.samples), fractions, ["val", "test"], scan.classes), {"all": scan}
+
+    def _stratified_split(self, samples: Samples, fractions: list[float], names: list[str], classes: list[str]) -> dict[str, Samples]:
+        """Hold out ``fractions`` of each class (at least one image per class per held-out split)."""
+        rng = random.Random(self.seed)
+        by_class: dict[int, Samples] = {}
+        for sample in sorted(samples):
+            by_class.setdefault(sample[1], []).append(sample)
+        out: dict[str, Samples] = {name: [] for name in ["train", *names] if name == "train" or fractions[names.index(name)] > 0}
+        for label, items in sorted(by_class.items()):
+            rng.shuffle(items)
+            sizes = split_sizes(len(items), fractions)
+            if sum(sizes) >= len(items):
+                raise DataError(
+                    f"class {classes[label]!r} has {len(items)} usable image(s): too few to hold out "
+                    f"{dict(zip(names, fractions))} and keep one for training. Add images or lower the fractions."
+                )
+            start = 0
+            for name, size in zip(names, sizes):
+                if size:
+                    out[name].extend(items[start : start + size])
+                start += size
+            out["train"].extend(items[start:])
+        return {name: sorted(items) for name, items in out.items()}
+
+    # ---- manifest -------------------------------------------------------------------------------------------------
+    def _read_manifest(self, classes: list[str]) -> dict[str, Samples] | None:
+        if self.manifest_path is None or not self.manifest_path.is_file():
+            return None
+        manifest = json.loads(self.manifest_path.read_text())
+        if manifest.get("classes") != classes:
+            raise DataError(
+                f"{self.manifest_path} was written for classes {manifest.get('classes')} but {self.root} now has {classes}. "
+                "Resume in a new run dir (or delete the manifest) to split afresh."
+            )
+        log.info("Reusing the data split in %s", self.manifest_path)
+        return {split: [(str(self.root / rel), label) for rel, label in items] for split, items in manifest["splits"].items()}
+
+    def _write_manifest(self) -> None:
+        if self.manifest_path is None:
+            return
+        manifest = {
+            "root": str(self.root),
+            "classes": self.class_names,
+            "splits": {split: [(os.path.relpath(path, self.root), label) for path, label in items] for split, items in self.splits.items()},
+        }
+        self.manifest_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.manifest_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, self.manifest_path)
+
+    # ---- Lightning hooks ------------------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        classes, splits, scans = self._discover()
+        self.class_names = classes
+        self.splits = self._read_manifest(classes) or splits
+        rank_zero = self.trainer is None or self.trainer.is_global_zero
+        if rank_zero:
+            self._write_manifest()
+            if self.report_path is not None:
+                write_scan_report(scans, self.report_path)
+            for scan in scans.values():
+                log.info("%s: %s", scan.root, summarize(scan, self.report_path))
+            for split, items in self.splits.items():
+                counts = Counter(self.class_names[label] for _, label in items)
+                log.info("%s: %d images, per class %s", split, len(items), dict(sorted(counts.items())))
+        self._build_datasets()
+
+    def _build_datasets(self) -> None:
+        # Decode (and cache) at the eval resize size, so neither pipeline ever upsamples a reduced decode.
+        short_side = round(self.image_size / self.crop_ratio)
+        cache = ResizedCache(self.cache_dir / "resized", short_side) if self.use_resized_cache else None
+        loader = ImageLoader(min_size=short_side, cache=cache)
+        train_tf = train_transform(self.image_size, self.crop_scale, self.hflip)
+        eval_tf = eval_transform(self.image_size, self.crop_ratio)
+        self.datasets = {
+            split: ImageFileDataset(items, train_tf if split == "train" else eval_tf, loader) for split, items in self.splits.items()
+        }
+        if self.balance:
+            self.sample_weights = balanced_weights([label for _, label in self.splits["train"]], len(self.class_names))
+
+
+def balanced_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:
+    """Per-sample weights ``1 / count(class)``: every class is drawn equally often in expectation."""
+    counts = torch.bincount(torch.as_tensor(labels), minlength=num_classes).clamp(min=1).double()
+    return 1.0 / counts[torch.as_tensor(labels)]

@@ -1,0 +1,20 @@
+"""CPU transforms for image files: torchvision transforms v2 on uint8 tensors (faster than PIL + v1, GUIDE.md s.6)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torchvision.transforms import v2
+
+
+def train_transform(size: int, crop_scale: Sequence[float] = (0.08, 1.0), hflip: bool = True) -> v2.Compose:
+    """Inception-style random resized crop (+ horizontal flip), the standard ImageNet fine-tuning augmentation."""
+    steps: list[v2.Transform] = [v2.RandomResizedCrop(size, scale=tuple(crop_scale), antialias=True)]
+    if hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps)
+
+
+def eval_transform(size: int, crop_ratio: float = 0.875) -> v2.Compose:
+    """Resize the short side to ``size / crop_ratio`` and centre-crop ``size``: what the pretrained weights were scored with."""
+    return v2.Compose([v2.Resize(round(size / crop_ratio), antialias=True), v2.CenterCrop(size)])
