@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -156,3 +157,33 @@ def test_weights_from_a_local_file(tmp_path):
     backbone = build_backbone("resnet18", str(tmp_path / "mine.pth"))
     assert backbone.pretrained and backbone.num_features == 512
     assert torch.equal(backbone.module.conv1.weight, reference.conv1.weight)
+
+
+def test_a_messy_folder_trains_on_exactly_its_good_images_and_reports_the_rest(tmp_path):
+    """The data module over every kind of junk: the train split is the good files, the report the bad ones, and a
+    file that breaks after the scan costs one sample, not the epoch."""
+    from messy_folder import make_messy_folder
+
+    messy = make_messy_folder(tmp_path)
+    report = tmp_path / "run" / "data_report.tsv"
+    dm = folder_module(messy.root, tmp_path, val_fraction=0.0, report_path=report, batch_size=5)
+    dm.setup("fit")
+    assert dm.splits.keys() == {"train"}
+    assert {path: dm.class_names[label] for path, label in dm.splits["train"]} == messy.kept
+    rows = list(csv.DictReader(report.open(), delimiter="\t"))
+    assert {row["path"] for row in rows} == set(messy.skipped)
+    assert all(row["reason"] for row in rows)
+
+    victim = dm.splits["train"][0][0]
+    Path(victim).write_bytes(Path(victim).read_bytes()[:40])  # truncated after the scan
+    seen = sum(labels.numel() for _, labels in dm.train_dataloader())
+    assert seen == len(messy.kept) // 5 * 5  # every batch delivered (drop_last), none lost to the broken file
+    assert [path for path, _ in dm.datasets["train"].failures] == [victim]
+
+
+def test_resized_cache_serves_small_copies(image_folder, tmp_path):
+    dm = folder_module(image_folder, tmp_path, cache="resized", image_size=8)
+    dm.setup("fit")
+    batch, _ = next(iter(dm.val_dataloader()))
+    cached = list((tmp_path / "cache" / "resized").rglob("*.*"))
+    assert batch.shape[-2:] == (8, 8) and len(cached) == len(batch)

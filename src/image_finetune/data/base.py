@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
@@ -97,7 +98,7 @@ class ClassificationDataModule(L.LightningDataModule):
     def _loader(self, split: str, sampler: Any = None) -> DataLoader:
         if split not in self.datasets:
             raise RuntimeError(f"no {split!r} split: call setup() first, or give the data a {split}/ folder or fraction")
-        on_gpu = self.trainer is not None and self.trainer.accelerator.__class__.__name__ == "CUDAAccelerator"
+        on_gpu = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
         workers = self.num_workers
         return DataLoader(
             self.datasets[split],
@@ -141,7 +142,3 @@ class ClassificationDataModule(L.LightningDataModule):
         training = self.trainer is not None and self.trainer.training
         return self.device_transform(images, train=training), labels
 
-
-def split_sizes(n: int, fractions: Sequence[float]) -> list[int]:
-    """Sizes of the held-out parts of ``n`` items (rounded, at least 1 each when the fraction is positive)."""
-    return [max(1, round(n * f)) if f > 0 else 0 for f in fractions]

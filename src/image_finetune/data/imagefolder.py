@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from image_finetune.data.base import ClassificationDataModule, split_sizes
+from image_finetune.data.base import ClassificationDataModule
 from image_finetune.data.cache import ResizedCache
 from image_finetune.data.decode import ImageLoader
 from image_finetune.data.files import ImageFileDataset
@@ -198,3 +198,8 @@ def balanced_weights(labels: Sequence[int], num_classes: int) -> torch.Tensor:
     """Per-sample weights ``1 / count(class)``: every class is drawn equally often in expectation."""
     counts = torch.bincount(torch.as_tensor(labels), minlength=num_classes).clamp(min=1).double()
     return 1.0 / counts[torch.as_tensor(labels)]
+
+
+def split_sizes(n: int, fractions: Sequence[float]) -> list[int]:
+    """Sizes of the held-out parts of ``n`` items (rounded, at least 1 each when the fraction is positive)."""
+    return [max(1, round(n * f)) if f > 0 else 0 for f in fractions]
