@@ -184,3 +184,20 @@ def test_train_writes_checkpoints_that_load_with_weights_only(compose_cfg, image
     assert checkpoint["hyper_parameters"]["pretrained"] is True
     assert checkpoint["run_config"]["data"]["root"] == str(image_folder)
     assert 0.0 <= metrics["test/acc"] <= 1.0 and Path(metrics["best_checkpoint"]).is_file()
+
+
+def test_checkpoint_bookkeeping_spans_the_unfreeze(compose_cfg, image_folder):
+    """Best and last checkpoints are tracked across both fits: the best is the best of all epochs, `last.ckpt` is the
+    final epoch, and no `last-v1.ckpt` appears (ModelCheckpoint must record the frozen epoch before the boundary)."""
+    cfg = folder_cfg(compose_cfg, image_folder, "trainer.max_epochs=3", "callbacks.model_checkpoint.save_top_k=-1",
+                     "callbacks.model_checkpoint.filename='e{epoch}-{val/acc:.6f}'")
+    run = build(cfg)
+    finetune.fit(run.trainer, run.model, run.datamodule)
+    ckpts = Path(cfg.paths.output_dir) / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("last*.ckpt")) == ["last.ckpt"]
+    assert finetune.resume_epoch(ckpts / "last.ckpt") == 3
+    scores = {p.name: float(p.stem.split("-")[1]) for p in ckpts.glob("e*.ckpt")}
+    assert len(scores) == 3
+    callback = run.trainer.checkpoint_callback
+    assert float(callback.best_model_score) == pytest.approx(max(scores.values()), abs=1e-6)
+    assert Path(callback.best_model_path).name in {name for name, score in scores.items() if score == max(scores.values())}

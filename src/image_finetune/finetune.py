@@ -68,18 +68,15 @@ class FinetuneSchedule:
 
 
 class _EndFrozenPhase(L.Callback):
-    """Stops the frozen fit after its last epoch and saves the checkpoint the unfrozen fit resumes from."""
+    """Stops the frozen fit after its last epoch (``fit`` then saves the checkpoint the unfrozen fit resumes from)."""
 
-    def __init__(self, schedule: FinetuneSchedule, path: Path) -> None:
-        self.schedule, self.path, self.reached = schedule, path, False
+    def __init__(self, schedule: FinetuneSchedule) -> None:
+        self.schedule, self.reached = schedule, False
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.schedule.frozen_at(trainer.current_epoch + 1):
-            return
-        self.reached = True
-        trainer.should_stop = True
-        if not trainer.fast_dev_run:
-            trainer.save_checkpoint(self.path)
+        if not self.schedule.frozen_at(trainer.current_epoch + 1):
+            self.reached = True
+            trainer.should_stop = True
 
 
 def resume_epoch(ckpt_path: str | Path) -> int:
@@ -105,7 +102,7 @@ def fit(
     """
     schedule = model.finetune
     if schedule.frozen_at(resume_epoch(ckpt_path) if ckpt_path else 0):
-        stopper = _EndFrozenPhase(schedule, Path(trainer.default_root_dir) / "checkpoints" / BOUNDARY_CHECKPOINT)
+        stopper = _EndFrozenPhase(schedule)
         model.backbone_frozen = True
         trainer.callbacks.append(stopper)
         try:
@@ -118,8 +115,11 @@ def fit(
         # Linear probe, early stop, interruption, fast_dev_run, or max_epochs reached first: no unfrozen phase.
         if not stopper.reached or trainer.interrupted or trainer.fast_dev_run:
             return
+        # Saved after the fit has finished, so every callback (ModelCheckpoint's best and last included) has recorded
+        # the last frozen epoch first; a callback's own save would come before ModelCheckpoint, which runs last.
+        ckpt_path = Path(trainer.default_root_dir) / "checkpoints" / BOUNDARY_CHECKPOINT
+        trainer.save_checkpoint(ckpt_path, weights_only=False)
         log.info("Unfreezing the backbone after epoch %d (backbone lr = lr x %s)", schedule.freeze_epochs, schedule.backbone_lr_ratio)
-        ckpt_path = stopper.path
         trainer.should_stop = False
     model.backbone_frozen = False
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
