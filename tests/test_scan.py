@@ -15,6 +15,7 @@ from image_finetune.data import scan as scan_mod
 from image_finetune.data.scan import (
     REASON_KINDS,
     FolderScan,
+    failure_reason,
     reason_kind,
     scan_image_folder,
     summarize,
@@ -217,3 +218,8 @@ def test_corrupt_cache_file_is_ignored(tmp_path: Path, caplog: pytest.LogCapture
     assert len(scan_image_folder(root, cache_dir=tmp_path / "cache").samples) == 6
     assert "ignoring unreadable scan cache" in caplog.text
     assert len(json.loads(cache_file.read_text())["files"]) == 6  # rewritten whole
+
+
+@pytest.mark.parametrize("message", ["image file is truncated (3 bytes not processed)", "Truncated File Read"])
+def test_both_pillow_truncation_messages_are_reported_as_truncated(message: str) -> None:
+    assert failure_reason(OSError(message)) == "truncated"

@@ -1,21 +1,45 @@
-"""``evaluate(cfg)``: test a checkpoint on the data it was trained with (or on data the command line names)."""
+"""``evaluate(cfg)``: test a checkpoint on the data it was trained with (or on data the command line names).
+
+Besides the ``test/...`` metrics of training (same code, same numbers), it writes per-class precision/recall/F1, the
+confusion matrix (CSV and PNG) and every image's top-k prediction, all from one pass over the data.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import numpy as np
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import Dataset
+from torchmetrics.functional.classification import (
+    multiclass_confusion_matrix,
+    multiclass_f1_score,
+    multiclass_precision,
+    multiclass_recall,
+)
 
 from image_finetune.callbacks.reproducibility import run_config
 from image_finetune.cli import save_json, scalar_metrics
-from image_finetune.errors import UserError
+from image_finetune.data.base import ClassificationDataModule
+from image_finetune.data.files import ImageFileDataset
+from image_finetune.data.imagefolder import ImageFolderDataModule
+from image_finetune.data.transforms import eval_transform
+from image_finetune.errors import ConfigError, DataError, UserError
+from image_finetune.inference import top_k_predictions
 from image_finetune.models import ImageClassifier
+from image_finetune.predict import prediction_cells, prediction_header, write_csv
 from image_finetune.train import instantiate_group, resolve_ckpt_path
 
 log = logging.getLogger(__name__)
+
+SPLITS = ("test", "val", "all")
 
 
 def data_config(cfg: DictConfig, ckpt_path: str) -> DictConfig:
@@ -29,21 +53,188 @@ def data_config(cfg: DictConfig, ckpt_path: str) -> DictConfig:
     return OmegaConf.create(stored)
 
 
+class Relabelled(Dataset):
+    """Maps a dataset's label indices to the checkpoint's, so classes are matched by name, not by position."""
+
+    def __init__(self, dataset: Dataset, mapping: Sequence[int]) -> None:
+        self.dataset, self.mapping = dataset, list(mapping)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image, label = self.dataset[index]
+        return image, self.mapping[int(label)]
+
+
+def match_classes(dataset: Dataset, data_classes: Sequence[str], model_classes: Sequence[str], source: str) -> Dataset:
+    """The dataset with labels in the checkpoint's order; classes the checkpoint does not know are an error.
+
+    Classes of the checkpoint that the data lacks are fine (a test folder may hold some classes only): their recall
+    is undefined and reported as 0, and macro F1 leaves them out.
+    """
+    data_classes, model_classes = list(data_classes), list(model_classes)
+    if data_classes == model_classes:
+        return dataset
+    unknown = [name for name in data_classes if name not in model_classes]
+    if unknown:
+        raise DataError(
+            f"{source} has classes the checkpoint was not trained on: {unknown}. The checkpoint's classes are "
+            f"{model_classes}. Rename those class folders to the checkpoint's names, or leave them out."
+        )
+    absent = [name for name in model_classes if name not in data_classes]
+    if absent:
+        log.warning("%s has no images of %s: their recall is reported as 0", source, absent)
+    return Relabelled(dataset, [model_classes.index(name) for name in data_classes])
+
+
+def select_split(datamodule: ClassificationDataModule, split: str, data_from_command_line: bool) -> tuple[str, Dataset]:
+    """The split to evaluate and its dataset (with the eval transform).
+
+    ``test`` falls back to every image for a folder named on the command line (``data.root=DIR`` of class folders,
+    which then is the test set) and to ``val`` for the checkpoint's own data when it has no test split.
+    """
+    if split not in SPLITS:
+        raise ConfigError(f"split={split!r}: choose one of {list(SPLITS)}")
+    datasets = datamodule.datasets
+    if split == "test" and "test" not in datasets:
+        if data_from_command_line and isinstance(datamodule, ImageFolderDataModule):
+            log.info("%s has no test split: evaluating all its images", datamodule.root)
+            split = "all"
+        else:
+            log.warning("the data has no test split: evaluating the val split (split=val)")
+            split = "val"
+    if split == "all":
+        return split, _all_images(datamodule)
+    if split not in datasets:
+        raise ConfigError(f"split={split}: the data has no {split} split (it has {sorted(datasets)})")
+    return split, datasets[split]
+
+
+def _all_images(datamodule: ClassificationDataModule) -> Dataset:
+    if not isinstance(datamodule, ImageFolderDataModule):
+        raise ConfigError(f"split=all needs an image-folder data module (data=imagefolder), not {type(datamodule).__name__}")
+    samples = sorted(sample for items in datamodule.splits.values() for sample in items)
+    loader = datamodule.datasets["train"].loader  # type: ignore[attr-defined]
+    return ImageFileDataset(samples, eval_transform(datamodule.image_size, datamodule.crop_ratio), loader)
+
+
+def sample_ids(dataset: Dataset) -> list[str]:
+    """Each sample's file path, or its index for in-memory data (CIFAR-10)."""
+    inner = dataset.dataset if isinstance(dataset, Relabelled) else dataset
+    samples = getattr(inner, "samples", None)
+    return [path for path, _ in samples] if samples is not None else [str(i) for i in range(len(dataset))]  # type: ignore[arg-type]
+
+
+class CollectLogits(L.Callback):
+    """Keep each test batch's logits and targets, so the per-class report needs no second pass over the data."""
+
+    def __init__(self) -> None:
+        self.logits: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+
+    def on_test_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self.logits.append(outputs["logits"].float().cpu())
+        self.targets.append(batch[1].cpu())
+
+
+def per_class_metrics(logits: torch.Tensor, targets: torch.Tensor, num_classes: int) -> dict[str, torch.Tensor]:
+    """precision, recall, f1 (0 where undefined), support, and the confusion matrix (rows: true, columns: predicted)."""
+    args = (logits, targets, num_classes)
+    confusion = multiclass_confusion_matrix(*args)
+    return {
+        "precision": multiclass_precision(*args, average=None),
+        "recall": multiclass_recall(*args, average=None),
+        "f1": multiclass_f1_score(*args, average=None),
+        "support": confusion.sum(dim=1),
+        "confusion": confusion,
+    }
+
+
+def write_report(
+    out_dir: Path, logits: torch.Tensor, targets: torch.Tensor, ids: Sequence[str], class_names: Sequence[str], top_k: int
+) -> dict[str, dict[str, float]]:
+    """``per_class_metrics.csv``, ``confusion_matrix.csv/.png``, ``predictions.csv``; returns the per-class table."""
+    stats = per_class_metrics(logits, targets, len(class_names))
+    columns = ("precision", "recall", "f1", "support")
+    table = {name: {c: stats[c][i].item() for c in columns} for i, name in enumerate(class_names)}
+    cells = ([name, *(f"{row[c]:.6f}" for c in columns[:3]), int(row["support"])] for name, row in table.items())
+    write_csv(out_dir / "per_class_metrics.csv", [["class", *columns], *cells])
+    confusion = stats["confusion"].tolist()
+    write_csv(
+        out_dir / "confusion_matrix.csv",
+        [["true \\ predicted", *class_names], *([n, *r] for n, r in zip(class_names, confusion))],
+    )
+    plot_confusion_matrix(stats["confusion"], class_names, out_dir / "confusion_matrix.png")
+    k = min(top_k, len(class_names))
+    predictions = top_k_predictions(logits.softmax(dim=-1), class_names, k)
+    rows = [[i, class_names[t], *prediction_cells(p, k)] for i, t, p in zip(ids, targets.tolist(), predictions)]
+    write_csv(out_dir / "predictions.csv", [["path", "target", *prediction_header(k)], *rows])
+    return table
+
+
+def plot_confusion_matrix(confusion: torch.Tensor, class_names: Sequence[str], path: Path) -> Path:
+    """Rows normalised to the true class (colour), with counts written in the cells while they stay legible."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: works on headless machines and never opens a window
+    import matplotlib.pyplot as plt
+
+    n = len(class_names)
+    counts = confusion.numpy()
+    rates = counts / counts.sum(axis=1, keepdims=True).clip(min=1)
+    side = min(4 + 0.4 * n, 40)
+    fig, ax = plt.subplots(figsize=(side, side))
+    try:
+        ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+        ax.set_title("confusion matrix (colour: fraction of the true class)")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        if n <= 60:
+            ax.set_xticks(range(n), class_names, rotation=90)
+            ax.set_yticks(range(n), class_names)
+        if n <= 30:
+            for (i, j), count in np.ndenumerate(counts):
+                ax.text(j, i, str(count), ha="center", va="center", color="white" if rates[i, j] > 0.5 else "black", fontsize=8)
+        fig.tight_layout()
+        tmp = path.with_name(f".{path.name}.tmp")
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+    return path
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Run ``trainer.test`` on the checkpoint and save the metrics as ``metrics.json`` in the run dir."""
+    """Run ``trainer.test`` on the checkpoint; write ``metrics.json`` and the per-class report in the run dir.
+
+    Returns the ``test/...`` metrics, computed exactly as training computes them.
+    """
     if not cfg.get("ckpt_path"):
         raise UserError("ckpt_path is required: python eval.py ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt")
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
     assert ckpt_path is not None
     model = ImageClassifier.from_checkpoint(ckpt_path)
+    data_from_command_line = cfg.get("data") is not None
     datamodule = instantiate(data_config(cfg, ckpt_path))
     datamodule.prepare_data()
     datamodule.setup("test")
-    if list(datamodule.class_names) != model.class_names:
-        raise UserError(f"the data's classes {datamodule.class_names} differ from the checkpoint's {model.class_names}")
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=instantiate_group(cfg.get("logger")) or False)
+    split, dataset = select_split(datamodule, cfg.get("split") or "test", data_from_command_line)
+    source = f"data.root={str(datamodule.root)!r}" if isinstance(datamodule, ImageFolderDataModule) else "the data"
+    datamodule.datasets["test"] = match_classes(dataset, datamodule.class_names, model.class_names, source)
+    collector = CollectLogits()
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=instantiate_group(cfg.get("logger")) or False, callbacks=[collector])
+    if trainer.world_size > 1:
+        raise ConfigError("eval.py runs on one device (per-image predictions need one process): use trainer.devices=1")
     trainer.test(model, datamodule=datamodule)
     metrics = scalar_metrics(trainer.callback_metrics, ("test/",))
-    if trainer.is_global_zero:
-        save_json({**metrics, "checkpoint": ckpt_path}, Path(cfg.paths.output_dir) / "metrics.json")
+    logits, targets = torch.cat(collector.logits), torch.cat(collector.targets)
+    out_dir = Path(cfg.paths.output_dir)
+    ids = sample_ids(datamodule.datasets["test"])[: len(targets)]  # limit_test_batches may stop early
+    per_class = write_report(out_dir, logits, targets, ids, model.class_names, cfg.get("top_k", 5))
+    summary = {**metrics, "checkpoint": ckpt_path, "split": split, "num_samples": len(targets), "per_class": per_class}
+    save_json(summary, out_dir / "metrics.json")
+    log.info("evaluated %d images (%s split); report in %s", len(targets), split, out_dir)
     return metrics

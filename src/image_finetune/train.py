@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from image_finetune import finetune
-from image_finetune.callbacks import StoreRunConfig
+from image_finetune.callbacks import StoreRunConfig, summarize_run
 from image_finetune.cli import save_json, scalar_metrics, to_plain
 from image_finetune.errors import UserError
 from image_finetune.models import ImageClassifier
@@ -75,4 +75,5 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics["best_checkpoint"] = best
     if trainer.is_global_zero:
         save_json(metrics, Path(cfg.paths.output_dir) / "metrics.json")
+    summarize_run(trainer, to_plain(cfg), metrics)
     return metrics

@@ -88,7 +88,7 @@ def failure_reason(exc: BaseException) -> str:
         return TOO_LARGE
     if isinstance(exc, UnidentifiedImageError):
         return NOT_AN_IMAGE
-    if isinstance(exc, EOFError) or "truncated" in str(exc):
+    if isinstance(exc, EOFError) or "truncated" in str(exc).lower():  # "image file is truncated", "Truncated File Read"
         return TRUNCATED
     detail = str(exc).strip() or type(exc).__name__
     return f"{UNREADABLE}: {' '.join(detail.split())}"

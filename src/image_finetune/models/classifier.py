@@ -49,12 +49,13 @@ class ClassifierNet(nn.Module):
 
 
 def _metrics(num_classes: int, split: str) -> MetricCollection:
+    # validate_args=False: the inputs are our own logits and labels, and the checks cost a GPU->CPU sync every step.
     metrics: dict[str, Any] = {
-        "acc": MulticlassAccuracy(num_classes, average="micro"),
-        "f1": MulticlassF1Score(num_classes, average="macro"),
+        "acc": MulticlassAccuracy(num_classes, average="micro", validate_args=False),
+        "f1": MulticlassF1Score(num_classes, average="macro", validate_args=False),
     }
     if num_classes > 5:
-        metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+        metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro", validate_args=False)
     return MetricCollection(metrics, prefix=f"{split}/")
 
 
@@ -245,7 +246,7 @@ class ImageClassifier(L.LightningModule):
         lrs = {"head": base_lr, "backbone": base_lr * self.finetune.backbone_lr_ratio}
         groups: dict[str, dict[str, Any]] = {}
         for part in ("head", "backbone"):
-            for name, p in getattr(self.net, part).named_parameters():
+            for p in getattr(self.net, part).parameters():
                 key = part if p.ndim > 1 else f"{part}/no_decay"
                 group = groups.setdefault(key, {"name": key, "params": [], "lr": lrs[part]})
                 if p.ndim <= 1:
@@ -290,8 +291,48 @@ class ImageClassifier(L.LightningModule):
             channels_last=hparams.get("channels_last", False),
         )
         model.hparams["pretrained"] = hparams.get("pretrained")
+        check_weights_fit(model, checkpoint["state_dict"], source=str(path), expected=f"{_describe(hparams)}, as its hparams say")
         model.load_state_dict(checkpoint["state_dict"])
         return model.eval()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming or testing a checkpoint of another architecture or class count: say what differs, not 100 tensors."""
+        if self.net is not None and self.strict_loading:
+            theirs = _describe(checkpoint.get("hyper_parameters") or {})
+            ours = _describe(self.hparams)
+            check_weights_fit(self, checkpoint["state_dict"], source=f"the checkpoint ({theirs})", expected=f"this model ({ours})")
+
+
+def _describe(hparams: Mapping[str, Any]) -> str:
+    """'resnet18, 10 classes': what a user recognises a checkpoint by."""
+    name = (hparams.get("backbone") or {}).get("name", "unknown backbone")
+    return f"{name}, {len(hparams.get('class_names') or [])} classes"
+
+
+def check_weights_fit(module: nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str, expected: str) -> None:
+    """Raise a ``UserError`` naming what differs (class count, architecture) if ``state_dict`` cannot load into ``module``.
+
+    ``load_state_dict`` would list every mismatched tensor; a user needs "3 classes, not 10" or "another backbone".
+    """
+    own = module.state_dict()
+    shapes = {
+        k: (tuple(state_dict[k].shape), tuple(v.shape)) for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape
+    }
+    problems = []
+    head = next((k for k in shapes if k.endswith("head.1.weight")), None)
+    if head is not None:
+        (n, width), (own_n, own_width) = shapes.pop(head)
+        shapes.pop(head.removesuffix("weight") + "bias", None)
+        problems.append(f"its head is {width}->{n} ({n} classes), not {own_width}->{own_n} ({own_n} classes)")
+    missing, unexpected = [k for k in own if k not in state_dict], [k for k in state_dict if k not in own]
+    if shapes or missing or unexpected:
+        examples = [f"{k} is {list(a)}, not {list(b)}" for k, (a, b) in shapes.items()][:2] + [f"{k} is missing" for k in missing[:1]]
+        problems.append(
+            f"its backbone is another architecture ({len(shapes)} tensors of another shape, {len(missing)} missing, "
+            f"{len(unexpected)} unexpected; e.g. {'; '.join(examples or unexpected[:1])})"
+        )
+    if problems:
+        raise UserError(f"{source} does not fit {expected}: {'; '.join(problems)}")
 
 
 def _is_batchnorm(module: nn.Module) -> bool:

@@ -1,0 +1,86 @@
+"""Classify images with an exported ONNX model using only onnxruntime, numpy and Pillow: no torch, no project code.
+
+    python export.py ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt format=onnx
+    python examples/onnx_classify.py logs/export/runs/<run>/model.onnx photo.jpg [more.jpg ...] [--top-k 3] [--json]
+
+Everything it needs is in ``model.onnx.json``, written beside the model: the class names and the preprocessing.
+The preprocessing repeats the project's eval transform: decode (JPEGs at reduced scale, as training decodes them;
+EXIF orientation applied; transparency composited on white), resize the short side to ``resize`` (bilinear,
+antialiased), centre-crop ``crop`` x ``crop``, scale to [0, 1]. Mean/std are applied inside the model.
+
+Pillow's bilinear resize and torchvision's (which the project uses) round differently, so a pixel may differ by a
+grey level or so and probabilities by a little (the project's tests measure it: see tests/test_export.py). 16-bit
+images are not rescaled here as the project does; convert them to 8 bits first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+from PIL import Image, ImageOps
+
+
+def load_rgb(path: str | Path, min_size: int) -> Image.Image:
+    """8-bit RGB as the project decodes it (JPEGs at 1/2, 1/4 or 1/8 scale with both sides >= min_size)."""
+    with open(path, "rb") as f:
+        im = Image.open(f)
+        im.draft("RGB", (min_size, min_size))
+        im.load()
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        out = Image.new("RGB", rgba.size, (255, 255, 255))
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    return im.convert("RGB")
+
+
+def preprocess(path: str | Path, resize: int, crop: int) -> np.ndarray:
+    """float32 CHW in [0, 1]: short side to ``resize`` (sizes rounded as torchvision does), centre crop ``crop``."""
+    im = load_rgb(path, resize)
+    w, h = im.size
+    long_side = int(resize * max(w, h) / min(w, h))
+    im = im.resize((resize, long_side) if w <= h else (long_side, resize), Image.BILINEAR)  # antialiased when shrinking
+    w, h = im.size
+    top, left = round((h - crop) / 2), round((w - crop) / 2)  # Python rounding, as torchvision's CenterCrop
+    im = im.crop((left, top, left + crop, top + crop))
+    return np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 255.0
+
+
+def classify(model_path: str | Path, image_paths: list[str], top_k: int = 5) -> list[dict]:
+    """``[{"path", "labels", "probabilities"}]``, most likely class first."""
+    meta = json.loads(Path(f"{model_path}.json").read_text())
+    prep, names = meta["preprocessing"], meta["class_names"]
+    session = onnxruntime.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    batch = np.stack([preprocess(p, prep["resize"], prep["crop"]) for p in image_paths])
+    logits = session.run([meta["output_name"]], {meta["input_name"]: batch})[0]
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities = exp / exp.sum(axis=1, keepdims=True)
+    results = []
+    for path, probs in zip(image_paths, probabilities):
+        best = np.argsort(-probs, kind="stable")[: min(top_k, len(names))]
+        results.append({"path": path, "labels": [names[i] for i in best], "probabilities": [float(probs[i]) for i in best]})
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model", help="model.onnx written by export.py (model.onnx.json must be beside it)")
+    parser.add_argument("images", nargs="+")
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of one line per image")
+    args = parser.parse_args()
+    results = classify(args.model, args.images, args.top_k)
+    if args.json:
+        print(json.dumps(results))
+        return
+    for r in results:
+        print(f"{r['path']}: " + ", ".join(f"{label} {p:.3f}" for label, p in zip(r["labels"], r["probabilities"])))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""Classify images with a checkpoint: ``python predict.py ckpt_path=PATH input=PATH`` (see README)."""
+
+import hydra
+from omegaconf import DictConfig
+
+from image_finetune.cli import user_errors
+from image_finetune.predict import predict
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="predict")
+def main(cfg: DictConfig) -> None:
+    with user_errors():
+        predict(cfg)
+
+
+if __name__ == "__main__":
+    main()

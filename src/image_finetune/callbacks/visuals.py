@@ -1,0 +1,397 @@
+"""What a run looks like, in TensorBoard: augmented inputs, the confusion matrix, the worst mistakes, per-class accuracy.
+
+Each visual is its own callback, so each can be switched off in config (``callbacks.<key>=null``). They are built to
+cost nothing a training epoch would notice and to be safe under DDP:
+
+* Work per batch is a few tensor ops on the device (a ``bincount``, a ``topk``), with no host sync; drawing happens
+  once per validation epoch, from a bounded number of samples, on rank 0 only.
+* Anything that needs the other ranks (summing a confusion matrix, gathering mistakes) runs in
+  ``on_validation_epoch_end`` on **every** rank, before rank 0 draws. A collective called from rank-0-only code (the
+  progress bar, a ``rank_zero_only`` function) waits forever for ranks that never call it (Lightning #21264).
+* Images go to the first ``TensorBoardLogger``; without one (``logger=csv``) the image callbacks do nothing and
+  ``PerClassAccuracy`` still logs its scalars to every logger.
+* Nothing is logged during the sanity check: its numbers come from an untrained head and two batches.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from PIL import Image, ImageDraw, ImageFont
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+log = logging.getLogger(__name__)
+
+TRAIN_IMAGES_TAG = "train/augmented_batch"
+CONFUSION_MATRIX_TAG = "val/confusion_matrix"
+MISCLASSIFIED_TAG = "val/misclassified"
+PER_CLASS_ACCURACY_PREFIX = "val/acc_per_class/"
+
+CAPTION_FONT_SIZE = 12
+WRONG_COLOUR = (200, 30, 30)
+TEXT_COLOUR = (20, 20, 20)
+
+
+# ---- drawing (pure functions; the notebooks use them too) ----------------------------------------------------------
+@functools.lru_cache(maxsize=4)
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)  # scalable font when Pillow has FreeType (>= 10.1)
+    except (TypeError, OSError):
+        return ImageFont.load_default()
+
+
+def to_uint8_hwc(images: torch.Tensor) -> np.ndarray:
+    """NCHW float in [0, 1] (as the model sees it; normalisation is inside the network) or uint8 -> NHWC uint8 RGB."""
+    images = images.detach().cpu()
+    if images.is_floating_point():
+        images = images.clamp(0, 1).mul(255).round().to(torch.uint8)
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    return images[:, :3].permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def _fit_cell(image: Image.Image, cell: int) -> Image.Image:
+    """Small images grow by a whole factor with nearest neighbour (pixels stay honest); large ones shrink to fit."""
+    side = max(image.size)
+    if side < cell:
+        factor = cell // side
+        return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST) if factor > 1 else image
+    scale = cell / side
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BILINEAR)
+
+
+def _fit_text(draw: ImageDraw.ImageDraw, text: str, width: int, font: Any) -> str:
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def image_grid(
+    images: torch.Tensor,
+    captions: Sequence[str],
+    *,
+    columns: int = 8,
+    cell: int = 128,
+    caption_colours: Sequence[tuple[int, int, int]] | None = None,
+) -> np.ndarray:
+    """A white-background grid (HWC uint8) with each image's caption (``\\n`` for more lines) drawn under it."""
+    pictures = to_uint8_hwc(images)
+    n = len(pictures)
+    if n == 0:
+        return message_image("no images")
+    columns = max(1, min(columns, n))
+    rows = -(-n // columns)
+    font = _font(CAPTION_FONT_SIZE)
+    line_height = CAPTION_FONT_SIZE + 4
+    caption_height = line_height * max((c.count("\n") + 1 for c in captions), default=0) + 4
+    pad = 4
+    canvas = Image.new("RGB", (columns * (cell + pad) + pad, rows * (cell + caption_height + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, picture in enumerate(pictures):
+        x0 = pad + (i % columns) * (cell + pad)
+        y0 = pad + (i // columns) * (cell + caption_height + pad)
+        tile = _fit_cell(Image.fromarray(picture), cell)
+        canvas.paste(tile, (x0 + (cell - tile.width) // 2, y0 + (cell - tile.height) // 2))
+        colour = caption_colours[i] if caption_colours is not None else TEXT_COLOUR
+        for j, line in enumerate(captions[i].split("\n") if i < len(captions) else []):
+            text = _fit_text(draw, line, cell, font)
+            x = x0 + (cell - draw.textlength(text, font=font)) / 2
+            draw.text((x, y0 + cell + 2 + j * line_height), text, fill=colour, font=font)
+    return np.asarray(canvas)
+
+
+def message_image(text: str, size: tuple[int, int] = (320, 40)) -> np.ndarray:
+    """A small image that says something, so an image tag can state that there was nothing to show."""
+    canvas = Image.new("RGB", size, "white")
+    ImageDraw.Draw(canvas).text((8, (size[1] - CAPTION_FONT_SIZE) // 2), text, fill=TEXT_COLOUR, font=_font(CAPTION_FONT_SIZE))
+    return np.asarray(canvas)
+
+
+def confusion_matrix_figure(matrix: torch.Tensor | np.ndarray, class_names: Sequence[str], title: str = "") -> Figure:
+    """Rows = true class, columns = predicted; colour is the row-normalised rate, numbers (up to 20 classes) are counts."""
+    from matplotlib.figure import Figure  # imported on first use: keeps `import image_finetune` light
+
+    counts = np.asarray(matrix.cpu() if isinstance(matrix, torch.Tensor) else matrix, dtype=np.int64)
+    n = counts.shape[0]
+    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    side = min(max(4.0, 0.4 * n + 2.5), 20.0)
+    fig = Figure(figsize=(side + 1.0, side), dpi=80, layout="constrained")
+    ax = fig.add_subplot()
+    shown = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    names = [name if len(name) <= 14 else name[:13] + "…" for name in class_names]
+    rotation = 0 if max(map(len, names), default=0) <= 3 else 90 if n > 10 else 45
+    ax.set_xticks(range(n), names, rotation=rotation, ha="right" if rotation == 45 else "center", fontsize=8)
+    ax.set_yticks(range(n), names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if title:
+        ax.set_title(title)
+    if n <= 20:
+        for (row, col), count in np.ndenumerate(counts):
+            if count:
+                colour = "white" if rates[row, col] > 0.5 else "black"
+                ax.text(col, row, str(count), ha="center", va="center", fontsize=8, color=colour)
+    return fig
+
+
+def render_figure(fig: Figure) -> np.ndarray:
+    """Draw a matplotlib figure with the Agg backend (no display needed) into an HWC uint8 array."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+# ---- helpers shared by the callbacks ----------------------------------------------------------------------------
+def tensorboard_logger(trainer: L.Trainer) -> TensorBoardLogger | None:
+    """The run's first TensorBoard logger. Every rank has the same loggers, so every rank gets the same answer."""
+    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+
+
+def class_names(trainer: L.Trainer, pl_module: L.LightningModule, num_classes: int | None = None) -> list[str]:
+    names = list(getattr(pl_module, "class_names", None) or getattr(trainer.datamodule, "class_names", None) or [])
+    if num_classes is not None and len(names) != num_classes:
+        names = [str(i) for i in range(num_classes)]
+    return names
+
+
+def log_step(trainer: L.Trainer) -> int:
+    """The step Lightning itself logs at, so our points line up with ``val/acc`` & co. in TensorBoard.
+
+    Validation runs before the epoch's last optimizer step is counted, so this is ``global_step - 1`` there.
+    """
+    return int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
+
+
+def _add_image(trainer: L.Trainer, tag: str, image: np.ndarray) -> None:
+    """Rank 0 only, and only with a TensorBoard logger."""
+    tb = tensorboard_logger(trainer)
+    if tb is not None and trainer.is_global_zero:
+        tb.experiment.add_image(tag, image, global_step=log_step(trainer), dataformats="HWC")
+
+
+# ---- training images --------------------------------------------------------------------------------------------
+class TrainImageGrid(L.Callback):
+    """Once, at the first training batch: up to ``max_images`` training images exactly as the model gets them
+    (after CPU and on-device augmentation), each with its label underneath. Shows at a glance whether crops, flips
+    and labels make sense. Rank 0 only: nothing to reduce.
+    """
+
+    def __init__(self, max_images: int = 32, columns: int = 8, cell: int = 128) -> None:
+        self.max_images, self.columns, self.cell = max_images, columns, cell
+        self._done = False
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._done or self.max_images <= 0 or not trainer.is_global_zero or tensorboard_logger(trainer) is None:
+            return
+        self._done = True
+        images, targets = batch[0][: self.max_images], batch[1][: self.max_images]
+        names = class_names(trainer, pl_module)
+        captions = [names[t] if t < len(names) else str(t) for t in targets.tolist()]
+        _add_image(trainer, TRAIN_IMAGES_TAG, image_grid(images, captions, columns=self.columns, cell=self.cell))
+
+
+# ---- validation accumulators ------------------------------------------------------------------------------------
+class _ValidationAccumulator(L.Callback):
+    """Accumulate per rank on validation batches (on the device, no sync); at epoch end, on every rank, ``_finish``.
+
+    State is created at every validation epoch start, so every rank holds it (and joins the reductions in
+    ``_finish``) even one that saw no batch.
+    """
+
+    needs_tensorboard = True
+    _state: dict[str, torch.Tensor] | None = None
+
+    def _active(self, trainer: L.Trainer) -> bool:
+        return not trainer.sanity_checking and (not self.needs_tensorboard or tensorboard_logger(trainer) is not None)
+
+    def _num_classes(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int:
+        return len(class_names(trainer, pl_module))
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._state = None
+        num_classes = self._num_classes(trainer, pl_module)
+        if self._active(trainer) and num_classes >= 2:
+            self._state = self._init_state(num_classes, pl_module.device)
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self._state is None or not isinstance(outputs, dict) or "logits" not in outputs:
+            return
+        self._update(batch[0], batch[1], outputs["logits"].detach())
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._state is None:
+            return
+        try:
+            self._finish(trainer, pl_module)
+        finally:
+            self._state = None
+
+    def _init_state(self, num_classes: int, device: torch.device) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _update(self, images: torch.Tensor, targets: torch.Tensor, logits: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        raise NotImplementedError
+
+
+class ConfusionMatrixImage(_ValidationAccumulator):
+    """Each validation epoch, the confusion matrix (summed over ranks) as an image. Above ``max_classes`` classes
+    the picture is unreadable and is skipped (``PerClassAccuracy`` still reports each class)."""
+
+    def __init__(self, max_classes: int = 50) -> None:
+        self.max_classes = max_classes
+        self._warned = False
+
+    def _num_classes(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int:
+        n = super()._num_classes(trainer, pl_module)
+        if n <= self.max_classes:
+            return n
+        if not self._warned:
+            log.info("%d classes > callbacks.confusion_matrix.max_classes=%d: no confusion matrix image", n, self.max_classes)
+            self._warned = True
+        return 0
+
+    def _init_state(self, num_classes: int, device: torch.device) -> dict[str, torch.Tensor]:
+        return {"matrix": torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)}
+
+    def _update(self, images: torch.Tensor, targets: torch.Tensor, logits: torch.Tensor) -> None:
+        assert self._state is not None
+        matrix = self._state["matrix"]
+        n = matrix.shape[0]
+        matrix += torch.bincount(targets * n + logits.argmax(dim=-1), minlength=n * n).view(n, n)
+
+    def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        assert self._state is not None
+        matrix = trainer.strategy.reduce(self._state["matrix"], reduce_op="sum")  # every rank
+        if not trainer.is_global_zero:
+            return
+        names = class_names(trainer, pl_module, matrix.shape[0])
+        fig = confusion_matrix_figure(matrix, names, title=f"validation, epoch {trainer.current_epoch}")
+        _add_image(trainer, CONFUSION_MATRIX_TAG, render_figure(fig))
+
+
+class PerClassAccuracy(_ValidationAccumulator):
+    """Each validation epoch, ``val/acc_per_class/<class>`` (recall of each class), summed over ranks.
+
+    Logged straight to every logger (CSV included), not through ``self.log``: they stay out of ``callback_metrics``,
+    the progress bar and ``metrics.json``. Only the first ``max_classes`` classes get a scalar, so a 1000-class run
+    does not write 1000 curves.
+    """
+
+    needs_tensorboard = False
+
+    def __init__(self, max_classes: int = 100) -> None:
+        self.max_classes = max_classes
+        self._warned = False
+
+    def _init_state(self, num_classes: int, device: torch.device) -> dict[str, torch.Tensor]:
+        return {"counts": torch.zeros(2, num_classes, dtype=torch.long, device=device)}  # [correct, total] per class
+
+    def _update(self, images: torch.Tensor, targets: torch.Tensor, logits: torch.Tensor) -> None:
+        assert self._state is not None
+        counts = self._state["counts"]
+        n = counts.shape[1]
+        # one integer bincount over (class, correct) pairs: exact, and allowed in deterministic mode
+        pairs = torch.bincount(targets * 2 + (logits.argmax(dim=-1) == targets).long(), minlength=2 * n).view(n, 2)
+        counts[0] += pairs[:, 1]
+        counts[1] += pairs.sum(dim=1)
+
+    def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        assert self._state is not None
+        counts = trainer.strategy.reduce(self._state["counts"], reduce_op="sum").cpu()  # every rank
+        if not trainer.is_global_zero:
+            return
+        n = counts.shape[1]
+        if n > self.max_classes and not self._warned:
+            log.info("val/acc_per_class: first %d of %d classes (per_class_accuracy.max_classes)", self.max_classes, n)
+            self._warned = True
+        names = class_names(trainer, pl_module, n)
+        values = {
+            PER_CLASS_ACCURACY_PREFIX + names[i].replace("/", "_"): counts[0, i].item() / counts[1, i].item()
+            for i in range(min(n, self.max_classes))
+            if counts[1, i] > 0
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=log_step(trainer))
+
+
+class MisclassifiedGrid(_ValidationAccumulator):
+    """Each validation epoch, the ``max_images`` most confidently wrong validation images, with true label, predicted
+    label and confidence. Each rank keeps only its own top ``max_images`` (fixed-size buffers on the device, updated
+    with a ``topk`` per batch); at epoch end every rank joins one all-gather and rank 0 draws the overall top.
+    """
+
+    def __init__(self, max_images: int = 16, columns: int = 8, cell: int = 128) -> None:
+        self.max_images, self.columns, self.cell = max_images, columns, cell
+
+    def _init_state(self, num_classes: int, device: torch.device) -> dict[str, torch.Tensor]:
+        k = self.max_images
+        # score = confidence of a wrong prediction; -1 marks an empty slot. Images arrive with the first batch.
+        return {
+            "score": torch.full((k,), -1.0, device=device),
+            "target": torch.zeros(k, dtype=torch.long, device=device),
+            "pred": torch.zeros(k, dtype=torch.long, device=device),
+        }
+
+    def _update(self, images: torch.Tensor, targets: torch.Tensor, logits: torch.Tensor) -> None:
+        state = self._state
+        assert state is not None
+        k = self.max_images
+        if "images" not in state:
+            state["images"] = torch.zeros((k, 3, *images.shape[-2:]), dtype=torch.uint8, device=images.device)
+        confidence, preds = logits.float().softmax(dim=-1).max(dim=-1)
+        score = torch.where(preds != targets, confidence, torch.full_like(confidence, -1.0))
+        top = score.topk(min(k, len(score))).indices  # select on the device: no boolean indexing, no host sync
+        rgb = images[top].expand(-1, 3, -1, -1) if images.shape[1] == 1 else images[top, :3]
+        candidates = {
+            "score": score[top],
+            "target": targets[top],
+            "pred": preds[top],
+            "images": rgb.clamp(0, 1).mul(255).round().to(torch.uint8),
+        }
+        keep = torch.cat([state["score"], candidates["score"]]).topk(k).indices
+        for key, value in candidates.items():
+            state[key] = torch.cat([state[key], value])[keep]
+
+    def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        state = self._state
+        assert state is not None
+        if "images" not in state:  # this epoch had no validation batch, on any rank (batches are equal across ranks)
+            return
+        if trainer.world_size > 1:  # every rank; buffers have the same shape on all of them
+            state = {key: trainer.strategy.all_gather(value).flatten(0, 1) for key, value in state.items()}
+        if not trainer.is_global_zero:
+            return
+        order = state["score"].argsort(descending=True)[: self.max_images]
+        order = order[state["score"][order] >= 0].cpu()
+        if len(order) == 0:
+            message = f"epoch {trainer.current_epoch}: no misclassified validation images"
+            _add_image(trainer, MISCLASSIFIED_TAG, message_image(message))
+            return
+        names = class_names(trainer, pl_module)
+        captions = [
+            f"true: {names[t]}\npred: {names[p]} ({s:.0%})"
+            for t, p, s in zip(state["target"][order].tolist(), state["pred"][order].tolist(), state["score"][order].tolist())
+        ]
+        colours = [WRONG_COLOUR] * len(captions)
+        grid = image_grid(state["images"][order], captions, columns=self.columns, cell=self.cell, caption_colours=colours)
+        _add_image(trainer, MISCLASSIFIED_TAG, grid)

@@ -1,0 +1,192 @@
+"""``predict(cfg)``: classify an image, a folder (recursively) or a list of paths into a CSV, without the training data.
+
+A file that cannot be read gets a row with its reason (the folder scan's vocabulary) instead of ending the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.utils.data import DataLoader, Dataset
+
+from image_finetune.data.base import default_num_workers
+from image_finetune.data.scan import IMAGE_EXTENSIONS, JUNK_FOLDERS, UNSUPPORTED_EXTENSION, failure_reason
+from image_finetune.errors import DataError, UserError
+from image_finetune.inference import Classifier, Prediction, Preprocessing, top_k_predictions
+from image_finetune.train import resolve_ckpt_path
+
+log = logging.getLogger(__name__)
+
+#: An input file with one of these suffixes is a list of image paths, one a line, not an image.
+LIST_SUFFIXES = frozenset({".txt", ".lst", ".list"})
+
+
+@dataclass(frozen=True)
+class Row:
+    """One input file: its prediction, or why there is none."""
+
+    path: str
+    prediction: Prediction | None = None
+    reason: str | None = None
+
+
+def list_inputs(input_path: str | os.PathLike) -> list[tuple[str, str | None]]:
+    """``(path, reason to skip or None)`` for an image, a folder (recursive, hidden files left out) or a list file.
+
+    In a folder only files with an image extension are decoded; other files are listed with a reason so that the CSV
+    accounts for every file. A list file holds one path a line (``#`` comments, blank lines ignored); relative paths
+    are relative to the list file's folder.
+    """
+    path = Path(input_path).expanduser()
+    if path.is_dir():
+        return list(_walk(path))
+    if not path.is_file():
+        raise UserError(
+            f"input={str(input_path)!r}: no such file or folder. Give an image, a folder of images, or a .txt list of paths."
+        )
+    if path.suffix.lower() in LIST_SUFFIXES:
+        lines = (line.strip() for line in path.read_text().splitlines())
+        return [(str(path.parent / Path(line).expanduser()), None) for line in lines if line and not line.startswith("#")]
+    return [(str(path), None)]
+
+
+def _walk(root: Path) -> Iterable[tuple[str, str | None]]:
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not _hidden(d))
+        for name in sorted(f for f in files if not _hidden(f)):
+            suffix = os.path.splitext(name)[1]
+            reason = None if suffix.lower() in IMAGE_EXTENSIONS else f"{UNSUPPORTED_EXTENSION}: {suffix or '(none)'}"
+            yield os.path.join(folder, name), reason
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name in JUNK_FOLDERS
+
+
+class ImageFiles(Dataset):
+    """``ds[i]`` -> ``(i, uint8 CHW image or None, reason or None)``: a bad file is data, not an exception."""
+
+    def __init__(self, paths: Sequence[str], preprocessing: Preprocessing) -> None:
+        self.paths, self.preprocessing = list(paths), preprocessing
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            return index, self.preprocessing.load(self.paths[index]), None
+        except Exception as e:  # whatever the decoder raised, the file gets a reason and the run goes on
+            return index, None, failure_reason(e)
+
+
+def collate_keeping_failures(
+    items: list[tuple[int, torch.Tensor | None, str | None]],
+) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    """Stack the images that loaded; pass the failures through as ``(index, reason)``."""
+    loaded = [(i, image) for i, image, _ in items if image is not None]
+    failed = [(i, reason or "") for i, image, reason in items if image is None]
+    images = torch.stack([image for _, image in loaded]) if loaded else None
+    return [i for i, _ in loaded], images, failed
+
+
+def classify_files(
+    classifier: Classifier,
+    inputs: Sequence[tuple[str, str | None]],
+    *,
+    top_k: int = 5,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> list[Row]:
+    """A row per input, in input order. Files decode in ``num_workers`` DataLoader workers."""
+    rows: list[Row] = [Row(path, reason=reason) for path, reason in inputs]
+    todo = [i for i, (_, reason) in enumerate(inputs) if reason is None]
+    dataset = ImageFiles([inputs[i][0] for i in todo], classifier.preprocessing)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_keeping_failures,
+        pin_memory=classifier.device.type == "cuda",
+    )
+    columns = [TextColumn("classifying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    with Progress(*columns, disable=not progress) as bar:
+        task = bar.add_task("classifying", total=len(dataset))
+        for indices, images, failed in loader:
+            if images is not None:
+                predictions = top_k_predictions(classifier.probabilities(images), classifier.class_names, top_k)
+                for j, prediction in zip(indices, predictions):
+                    rows[todo[j]] = Row(rows[todo[j]].path, prediction=prediction)
+            for j, reason in failed:
+                rows[todo[j]] = Row(rows[todo[j]].path, reason=reason)
+            bar.advance(task, len(indices) + len(failed))
+    return rows
+
+
+def prediction_header(k: int) -> list[str]:
+    return [f"{name}_{rank}" for rank in range(1, k + 1) for name in ("label", "probability")]
+
+
+def prediction_cells(prediction: Prediction | None, k: int) -> list[str]:
+    """``label_1, probability_1, ...``; empty cells for a file without a prediction."""
+    if prediction is None:
+        return [""] * (2 * k)
+    return [cell for label, p in zip(prediction.labels, prediction.probabilities) for cell in (label, f"{p:.6f}")]
+
+
+def write_csv(path: str | os.PathLike, rows: Iterable[Sequence[object]]) -> Path:
+    """Atomic, like ``save_json``: a killed run never leaves half a CSV."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(buf.getvalue(), newline="")
+    os.replace(tmp, path)
+    return path
+
+
+def write_predictions(rows: Sequence[Row], path: str | os.PathLike, k: int) -> Path:
+    """``path, label_1, probability_1, ..., label_k, probability_k, reason``."""
+    table = [["path", *prediction_header(k), "reason"]]
+    table += [[row.path, *prediction_cells(row.prediction, k), row.reason or ""] for row in rows]
+    return write_csv(path, table)
+
+
+def predict(cfg: DictConfig) -> Path:
+    """Classify ``cfg.input`` with ``cfg.ckpt_path``; returns the CSV written to ``cfg.output``."""
+    if not cfg.get("ckpt_path"):
+        raise UserError(
+            "ckpt_path is required: python predict.py ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt input=PATH"
+        )
+    if not cfg.get("input"):
+        raise UserError("input is required: an image, a folder of images, or a .txt file listing image paths (input=PATH)")
+    if cfg.top_k < 1 or cfg.batch_size < 1:
+        raise UserError(f"top_k={cfg.top_k} and batch_size={cfg.batch_size} must be at least 1")
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
+    assert ckpt_path is not None
+    classifier = Classifier.from_checkpoint(
+        ckpt_path, cfg.device, image_size=cfg.get("image_size"), crop_ratio=cfg.get("crop_ratio")
+    )
+    inputs = list_inputs(cfg.input)
+    if not inputs:
+        raise DataError(f"input={cfg.input!r} holds no files to classify")
+    workers = default_num_workers() if cfg.get("num_workers") is None else cfg.num_workers
+    rows = classify_files(
+        classifier, inputs, top_k=cfg.top_k, batch_size=cfg.batch_size, num_workers=workers, progress=cfg.get("progress", True)
+    )
+    out = write_predictions(rows, cfg.output, min(cfg.top_k, len(classifier.class_names)))
+    failed = sum(row.prediction is None for row in rows)
+    log.info("classified %d of %d files on %s -> %s", len(rows) - failed, len(rows), classifier.device, out)
+    if failed:
+        log.warning("%d file(s) could not be classified; their reasons are in the CSV's reason column", failed)
+    return out

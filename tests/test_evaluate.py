@@ -1,0 +1,99 @@
+"""`python eval.py`: the per-class report agrees with a direct count, splits are the right files, classes match by name."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from image_finetune.errors import DataError
+from image_finetune.evaluate import evaluate
+from support import FAST
+
+pytest_plugins = ["trained"]  # the shared `trained` fixture
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def run_eval(compose_cfg, out: Path, *overrides: str) -> tuple[dict[str, float], dict]:
+    metrics = evaluate(compose_cfg(*overrides, *FAST[:2], config_name="eval", output_dir=out))
+    return metrics, json.loads((out / "metrics.json").read_text())
+
+
+def manifest_split(trained, split: str) -> set[str]:
+    manifest = json.loads((trained.checkpoint.parents[1] / "data_split.json").read_text())
+    return {str(Path(manifest["root"]) / rel) for rel, _ in manifest["splits"][split]}
+
+
+def test_per_class_report_agrees_with_a_direct_count(trained, compose_cfg, tmp_path):
+    out = tmp_path / "eval"
+    metrics, saved = run_eval(compose_cfg, out, f"ckpt_path={trained.checkpoint}")
+    assert metrics == pytest.approx({k: v for k, v in trained.metrics.items() if k.startswith("test/")}, abs=1e-6)
+    assert saved["split"] == "test"
+
+    predictions = read_csv(out / "predictions.csv")
+    assert {row["path"] for row in predictions} == manifest_split(trained, "test")  # the checkpoint's own test split
+    names = ["class_0", "class_1", "class_2"]
+    pairs = [(row["target"], row["label_1"]) for row in predictions]
+    assert len(pairs) == saved["num_samples"] == 12
+
+    confusion = {(t, p): sum(pair == (t, p) for pair in pairs) for t in names for p in names}
+    assert 0 < sum(confusion[n, n] for n in names) < len(pairs), "want a model that is neither perfect nor useless"
+    table = read_csv(out / "confusion_matrix.csv")
+    assert [row["true \\ predicted"] for row in table] == names
+    assert {(row["true \\ predicted"], p): int(row[p]) for row in table for p in names} == confusion
+
+    per_class = {row["class"]: row for row in read_csv(out / "per_class_metrics.csv")}
+    f1s = []
+    for name in names:
+        tp = confusion[name, name]
+        predicted, actual = sum(confusion[t, name] for t in names), sum(confusion[name, p] for p in names)
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / actual if actual else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        f1s.append(f1)
+        row = per_class[name]
+        assert (float(row["precision"]), float(row["recall"]), float(row["f1"])) == pytest.approx(
+            (precision, recall, f1), abs=1e-6
+        )
+        assert int(row["support"]) == actual
+        assert saved["per_class"][name]["f1"] == pytest.approx(f1, abs=1e-6)
+    assert metrics["test/acc"] == pytest.approx(sum(confusion[n, n] for n in names) / len(pairs))
+    assert metrics["test/f1"] == pytest.approx(sum(f1s) / len(f1s), abs=1e-6)  # macro F1
+    with Image.open(out / "confusion_matrix.png") as png:
+        assert png.format == "PNG" and min(png.size) > 100
+
+
+def test_split_val_evaluates_the_val_files(trained, compose_cfg, tmp_path):
+    _, saved = run_eval(compose_cfg, tmp_path / "eval", f"ckpt_path={trained.checkpoint}", "split=val")
+    assert saved["split"] == "val"
+    assert {row["path"] for row in read_csv(tmp_path / "eval" / "predictions.csv")} == manifest_split(trained, "val")
+
+
+def test_any_folder_is_a_test_set_with_classes_matched_by_name(trained, compose_cfg, tmp_path):
+    folder = tmp_path / "new"
+    for name in ("class_0", "class_2"):  # a subset: class_2 is index 1 here but 2 in the checkpoint
+        shutil.copytree(trained.images / name, folder / name)
+    out = tmp_path / "eval"
+    _, saved = run_eval(compose_cfg, out, f"ckpt_path={trained.checkpoint}", "data=imagefolder", f"data.root={folder}")
+    assert saved["split"] == "all" and saved["num_samples"] == 32
+    rows = read_csv(out / "predictions.csv")
+    assert all(row["target"] == Path(row["path"]).parent.name for row in rows)
+    assert saved["per_class"]["class_1"]["support"] == 0
+
+
+def test_a_class_the_checkpoint_does_not_know_is_a_clear_error(trained, compose_cfg, tmp_path):
+    folder = tmp_path / "new"
+    shutil.copytree(trained.images / "class_0", folder / "class_0")
+    shutil.copytree(trained.images / "class_1", folder / "zebra")
+    with pytest.raises(
+        DataError, match=r"classes the checkpoint was not trained on: \['zebra'\].*'class_0', 'class_1', 'class_2'"
+    ):
+        run_eval(compose_cfg, tmp_path / "eval", f"ckpt_path={trained.checkpoint}", "data=imagefolder", f"data.root={folder}")
