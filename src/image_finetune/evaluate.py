@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -26,6 +25,7 @@ from torchmetrics.functional.classification import (
 )
 
 from image_finetune.callbacks.reproducibility import run_config
+from image_finetune.callbacks.visuals import confusion_matrix_figure
 from image_finetune.cli import save_json, scalar_metrics
 from image_finetune.data.base import ClassificationDataModule
 from image_finetune.data.files import ImageFileDataset
@@ -176,34 +176,11 @@ def write_report(
 
 
 def plot_confusion_matrix(confusion: torch.Tensor, class_names: Sequence[str], path: Path) -> Path:
-    """Rows normalised to the true class (colour), with counts written in the cells while they stay legible."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: works on headless machines and never opens a window
-    import matplotlib.pyplot as plt
-
-    n = len(class_names)
-    counts = confusion.numpy()
-    rates = counts / counts.sum(axis=1, keepdims=True).clip(min=1)
-    side = min(4 + 0.4 * n, 40)
-    fig, ax = plt.subplots(figsize=(side, side))
-    try:
-        ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-        ax.set_title("confusion matrix (colour: fraction of the true class)")
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        if n <= 60:
-            ax.set_xticks(range(n), class_names, rotation=90)
-            ax.set_yticks(range(n), class_names)
-        if n <= 30:
-            for (i, j), count in np.ndenumerate(counts):
-                ax.text(j, i, str(count), ha="center", va="center", color="white" if rates[i, j] > 0.5 else "black", fontsize=8)
-        fig.tight_layout()
-        tmp = path.with_name(f".{path.name}.tmp")
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
+    """The same drawing as TensorBoard's ``val/confusion_matrix``, saved atomically as a PNG."""
+    fig = confusion_matrix_figure(confusion, class_names, title="confusion matrix")
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    os.replace(tmp, path)
     return path
 
 
