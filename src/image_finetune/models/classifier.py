@@ -56,7 +56,9 @@ def _metrics(num_classes: int, split: str) -> MetricCollection:
     }
     if num_classes > 5:
         metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro", validate_args=False)
-    return MetricCollection(metrics, prefix=f"{split}/")
+    # compute_groups=False: torchmetrics merges metrics whose states are equal after the first batch, so a first
+    # batch that is all correct would make top-5 share top-1's state (and report top-1) for the rest of the epoch.
+    return MetricCollection(metrics, prefix=f"{split}/", compute_groups=False)
 
 
 class ImageClassifier(L.LightningModule):
