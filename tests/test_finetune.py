@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from image_finetune import finetune
-from image_finetune.train import build, train
+from image_finetune.train import Run, build, train
 from support import FAST
 
 pytestmark = pytest.mark.usefixtures("pretrained")
@@ -50,13 +50,19 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def run_frozen_phase(cfg: DictConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], RecordPhases, L.LightningModule]:
-    """One epoch that never leaves the frozen phase; returns backbone state before and after."""
+def fit_recording(cfg: DictConfig) -> tuple[Run, RecordPhases, dict[str, torch.Tensor]]:
+    """Run the whole schedule with a ``RecordPhases``; also returns the backbone's state before training."""
     run = build(cfg)
     before = snapshot(run.model._backbone.module)
     recorder = RecordPhases()
     run.trainer.callbacks.append(recorder)
     finetune.fit(run.trainer, run.model, run.datamodule)
+    return run, recorder, before
+
+
+def run_frozen_phase(cfg: DictConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], RecordPhases, L.LightningModule]:
+    """One epoch that never leaves the frozen phase; returns backbone state before and after."""
+    run, recorder, before = fit_recording(cfg)
     return before, snapshot(run.model.net.backbone), recorder, run.model
 
 
@@ -81,10 +87,7 @@ def test_train_bn_trains_only_batchnorm_while_frozen(compose_cfg, image_folder):
 
 def test_unfreeze_trains_backbone_with_named_groups_and_lr_ratio(compose_cfg, image_folder):
     cfg = folder_cfg(compose_cfg, image_folder, "finetune.backbone_lr_ratio=0.25", "model.scheduler=null")
-    run = build(cfg)
-    recorder = RecordPhases()
-    run.trainer.callbacks.append(recorder)
-    finetune.fit(run.trainer, run.model, run.datamodule)
+    run, recorder, _ = fit_recording(cfg)
     assert recorder.requires_grad == {0: False, 1: True, 2: True}
     assert recorder.backbone_grads == {0: False, 1: True, 2: True}
     groups = {g["name"]: g for g in run.trainer.optimizers[0].param_groups}
@@ -98,19 +101,13 @@ def test_unfreeze_trains_backbone_with_named_groups_and_lr_ratio(compose_cfg, im
 
 def test_linear_probe_never_unfreezes(compose_cfg, image_folder):
     cfg = folder_cfg(compose_cfg, image_folder, "finetune=linear_probe", "trainer.max_epochs=2")
-    run = build(cfg)
-    recorder = RecordPhases()
-    run.trainer.callbacks.append(recorder)
-    finetune.fit(run.trainer, run.model, run.datamodule)
+    run, recorder, _ = fit_recording(cfg)
     assert recorder.requires_grad == {0: False, 1: False}
     assert run.trainer.current_epoch == 2
 
 
 def test_full_finetune_trains_everything_from_the_start(compose_cfg, image_folder):
-    run = build(folder_cfg(compose_cfg, image_folder, "finetune=full", "trainer.max_epochs=1"))
-    recorder = RecordPhases()
-    run.trainer.callbacks.append(recorder)
-    finetune.fit(run.trainer, run.model, run.datamodule)
+    _, recorder, _ = fit_recording(folder_cfg(compose_cfg, image_folder, "finetune=full", "trainer.max_epochs=1"))
     assert recorder.requires_grad == {0: True} and recorder.backbone_grads == {0: True}
 
 
@@ -162,11 +159,9 @@ def test_compile_gets_a_fresh_graph_after_the_unfreeze(compose_cfg, image_folder
         return real_compile(module, backend="aot_eager")  # dynamo + AOTAutograd, without a C++ toolchain run
 
     monkeypatch.setattr(torch, "compile", compile_cheaply)
-    run = build(folder_cfg(compose_cfg, image_folder, "compile=true", "trainer.max_epochs=2", "finetune.train_bn=false"))
-    recorder = RecordPhases()
-    run.trainer.callbacks.append(recorder)
-    before = snapshot(run.model._backbone.module)
-    finetune.fit(run.trainer, run.model, run.datamodule)
+    run, recorder, before = fit_recording(
+        folder_cfg(compose_cfg, image_folder, "compile=true", "trainer.max_epochs=2", "finetune.train_bn=false")
+    )
     assert len(compiled) == 2, "one compiled graph per phase"
     assert recorder.backbone_grads == {0: False, 1: True}
     after = snapshot(run.model.net.backbone)
