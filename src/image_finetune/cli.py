@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from image_finetune.atomic import atomic_write_text
 from image_finetune.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -69,12 +70,7 @@ def user_errors() -> Iterator[None]:
 
 def save_json(data: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Atomic write: a killed run never leaves half a metrics file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(dict(data), indent=2, sort_keys=True))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(dict(data), indent=2, sort_keys=True))
 
 
 def scalar_metrics(metrics: Mapping[str, Any], prefixes: tuple[str, ...] = ("train/", "val/", "test/")) -> dict[str, float]:

@@ -7,7 +7,6 @@ confusion matrix (CSV and PNG) and every image's top-k prediction, all from one 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from torchmetrics.functional.classification import (
     multiclass_recall,
 )
 
+from image_finetune.atomic import atomic_path
 from image_finetune.callbacks.reproducibility import run_config
 from image_finetune.callbacks.visuals import confusion_matrix_figure
 from image_finetune.cli import save_json, scalar_metrics
@@ -178,9 +178,8 @@ def write_report(
 def plot_confusion_matrix(confusion: torch.Tensor, class_names: Sequence[str], path: Path) -> Path:
     """The same drawing as TensorBoard's ``val/confusion_matrix``, saved atomically as a PNG."""
     fig = confusion_matrix_figure(confusion, class_names, title="confusion matrix")
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     return path
 
 

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from image_finetune import __version__
+from image_finetune.atomic import atomic_path
 from image_finetune.cli import save_json
 from image_finetune.errors import ConfigError, UserError
 from image_finetune.inference import Classifier, read_sidecar, sidecar_path
@@ -83,13 +84,8 @@ def export_classifier(
     net = classifier.net.cpu().eval()
     size = classifier.preprocessing.size
     example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         WRITERS[fmt](net, example, tmp, opset)
-        tmp.chmod(0o666 & ~_umask())  # safetensors writes 0600; give every format the permissions of a normal file
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     meta = {
         **classifier.metadata(),
         "format": fmt,
@@ -106,12 +102,6 @@ def export_classifier(
         diff = verify_export(path, classifier)
         log.info("%s: probabilities agree with the checkpoint to %.1e (batch of 3)", path, diff)
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def load_exported(path: str | os.PathLike) -> Callable[[np.ndarray], np.ndarray]:

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, Dataset
 
+from image_finetune.atomic import atomic_write_text
 from image_finetune.data.base import default_num_workers
 from image_finetune.data.scan import IMAGE_EXTENSIONS, JUNK_FOLDERS, UNSUPPORTED_EXTENSION, failure_reason
 from image_finetune.errors import DataError, UserError
@@ -145,14 +146,9 @@ def prediction_cells(prediction: Prediction | None, k: int) -> list[str]:
 
 def write_csv(path: str | os.PathLike, rows: Iterable[Sequence[object]]) -> Path:
     """Atomic, like ``save_json``: a killed run never leaves half a CSV."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(rows)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(buf.getvalue(), newline="")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, buf.getvalue(), newline="")
 
 
 def write_predictions(rows: Sequence[Row], path: str | os.PathLike, k: int) -> Path:

@@ -33,11 +33,12 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | No
 
 @dataclass
 class Run:
-    """The three objects a config describes."""
+    """The three objects a config describes, and the resolved config as plain data."""
 
     datamodule: L.LightningDataModule
     model: ImageClassifier
     trainer: L.Trainer
+    config: dict[str, Any]
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -55,7 +56,7 @@ def build(cfg: DictConfig) -> Run:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")) or False)
     for logger in trainer.loggers:
         logger.log_hyperparams(plain)
-    return Run(datamodule, model, trainer)
+    return Run(datamodule, model, trainer, plain)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -75,5 +76,5 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics["best_checkpoint"] = best
     if trainer.is_global_zero:
         save_json(metrics, Path(cfg.paths.output_dir) / "metrics.json")
-    summarize_run(trainer, to_plain(cfg), metrics)
+    summarize_run(trainer, run.config, metrics)
     return metrics

@@ -99,15 +99,14 @@ class ClassificationDataModule(L.LightningDataModule):
         if split not in self.datasets:
             raise RuntimeError(f"no {split!r} split: call setup() first, or give the data a {split}/ folder or fraction")
         on_gpu = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
-        workers = self.num_workers
         return DataLoader(
             self.datasets[split],
             batch_size=self.batch_size,
             sampler=sampler,
             shuffle=False,
-            num_workers=workers,
+            num_workers=self.num_workers,
             pin_memory=on_gpu if self.pin_memory is None else self.pin_memory,
-            persistent_workers=self.persistent_workers and workers > 0,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
             drop_last=split == "train" and len(self.datasets[split]) > self.batch_size,
             # Its own generator: creating an iterator must not consume the global RNG (dropout draws from it), or
             # a resumed run, whose first iterator is made at a different moment, would diverge.

@@ -9,11 +9,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 from PIL import Image
 
+from image_finetune.atomic import atomic_path
 from image_finetune.data.decode import load_rgb
 
 log = logging.getLogger(__name__)
@@ -84,18 +84,11 @@ class ResizedCache:
         small = im.width * im.height <= PNG_MAX_PIXELS
         entry = stem.with_suffix(".png" if small else ".jpg")
         try:
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=f".{entry.name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    if small:
-                        im.save(f, "PNG")
-                    else:
-                        im.save(f, "JPEG", quality=JPEG_QUALITY, subsampling="4:4:4")
-                os.replace(tmp, entry)
-            except BaseException:
-                os.unlink(tmp)
-                raise
+            with atomic_path(entry) as tmp:
+                if small:
+                    im.save(tmp, "PNG")
+                else:
+                    im.save(tmp, "JPEG", quality=JPEG_QUALITY, subsampling="4:4:4")
         except OSError as e:  # a full or read-only disk slows training down; it must not stop it
             if not self._write_failed:
                 log.warning("cannot write to image cache %s (%s); decoding from source instead", self.cache_dir, e)

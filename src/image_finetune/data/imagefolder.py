@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from image_finetune.atomic import atomic_write_text
 from image_finetune.data.base import ClassificationDataModule
 from image_finetune.data.cache import ResizedCache
 from image_finetune.data.decode import ImageLoader
@@ -156,10 +157,7 @@ class ImageFolderDataModule(ClassificationDataModule):
             "classes": self.class_names,
             "splits": {split: [(os.path.relpath(path, self.root), label) for path, label in items] for split, items in self.splits.items()},
         }
-        self.manifest_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.manifest_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, self.manifest_path)
+        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1))
 
     # ---- Lightning hooks ------------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:

@@ -16,7 +16,6 @@ import logging
 import os
 import stat
 import struct
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -28,6 +27,7 @@ from typing import NamedTuple
 import PIL
 from PIL import Image, UnidentifiedImageError
 
+from image_finetune.atomic import atomic_write_text
 from image_finetune.data.decode import to_rgb
 from image_finetune.errors import DataError
 
@@ -371,22 +371,9 @@ class _ScanCache:
         if self.new == self.old:
             return
         try:
-            _atomic_write_text(self.path, json.dumps({"meta": self.meta, "files": self.new}))
+            atomic_write_text(self.path, json.dumps({"meta": self.meta, "files": self.new}))
         except OSError as e:
             log.warning("could not write scan cache %s (%s); the next scan will check every file again", self.path, e)
-
-
-def _atomic_write_text(path: Path, text: str, newline: str | None = None) -> None:
-    """Write a temp file beside `path` and rename it over `path`: readers see the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _kind_counts(reasons: Iterable[str]) -> str:
@@ -444,7 +431,7 @@ def write_scan_report(scans: Mapping[str, FolderScan] | FolderScan, path: str | 
         rows = [["split", "path", "reason"], *([split, p, r] for split, s in scans.items() for p, r in s.skipped)]
     buf = io.StringIO()
     csv.writer(buf, delimiter=delimiter, lineterminator="\n").writerows(rows)
-    _atomic_write_text(out, buf.getvalue(), newline="")
+    atomic_write_text(out, buf.getvalue(), newline="")
     return out
 
 
