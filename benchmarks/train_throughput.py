@@ -32,35 +32,57 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 class Throughput(L.Callback):
-    """Images/s over training steps, skipping the first ``warmup`` steps of each fit (compilation, worker start)."""
+    """Images/s over training steps, skipping the first ``warmup`` steps of each fit (compilation, worker start).
+
+    The clock stops while validation runs: with ``compile=true`` validation compiles graphs of its own (no grad, the
+    last partial batch), which is not training throughput.
+    """
 
     def __init__(self, warmup: int = 10) -> None:
         self.warmup = warmup
         self.phases: list[dict[str, float]] = []
+        self.on_fit_start()
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.steps, self.images, self.start = 0, 0, 0.0
+    def on_fit_start(self, *args: object) -> None:
+        """Reset per fit (each fine-tuning phase is one); the sanity-check validation runs before on_train_start."""
+        self.steps, self.images, self.elapsed = 0, 0, 0.0
+        self.start: float | None = None
         self.fit_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         self.steps += 1
         if self.steps == self.warmup:
-            _sync()
-            self.start = time.perf_counter()
+            self._resume()
         elif self.steps > self.warmup:
             self.images += batch[1].shape[0]
 
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._pause()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.steps >= self.warmup and trainer.training:
+            self._resume()
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        _sync()
-        elapsed = time.perf_counter() - self.start
+        self._pause()
         self.phases.append(
             {
                 "backbone_frozen": bool(getattr(pl_module, "backbone_frozen", False)),
                 "steps_timed": self.steps - self.warmup,
-                "images_per_s": self.images / elapsed if self.images else float("nan"),
+                "images_per_s": self.images / self.elapsed if self.images else float("nan"),
                 "fit_seconds": time.perf_counter() - self.fit_start,
             }
         )
+
+    def _resume(self) -> None:
+        _sync()
+        self.start = time.perf_counter()
+
+    def _pause(self) -> None:
+        if self.start is not None:
+            _sync()
+            self.elapsed += time.perf_counter() - self.start
+            self.start = None
 
 
 def _sync() -> None:

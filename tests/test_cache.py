@@ -10,7 +10,6 @@ import pytest
 from messy_folder import BLUE, RED, photo, save
 from PIL import Image
 
-from image_finetune.data import cache as cache_mod
 from image_finetune.data.cache import ResizedCache
 
 
@@ -23,17 +22,24 @@ def entries(cache_dir: Path) -> list[Path]:
     return sorted(p for p in cache_dir.rglob("*") if p.is_file())
 
 
-def assert_size(im: Image.Image, expected: tuple[int, int]) -> None:
+def size_of(pixels: np.ndarray) -> tuple[int, int]:
+    """(width, height) of an HxWx3 RGB array, as PIL writes sizes."""
+    assert pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] == 3
+    return pixels.shape[1], pixels.shape[0]
+
+
+def assert_size(pixels: np.ndarray, expected: tuple[int, int]) -> None:
     """Short side exact; long side within a pixel (reduced-scale JPEG decoding rounds the source size up)."""
-    assert min(im.size) == min(expected)
-    assert abs(max(im.size) - max(expected)) <= 1 and (im.width >= im.height) == (expected[0] >= expected[1])
+    width, height = size_of(pixels)
+    assert min(width, height) == min(expected)
+    assert abs(max(width, height) - max(expected)) <= 1 and (width >= height) == (expected[0] >= expected[1])
 
 
 def forbid_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("the source was decoded although the cache holds it")
 
-    monkeypatch.setattr(cache_mod, "load_rgb", fail)
+    monkeypatch.setattr(ResizedCache, "_fill", fail)
 
 
 def test_miss_then_hit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -41,32 +47,31 @@ def test_miss_then_hit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cache = ResizedCache(tmp_path / "cache", short_side=160)
     first = cache.load(src)
     assert_size(first, (240, 160))
-    assert first.mode == "RGB"
     (entry,) = entries(tmp_path / "cache")
-    assert entry.suffix == ".jpg" and size_on_disk(entry) == first.size
+    assert entry.suffix == ".jpg" and size_on_disk(entry) == size_of(first)
 
     forbid_decoding(monkeypatch)
     again = cache.load(src)
-    assert again.size == first.size and again.mode == "RGB"
-    assert np.abs(np.asarray(again, int) - np.asarray(first, int)).mean() < 4  # only JPEG re-encoding noise
-    reference = np.asarray(photo().resize(first.size, Image.Resampling.LANCZOS), int)
-    assert np.abs(np.asarray(again, int) - reference).mean() < 8  # the whole picture (a crop or a shift scores ~75)
+    assert size_of(again) == size_of(first)
+    assert np.abs(again.astype(int) - first.astype(int)).mean() < 4  # only JPEG re-encoding noise
+    reference = np.asarray(photo().resize(size_of(first), Image.Resampling.LANCZOS), int)
+    assert np.abs(again.astype(int) - reference).mean() < 8  # the whole picture (a crop or a shift scores ~75)
 
 
 def test_small_images_are_not_upscaled_and_stored_losslessly(tmp_path: Path) -> None:
     small = photo().resize((50, 40))
     src = save(small, tmp_path / "small.png")
     cache = ResizedCache(tmp_path / "cache", short_side=224)
-    assert cache.load(src).size == (50, 40)
+    assert size_of(cache.load(src)) == (50, 40)
     (entry,) = entries(tmp_path / "cache")
     assert entry.suffix == ".png"
-    np.testing.assert_array_equal(np.asarray(cache.load(src)), np.asarray(small))
+    np.testing.assert_array_equal(cache.load(src), np.asarray(small))
 
 
 def test_changed_source_gets_a_new_entry(tmp_path: Path) -> None:
     src = save(Image.new("RGB", (300, 200), RED), tmp_path / "x.bmp")
     cache = ResizedCache(tmp_path / "cache", short_side=150)
-    assert np.asarray(cache.load(src))[0, 0].tolist() == list(RED)
+    assert cache.load(src)[0, 0].tolist() == list(RED)
     old = cache.entry_stem(src)
 
     size = src.stat().st_size
@@ -75,7 +80,7 @@ def test_changed_source_gets_a_new_entry(tmp_path: Path) -> None:
     assert st.st_size == size
     os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
     assert cache.entry_stem(src) != old
-    assert np.asarray(cache.load(src))[0, 0].tolist() == list(BLUE)
+    assert cache.load(src)[0, 0].tolist() == list(BLUE)
     assert len(entries(tmp_path / "cache")) == 2
 
 

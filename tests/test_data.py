@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from image_finetune.data import CIFAR10DataModule, DigitsDataModule, EpochSampler, ImageFolderDataModule
 from image_finetune.data.cifar10 import random_crop_flip
@@ -179,6 +180,34 @@ def test_a_messy_folder_trains_on_exactly_its_good_images_and_reports_the_rest(t
     seen = sum(labels.numel() for _, labels in dm.train_dataloader())
     assert seen == len(messy.kept) // 5 * 5  # every batch delivered (drop_last), none lost to the broken file
     assert [path for path, _ in dm.datasets["train"].failures] == [victim]
+
+
+def cache_entries(tmp_path: Path) -> list[Path]:
+    return sorted(p for p in (tmp_path / "cache" / "resized").rglob("*") if p.is_file())
+
+
+def test_auto_cache_keeps_small_copies_of_large_images_for_train_and_val(tmp_path):
+    large = make_image_folder(tmp_path / "large", size=48)  # training reads 16 / 0.875 = 18 px: 48 is over twice that
+    dm = folder_module(large, tmp_path, val_fraction=0.25, test_fraction=0.25)  # data.cache defaults to auto
+    dm.setup("fit")
+    for i in range(len(dm.datasets["test"])):
+        dm.datasets["test"][i]
+    assert cache_entries(tmp_path) == [], "the test split reads the original files, as eval.py and predict.py do"
+    for split in ("train", "val"):
+        for i in range(len(dm.datasets[split])):
+            dm.datasets[split][i]
+    entries = cache_entries(tmp_path)
+    assert len(entries) == len(dm.splits["train"]) + len(dm.splits["val"])
+    with Image.open(entries[0]) as entry:
+        assert entry.size == (18, 18)
+
+
+def test_auto_cache_reads_small_images_directly(image_folder, tmp_path):
+    dm = folder_module(image_folder, tmp_path)  # 24 px images: a copy at 18 px would save nothing
+    dm.setup("fit")
+    for i in range(len(dm.datasets["train"])):
+        dm.datasets["train"][i]
+    assert cache_entries(tmp_path) == []
 
 
 def test_resized_cache_serves_small_copies(image_folder, tmp_path):

@@ -21,11 +21,12 @@ from messy_folder import (
     truncated_jpeg,
     two_frame_gif,
 )
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2
 
 from image_finetune.data.cache import ResizedCache
-from image_finetune.data.decode import BACKGROUND, ImageLoader, load_rgb, pil_to_tensor_uint8
+from image_finetune.data import decode
+from image_finetune.data.decode import BACKGROUND, ImageLoader, decode_rgb, load_rgb, to_rgb, to_uint8_tensor
 
 
 def pixels(path: Path, **kwargs: object) -> np.ndarray:
@@ -125,6 +126,51 @@ def test_draft_keeps_short_side_at_least_min_size(tmp_path: Path) -> None:
     assert np.abs(reduced - full).mean() < 4  # the same picture, not a crop or a corrupted decode
 
 
+@pytest.fixture
+def fast_path_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Records the (height, width) of every decode that took the libjpeg-turbo fast path."""
+    calls: list[tuple[int, int]] = []
+    real = decode.simplejpeg.decode_jpeg
+
+    def spy(*args: object, **kwargs: object) -> np.ndarray:
+        out = real(*args, **kwargs)
+        calls.append(out.shape[:2])
+        return out
+
+    monkeypatch.setattr(decode.simplejpeg, "decode_jpeg", spy)
+    return calls
+
+
+@pytest.mark.parametrize("min_size", [None, 224, 301])
+def test_jpeg_fast_path_gives_pillows_pixels(tmp_path: Path, min_size: int | None, fast_path_calls: list) -> None:
+    """The fast path is only faster: same scale and the very same pixels as Pillow's (draft) decode."""
+    path = save(photo().resize((1600, 1200)), tmp_path / "camera.jpg", "JPEG", quality=90)
+    fast = decode_rgb(path, min_size=min_size)
+    assert fast_path_calls == [fast.shape[:2]]
+    assert fast.flags.writeable and fast.dtype == np.uint8
+    with Image.open(path) as im:
+        np.testing.assert_array_equal(fast, np.asarray(to_rgb(im, min_size=min_size)))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_fast_path_applies_every_exif_orientation(tmp_path: Path, orientation: int, fast_path_calls: list) -> None:
+    path = exif_rotated_jpeg(tmp_path / "r.jpg", size=(60, 40), orientation=orientation)
+    fast = decode_rgb(path)
+    assert len(fast_path_calls) == 1
+    with Image.open(path) as im:
+        upright = ImageOps.exif_transpose(im)
+    np.testing.assert_array_equal(fast, np.asarray(upright))
+    assert fast.shape[:2] == ((40, 60) if orientation < 5 else (60, 40))
+
+
+def test_cmyk_and_damaged_jpegs_go_through_pillow(tmp_path: Path, fast_path_calls: list) -> None:
+    cmyk = save(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), tmp_path / "c.jpg", "JPEG", quality=95)
+    assert np.abs(decode_rgb(cmyk).astype(int) - RED).max() <= 3
+    assert fast_path_calls == []  # libjpeg-turbo's RGB output cannot convert CMYK; Pillow can
+    with pytest.raises(OSError, match="truncated"):  # refused by the fast path, explained by Pillow
+        decode_rgb(truncated_jpeg(tmp_path / "cut.jpg"))
+
+
 def test_draft_with_exif_rotation(tmp_path: Path) -> None:
     path = exif_rotated_jpeg(tmp_path / "r.jpg", size=(1600, 1200), orientation=6)
     assert load_rgb(path, min_size=224).size == (300, 400)
@@ -145,22 +191,22 @@ def test_unreadable_files_raise(tmp_path: Path) -> None:
         load_rgb(save(photo(), tmp_path / "ok.jpg"), min_size=0)
 
 
-def test_pil_to_tensor_uint8() -> None:
+def test_to_uint8_tensor() -> None:
     im = photo().resize((30, 20))
-    t = pil_to_tensor_uint8(im)
+    t = to_uint8_tensor(im)
     assert t.dtype == torch.uint8 and t.shape == (3, 20, 30) and t.is_contiguous()
     np.testing.assert_array_equal(t.permute(1, 2, 0).numpy(), np.asarray(im))
-    assert pil_to_tensor_uint8(Image.new("L", (5, 4), 9)).shape == (1, 4, 5)
+    assert to_uint8_tensor(Image.new("L", (5, 4), 9)).shape == (1, 4, 5)
 
 
 def test_channels_last_view_gives_the_same_augmented_pixels() -> None:
     im = photo().resize((400, 300))
-    view = pil_to_tensor_uint8(im, channels_last=True)
+    view = to_uint8_tensor(im, channels_last=True)
     assert view.shape == (3, 300, 400) and not view.is_contiguous()
     augment = v2.Compose([v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip(), v2.Resize(100)])
     for seed in range(5):
         torch.manual_seed(seed)
-        expected = augment(pil_to_tensor_uint8(im))
+        expected = augment(to_uint8_tensor(im))
         torch.manual_seed(seed)
         assert torch.equal(augment(view), expected)
 
@@ -168,7 +214,7 @@ def test_channels_last_view_gives_the_same_augmented_pixels() -> None:
 def test_image_loader_pickles_and_loads(tmp_path: Path) -> None:
     path = str(save(photo().resize((1600, 1200)), tmp_path / "camera.jpg", "JPEG"))
     loader = pickle.loads(pickle.dumps(ImageLoader(min_size=224)))
-    assert loader(path).size == (400, 300)
+    assert loader(path).shape == (300, 400, 3)
     cached = pickle.loads(pickle.dumps(ImageLoader(cache=ResizedCache(tmp_path / "cache", short_side=150))))
-    assert cached(path).size == (200, 150)
+    assert cached(path).shape == (150, 200, 3)
     assert len(list((tmp_path / "cache").rglob("*.jpg"))) == 1

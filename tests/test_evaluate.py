@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from image_finetune.callbacks.reproducibility import run_config
 from image_finetune.errors import DataError
-from image_finetune.evaluate import evaluate
+from image_finetune.evaluate import data_config, evaluate
 from support import FAST
 
 pytest_plugins = ["trained"]  # the shared `trained` fixture
@@ -69,6 +70,14 @@ def test_per_class_report_agrees_with_a_direct_count(trained, compose_cfg, tmp_p
     assert metrics["test/f1"] == pytest.approx(sum(f1s) / len(f1s), abs=1e-6)  # macro F1
     with Image.open(out / "confusion_matrix.png") as png:
         assert png.format == "PNG" and min(png.size) > 100
+
+
+def test_eval_reads_original_files_never_the_training_cache(trained, compose_cfg, tmp_path):
+    assert run_config(trained.checkpoint)["data"]["cache"] == "auto"
+    stored = compose_cfg(f"ckpt_path={trained.checkpoint}", config_name="eval", output_dir=tmp_path / "a")
+    assert data_config(stored, str(trained.checkpoint)).cache is None
+    named = compose_cfg("ckpt_path=x", "data=imagefolder", "data.root=.", "data.cache=resized", config_name="eval", output_dir=tmp_path / "b")
+    assert data_config(named, "x").cache is None
 
 
 def test_split_val_evaluates_the_val_files(trained, compose_cfg, tmp_path):

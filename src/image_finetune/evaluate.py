@@ -43,14 +43,22 @@ SPLITS = ("test", "val", "all")
 
 
 def data_config(cfg: DictConfig, ckpt_path: str) -> DictConfig:
-    """The ``data`` group from the command line if given, else the one stored in the checkpoint."""
+    """The ``data`` group from the command line if given, else the one stored in the checkpoint.
+
+    Either way images are read from the original files, never from the resized training cache, so eval.py's numbers
+    are exactly what predict.py and the exported models compute.
+    """
     if cfg.get("data") is not None:
-        return cfg.data
-    stored = run_config(ckpt_path).get("data")
-    if not stored:
-        raise UserError(f"{ckpt_path} holds no run config: name the data, e.g. data=imagefolder data.root=DIR")
-    stored["report_path"] = None  # keep the training run's scan report as it was
-    return OmegaConf.create(stored)
+        data = cfg.data
+    else:
+        stored = run_config(ckpt_path).get("data")
+        if not stored:
+            raise UserError(f"{ckpt_path} holds no run config: name the data, e.g. data=imagefolder data.root=DIR")
+        stored["report_path"] = None  # keep the training run's scan report as it was
+        data = OmegaConf.create(stored)
+    if "cache" in data:
+        data.cache = None
+    return data
 
 
 class Relabelled(Dataset):

@@ -5,7 +5,7 @@
     classifier.predict(["cat.jpg", pil_image], top_k=3)   # -> [Prediction(labels=(...), probabilities=(...)), ...]
 
 ``Preprocessing`` is the one definition of "file -> network input" that ``predict.py``, this API and the exported
-models' JSON share, and it is built from the same ``load_rgb`` + ``eval_transform`` as the eval split of the data
+models' JSON share, and it is built from the same ``decode_rgb`` + ``eval_transform`` as the eval split of the data
 module, so a file gets the same probabilities from ``eval.py``, ``predict.py``, this API and the exports.
 """
 
@@ -27,7 +27,7 @@ from torch import nn
 from torchvision.transforms import v2
 
 from image_finetune.callbacks.reproducibility import run_config
-from image_finetune.data.decode import load_rgb, pil_to_tensor_uint8, to_rgb
+from image_finetune.data.decode import decode_rgb, to_rgb, to_uint8_tensor
 from image_finetune.data.imagefolder import ImageFolderDataModule
 from image_finetune.data.scan import failure_reason
 from image_finetune.data.transforms import eval_transform
@@ -103,9 +103,9 @@ class Preprocessing:
         if isinstance(image, Image.Image):
             rgb = to_rgb(image.copy())
         else:
-            rgb = load_rgb(image, min_size=self.resize)
+            rgb = decode_rgb(image, min_size=self.resize)
         # channels_last as in ImageFileDataset: eval and predict then run the very same (and the faster) resize kernel.
-        return self.transform(pil_to_tensor_uint8(rgb, channels_last=True)).contiguous()
+        return self.transform(to_uint8_tensor(rgb, channels_last=True)).contiguous()
 
     def __call__(self, image: ImageInput) -> torch.Tensor:
         """float32 CHW in [0, 1]: what the network takes."""

@@ -11,10 +11,13 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
+import simplejpeg
 from PIL import Image
+from torchvision.transforms.v2 import functional as F
 
 from image_finetune.atomic import atomic_path
-from image_finetune.data.decode import load_rgb
+from image_finetune.data.decode import decode_rgb, to_uint8_tensor
 
 log = logging.getLogger(__name__)
 
@@ -50,46 +53,49 @@ class ResizedCache:
         key = hashlib.sha256(f"{real}\0{st.st_size}\0{st.st_mtime_ns}\0{self.short_side}".encode()).hexdigest()[:32]
         return self.cache_dir / key[:2] / key
 
-    def load(self, path: str | Path) -> Image.Image:
-        """RGB image from the cache, decoding and storing the source on a miss or an unreadable entry."""
+    def load(self, path: str | Path) -> np.ndarray:
+        """HxWx3 uint8 RGB pixels from the cache, decoding and storing the source on a miss or an unreadable entry."""
         stem = self.entry_stem(path)
         for suffix in _SUFFIXES:
             entry = stem.with_suffix(suffix)
             try:
-                with open(entry, "rb") as f:
-                    im = Image.open(f)
-                    im.load()
-                return im if im.mode == "RGB" else im.convert("RGB")
+                return decode_rgb(entry)
             except (FileNotFoundError, NotADirectoryError):
                 continue
             except Exception as e:  # a damaged entry is a miss, not a training crash
                 log.warning("re-creating unreadable cache entry %s (%s)", entry, e)
                 break
-        im = self._resize(load_rgb(path, min_size=self.short_side))
-        self._store(im, stem)
-        return im
+        return self._fill(path, stem)
 
-    def _resize(self, im: Image.Image) -> Image.Image:
-        w, h = im.size
-        short = min(w, h)
-        if short <= self.short_side:
-            return im
-        if w <= h:
-            size = (self.short_side, max(1, round(h * self.short_side / w)))
-        else:
-            size = (max(1, round(w * self.short_side / h)), self.short_side)
-        return im.resize(size, Image.Resampling.LANCZOS)
+    def _fill(self, path: str | Path, stem: Path) -> np.ndarray:
+        """Decode the source, shrink it, store it; a fill costs about what one uncached read does (decode dominates)."""
+        pixels = shrink(decode_rgb(path, min_size=self.short_side), self.short_side)
+        self._store(pixels, stem)
+        return pixels
 
-    def _store(self, im: Image.Image, stem: Path) -> None:
-        small = im.width * im.height <= PNG_MAX_PIXELS
+    def _store(self, pixels: np.ndarray, stem: Path) -> None:
+        height, width = pixels.shape[:2]
+        small = width * height <= PNG_MAX_PIXELS
         entry = stem.with_suffix(".png" if small else ".jpg")
         try:
             with atomic_path(entry) as tmp:
                 if small:
-                    im.save(tmp, "PNG")
+                    Image.fromarray(pixels).save(tmp, "PNG")
                 else:
-                    im.save(tmp, "JPEG", quality=JPEG_QUALITY, subsampling="4:4:4")
+                    tmp.write_bytes(simplejpeg.encode_jpeg(pixels, quality=JPEG_QUALITY, colorspace="RGB", colorsubsampling="444"))
         except OSError as e:  # a full or read-only disk slows training down; it must not stop it
             if not self._write_failed:
                 log.warning("cannot write to image cache %s (%s); decoding from source instead", self.cache_dir, e)
                 self._write_failed = True
+
+
+def shrink(pixels: np.ndarray, short_side: int) -> np.ndarray:
+    """Resize HxWx3 pixels so the short side is `short_side` (never upscaling), with the eval transform's resize.
+
+    The same kernel (torchvision's antialiased bilinear on uint8) as ``eval_transform``'s ``Resize``, so a cached copy
+    differs from what evaluation computes from the original only by the JPEG re-encoding.
+    """
+    if min(pixels.shape[:2]) <= short_side:
+        return pixels
+    resized = F.resize(to_uint8_tensor(pixels, channels_last=True), [short_side], antialias=True)
+    return resized.permute(1, 2, 0).contiguous().numpy()

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from image_finetune.data.decode import pil_to_tensor_uint8
+from image_finetune.data.decode import to_uint8_tensor
 from image_finetune.data.scan import failure_reason
 from image_finetune.errors import DataError
 
@@ -31,7 +31,7 @@ class ImageFileDataset(Dataset):
         self,
         samples: Sequence[tuple[str, int]],
         transform: Callable[[torch.Tensor], torch.Tensor] | None,
-        loader: Callable[[str], Image.Image],
+        loader: Callable[[str], np.ndarray | Image.Image],
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
@@ -54,7 +54,7 @@ class ImageFileDataset(Dataset):
             except Exception as e:  # whatever broke the file, the run goes on with the next sample
                 self._record_failure(path, e)
                 continue
-            image = pil_to_tensor_uint8(img, channels_last=True)  # the faster layout for resizing
+            image = to_uint8_tensor(img, channels_last=True)  # the faster layout for resizing
             if self.transform is not None:
                 image = self._transform(image, seed)
             return image.contiguous(), label

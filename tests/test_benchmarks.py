@@ -1,0 +1,44 @@
+"""The benchmark scripts the README quotes still run and print what it says they print (speed is not asserted here)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str) -> str:
+    result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_data_pipeline_benchmark_prints_every_column(tmp_path: Path) -> None:
+    out = run("benchmarks/data_pipeline.py", "--root", str(tmp_path), "--n", "192", "--batch-size", "32", "--batches", "2",
+              "--warmup", "1", "--repeats", "1", "--workers", "0", "2")  # fmt: skip
+    assert "camera: data.cache=auto keeps resized copies (median short side 1200 px)" in out
+    assert "imagenet: data.cache=auto reads the originals (median short side 375 px)" in out
+    rows = [line for line in out.splitlines() if line.startswith(("| camera", "| imagenet"))]  # the final table
+    assert [row.split(" | ")[1:3] for row in rows] == [[mode, w] for mode in ("train", "eval") for w in ("0", "2")] * 2
+    for row in rows:
+        ratios = re.findall(r"(\d+\.\d\d)x", row)
+        assert len(ratios) == (3 if row.startswith("| camera") else 1) and all(float(r) > 0 for r in ratios)
+    assert len(list((tmp_path / "camera").rglob("*.jpg"))) == 192
+
+
+@pytest.mark.slow
+def test_train_throughput_benchmark_times_both_phases(tmp_path: Path) -> None:
+    out = run("benchmarks/train_throughput.py", "--fake-weights", "--warmup", "2", "--json", str(tmp_path / "t.json"),
+              "experiment=digits", f"paths.data_dir={tmp_path / 'data'}", "trainer.max_epochs=2",
+              "trainer.limit_train_batches=5", "trainer.limit_val_batches=2")  # fmt: skip
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert [phase["backbone_frozen"] for phase in result["phases"]] == [True, False]
+    assert all(phase["steps_timed"] == 3 and phase["images_per_s"] > 0 for phase in result["phases"])
+    assert '"images_per_s"' in out
