@@ -152,6 +152,29 @@ def test_jpeg_fast_path_gives_pillows_pixels(tmp_path: Path, min_size: int | Non
         np.testing.assert_array_equal(fast, np.asarray(to_rgb(im, min_size=min_size)))
 
 
+@pytest.mark.parametrize(
+    ("kind", "fmt", "kwargs"),
+    [
+        ("progressive", "JPEG", {"progressive": True}),
+        ("grayscale", "JPEG", {}),
+        ("4:4:4", "JPEG", {"subsampling": 0}),
+        ("phone MPO", "MPO", {"save_all": True}),
+    ],
+)
+def test_fast_path_covers_the_jpegs_phones_and_tools_write(tmp_path: Path, kind: str, fmt: str, kwargs: dict, fast_path_calls: list) -> None:
+    src = photo().resize((1600, 1200))
+    if kind == "grayscale":
+        src = src.convert("L")
+    if kind == "phone MPO":
+        kwargs = {**kwargs, "append_images": [src.resize((800, 600))]}  # a second, smaller picture (the preview)
+    path = save(src, tmp_path / "x.jpg", fmt, quality=90, **kwargs)
+    fast = decode_rgb(path, min_size=256)
+    assert fast_path_calls == [(300, 400)]
+    with Image.open(path) as im:
+        assert im.format == fmt
+        np.testing.assert_array_equal(fast, np.asarray(to_rgb(im, min_size=256)))
+
+
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_fast_path_applies_every_exif_orientation(tmp_path: Path, orientation: int, fast_path_calls: list) -> None:
     path = exif_rotated_jpeg(tmp_path / "r.jpg", size=(60, 40), orientation=orientation)
