@@ -60,12 +60,16 @@ def decode_rgb(path: str | Path, *, min_size: int | None = None) -> np.ndarray:
         raise ValueError(f"min_size must be a positive number of pixels, got {min_size}")
     data = Path(path).read_bytes()
     im = Image.open(io.BytesIO(data))  # reads the headers only: format, mode, size, EXIF; refuses decompression bombs
+    if min_size is not None:
+        # Only JPEG/MPO implement draft. It decodes nothing: it picks the largest of 1/2, 1/4, 1/8 keeping both sides
+        # >= min_size and sets im.size to that scale, which either decoder below then produces.
+        im.draft("RGB", (min_size, min_size))
     if im.format in ("JPEG", "MPO") and im.mode in FAST_JPEG_MODES:
-        pixels = _decode_jpeg(data, im.size, min_size)
+        pixels = _decode_jpeg(data, im.size)
         if pixels is not None:
             transpose = exif_transpose_method(im)
             return pixels if transpose is None else np.array(Image.fromarray(pixels).transpose(transpose))
-    return np.array(to_rgb(im, min_size=min_size))
+    return np.array(to_rgb(im))
 
 
 def load_rgb(path: str | Path, *, min_size: int | None = None) -> Image.Image:
@@ -73,31 +77,20 @@ def load_rgb(path: str | Path, *, min_size: int | None = None) -> Image.Image:
     return Image.fromarray(decode_rgb(path, min_size=min_size))
 
 
-def _decode_jpeg(data: bytes, size: tuple[int, int], min_size: int | None) -> np.ndarray | None:
-    """libjpeg-turbo's decode at Pillow's draft scale; None when it refuses the file (Pillow then decodes or explains).
+def _decode_jpeg(data: bytes, size: tuple[int, int]) -> np.ndarray | None:
+    """libjpeg-turbo's decode at `size` (a drafted one); None when it refuses the file (Pillow then decodes or explains).
 
     simplejpeg is strict: data libjpeg would merely warn about ("extraneous bytes", a truncated tail) is refused here,
     so such files decode exactly as the folder scan (Pillow) accepted them.
     """
     width, height = size
-    scale = draft_scale(size, min_size)
     try:
-        # simplejpeg picks the smallest libjpeg-turbo scale (n/8) with both sides >= these: exactly 1/scale.
-        return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-height // scale), min_width=-(-width // scale))
+        # simplejpeg picks the smallest libjpeg-turbo scale (n/8) with both sides >= these: exactly the drafted 1/2^k.
+        # (Only powers of two: libjpeg-turbo's other n/8 scales skip its SIMD IDCT and decode slower than full size.)
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=height, min_width=width)
     except ValueError as e:
         log.debug("libjpeg-turbo refused a JPEG (%s); decoding it with Pillow", e)
         return None
-
-
-def draft_scale(size: tuple[int, int], min_size: int | None) -> int:
-    """The largest of 8, 4, 2, 1 that keeps both sides >= `min_size` when divided by it: Pillow's ``draft`` rule.
-
-    Only powers of two: libjpeg-turbo's other n/8 scales skip its SIMD IDCT and decode slower than full size.
-    """
-    if min_size is None:
-        return 1
-    fits = min(size[0] // min_size, size[1] // min_size)
-    return next((scale for scale in (8, 4, 2) if fits >= scale), 1)
 
 
 def exif_transpose_method(im: Image.Image) -> Image.Transpose | None:
@@ -111,7 +104,10 @@ def exif_transpose_method(im: Image.Image) -> Image.Transpose | None:
 
 
 def to_rgb(im: Image.Image, *, min_size: int | None = None) -> Image.Image:
-    """Load an opened (not yet loaded) image with Pillow and convert it to upright RGB; used by the folder scan too."""
+    """Load an opened (not yet loaded) image with Pillow and convert it to upright RGB; used by the folder scan too.
+
+    An image already drafted (``decode_rgb``) keeps its scale: Pillow ignores a second ``draft``.
+    """
     if min_size is not None:
         # Only JPEG/MPO implement draft; it picks the largest of 1/2, 1/4, 1/8 keeping both sides >= min_size.
         im.draft("RGB", (min_size, min_size))

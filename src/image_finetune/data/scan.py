@@ -95,7 +95,8 @@ def failure_reason(exc: BaseException) -> str:
 
 
 def check_image(path: str) -> str | None:
-    """None when `path` decodes exactly as training will decode it, else the reason it cannot be used.
+    """None when Pillow decodes `path` as training would (training's fast JPEG path falls back to Pillow), else the
+    reason it cannot be used.
 
     A full decode is the only reliable test: `Image.verify()` passes truncated JPEGs. JPEGs decode at 1/8 scale,
     which still entropy-decodes every byte (so truncation is caught) for a fraction of the cost.
