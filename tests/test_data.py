@@ -127,6 +127,14 @@ def test_cifar10_downloads_through_torchvision_and_splits(cifar_root):
     assert images.dtype == torch.uint8 and images.shape == (8, 3, 32, 32)
 
 
+def test_cifar_sizes_that_cannot_work_are_config_errors(cifar_root):
+    with pytest.raises(ConfigError, match=r"data\.image_size=160: CIFAR-10 images are 32x32.*set model\.upsample_to=160"):
+        CIFAR10DataModule(cifar_root, image_size=160)
+    dm = CIFAR10DataModule(cifar_root, num_workers=0)  # val_size 5000 of the fixture's 100 training images
+    with pytest.raises(ConfigError, match=r"data\.val_size=5000: the CIFAR-10 training set in .* has 100 images"):
+        dm.setup("fit")
+
+
 def test_cifar_device_augmentation_crops_and_flips_within_the_padding():
     torch.manual_seed(0)
     images = torch.rand(64, 3, 32, 32)

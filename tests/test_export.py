@@ -23,12 +23,14 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from torchvision.datasets import CIFAR10
 
 from image_finetune.errors import ConfigError, UserError
 from image_finetune.evaluate import evaluate
 from image_finetune.export import FORMATS, export, export_classifier, load_exported
 from image_finetune.inference import Classifier, sidecar_path
 from image_finetune.predict import predict
+from image_finetune.train import train
 from messy_folder import PHOTOS
 from support import FAST
 
@@ -153,3 +155,43 @@ def test_safetensors_beside_the_json_of_another_model_says_what_differs(trained,
 def test_unknown_format_is_a_config_error(trained, compose_cfg, tmp_path):
     with pytest.raises(ConfigError, match=r"format='tflite': choose one of \['onnx', 'torchscript', 'safetensors'\]"):
         export(compose_cfg(f"ckpt_path={trained.checkpoint}", "format=tflite", config_name="export", output_dir=tmp_path))
+
+
+def test_cifar_model_upsamples_inside_the_network_so_eval_predict_and_exports_agree(compose_cfg, pretrained, cifar_root, tmp_path):
+    """CIFAR's 32 px images reach the backbone at ``model.upsample_to``: a 32x32 file gets eval's probabilities everywhere."""
+    metrics = train(compose_cfg(
+        "experiment=cifar10", "model.backbone.name=resnet18", "model.backbone.weights=IMAGENET1K_V1", "model.upsample_to=64",
+        "finetune=full", "trainer.max_epochs=1", "logger=csv", "channels_last=false", *FAST, f"data.data_dir={cifar_root}",
+        "data.val_size=20",
+    ))  # fmt: skip
+    checkpoint = metrics["best_checkpoint"]
+    evaluate(compose_cfg(f"ckpt_path={checkpoint}", *FAST[:2], config_name="eval", output_dir=tmp_path / "eval"))
+    by_eval = csv_probabilities(tmp_path / "eval" / "predictions.csv")  # CIFAR's test samples by index
+
+    folder = tmp_path / "cifar_png"
+    folder.mkdir()
+    for i, pixels in enumerate(CIFAR10(cifar_root, train=False).data):
+        Image.fromarray(pixels).save(folder / f"{i:02d}.png")
+    cfg = compose_cfg(f"ckpt_path={checkpoint}", f"input={folder}", "num_workers=0", "progress=false",
+                      config_name="predict", output_dir=tmp_path / "predict")  # fmt: skip
+    by_predict = {Path(path).stem: p for path, p in csv_probabilities(predict(cfg)).items()}
+    assert len(by_eval) == len(by_predict) == 30
+    for path, probabilities in by_predict.items():
+        assert_close(by_eval[str(int(path))], probabilities, 1e-4)
+
+    classifier = Classifier.from_checkpoint(checkpoint, device="cpu")
+    assert classifier.net.upsample_to == 64 and classifier.preprocessing.resize == classifier.preprocessing.size == 32
+    paths = sorted(folder.iterdir())[:4]
+    batch = torch.stack([classifier.preprocess(p) for p in paths])
+    seen = []
+    hook = classifier.net.backbone.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    expected = classifier.probabilities(batch).numpy()
+    hook.remove()
+    assert seen == [(4, 3, 64, 64)]  # the backbone sees upsampled images
+    onnx_path = export_classifier(classifier, "onnx", tmp_path / "model.onnx", source=checkpoint)
+    assert [d.dim_value for d in onnx.load(str(onnx_path)).graph.input[0].type.tensor_type.shape.dim[1:]] == [3, 32, 32]
+    assert np.abs(softmax(load_exported(onnx_path)(batch.numpy())) - expected).max() <= 1e-4
+    weights = export_classifier(classifier, "safetensors", tmp_path / "model.safetensors", source=checkpoint)
+    reloaded = Classifier.from_safetensors(weights, device="cpu")
+    assert reloaded.net.upsample_to == 64
+    assert np.abs(reloaded.probabilities(batch).numpy() - expected).max() <= 1e-6

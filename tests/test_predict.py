@@ -160,7 +160,7 @@ def test_missing_input_is_a_user_error(trained, compose_cfg, tmp_path):
     [
         ({"_target_": "image_finetune.data.DigitsDataModule", "image_size": 32}, (37, 32)),  # its class default: 0.875
         ({"_target_": "image_finetune.data.ImageFolderDataModule", "image_size": 224, "crop_ratio": 1.0}, (224, 224)),
-        ({"_target_": "image_finetune.data.CIFAR10DataModule", "image_size": 160}, (160, 160)),  # no crop: resized whole
+        ({"_target_": "image_finetune.data.CIFAR10DataModule", "image_size": 32}, (32, 32)),  # no crop: resized whole
     ],
 )
 def test_preprocessing_follows_the_data_module_that_trained(data, resize_crop):

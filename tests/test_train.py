@@ -54,7 +54,8 @@ def test_digits_offline_falls_back_to_random_init_and_records_it(compose_cfg, of
 
 
 def test_fast_dev_run_cifar10_with_pretrained_resnet50(compose_cfg, pretrained, cifar_root):
-    cfg = compose_cfg("experiment=cifar10", "debug=fdr", *FAST, f"data.data_dir={cifar_root}", "data.batch_size=4", "channels_last=false")
+    cfg = compose_cfg("experiment=cifar10", "debug=fdr", *FAST, f"data.data_dir={cifar_root}", "data.val_size=20", "data.batch_size=4",
+                      "channels_last=false")
     metrics = train(cfg)
     assert {"test/acc", "test/f1", "test/top5"} <= set(metrics)
 

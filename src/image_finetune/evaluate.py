@@ -54,7 +54,8 @@ def data_config(cfg: DictConfig, ckpt_path: str) -> DictConfig:
         stored = run_config(ckpt_path).get("data")
         if not stored:
             raise UserError(f"{ckpt_path} holds no run config: name the data, e.g. data=imagefolder data.root=DIR")
-        stored["report_path"] = None  # keep the training run's scan report as it was
+        if "report_path" in stored:
+            stored["report_path"] = None  # keep the training run's scan report as it was
         data = OmegaConf.create(stored)
     if "cache" in data:
         data.cache = None

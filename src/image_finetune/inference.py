@@ -224,7 +224,9 @@ class Classifier:
         backbone = build_backbone(meta["architecture"], None)
         names = meta["class_names"]
         preprocessing = Preprocessing.from_dict(meta["preprocessing"])
-        net = ClassifierNet(backbone.module, backbone.num_features, len(names), 0.0, preprocessing.mean, preprocessing.std)
+        net = ClassifierNet(
+            backbone.module, backbone.num_features, len(names), 0.0, preprocessing.mean, preprocessing.std, meta.get("upsample_to")
+        )
         state = load_file(path)
         expected = f"{meta['architecture']}, {len(names)} classes, as {sidecar_path(path)} says"
         check_weights_fit(net, state, source=str(path), expected=expected)
@@ -259,8 +261,17 @@ class Classifier:
             raise DataError(f"{item}: {failure_reason(e)}") from e
 
     def metadata(self) -> dict[str, Any]:
-        """What an exported model needs beside its weights: architecture, class names, preprocessing."""
-        return {"architecture": self.architecture, "class_names": self.class_names, "preprocessing": self.preprocessing.as_dict()}
+        """What an exported model needs beside its weights: architecture, class names, preprocessing.
+
+        ``upsample_to`` is the network's own business (its input is still ``preprocessing.crop``), recorded so that
+        safetensors weights rebuild the same network.
+        """
+        return {
+            "architecture": self.architecture,
+            "class_names": self.class_names,
+            "preprocessing": self.preprocessing.as_dict(),
+            "upsample_to": getattr(self.net, "upsample_to", None),
+        }
 
 
 def sidecar_path(model_path: str | os.PathLike) -> Path:

@@ -1,4 +1,9 @@
-"""CIFAR-10 kept in memory as uint8 and augmented on the device, so the loader is never what a GPU waits for."""
+"""CIFAR-10 kept in memory as uint8 and augmented on the device, so the loader is never what a GPU waits for.
+
+Images stay 32x32 all the way to the network; a backbone that wants them larger gets them from
+``model.upsample_to`` (an upsampling layer inside the network), never from the data module, so that eval, predict
+and exported models see exactly what training saw.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,9 @@ from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10
 
 from image_finetune.data.base import ClassificationDataModule
+from image_finetune.errors import ConfigError
+
+CIFAR_SIZE = 32
 
 
 class TensorImageDataset(Dataset):
@@ -47,7 +55,7 @@ class CIFAR10DataModule(ClassificationDataModule):
     def __init__(
         self,
         data_dir: str | os.PathLike,
-        image_size: int = 32,
+        image_size: int = CIFAR_SIZE,
         batch_size: int = 256,
         num_workers: int | None = None,
         val_size: int = 5000,
@@ -57,6 +65,12 @@ class CIFAR10DataModule(ClassificationDataModule):
         persistent_workers: bool = True,
     ) -> None:
         super().__init__(batch_size, num_workers, seed, pin_memory, persistent_workers)
+        if image_size != CIFAR_SIZE:
+            raise ConfigError(
+                f"data.image_size={image_size}: CIFAR-10 images are {CIFAR_SIZE}x{CIFAR_SIZE} and are served as they are. To "
+                f"show the backbone {image_size}x{image_size} images, set model.upsample_to={image_size} (the network upsamples, "
+                f"so eval, predict and exports do the same) and leave data.image_size at {CIFAR_SIZE}"
+            )
         self.save_hyperparameters({"data_dir": str(data_dir), "image_size": image_size, "val_size": val_size, "seed": seed})
         self.data_dir = Path(data_dir).expanduser()
         self.image_size, self.val_size, self.download = image_size, val_size, download
@@ -71,6 +85,11 @@ class CIFAR10DataModule(ClassificationDataModule):
         train_set, test_set = (CIFAR10(self.data_dir, train=train) for train in (True, False))
         self.class_names = list(train_set.classes)
         images, labels = _as_tensors(train_set)
+        if not 0 < self.val_size < len(labels):
+            raise ConfigError(
+                f"data.val_size={self.val_size}: the CIFAR-10 training set in {self.data_dir} has {len(labels)} images, and "
+                f"validation needs at least 1 and must leave some for training. Choose a data.val_size below {len(labels)}"
+            )
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
         val, train = order[: self.val_size], order[self.val_size :]
         self.datasets = {
@@ -80,11 +99,7 @@ class CIFAR10DataModule(ClassificationDataModule):
         }
 
     def device_transform(self, images: torch.Tensor, train: bool) -> torch.Tensor:
-        if train:
-            images = random_crop_flip(images)
-        if images.shape[-1] != self.image_size:
-            images = F.interpolate(images, size=self.image_size, mode="bilinear", align_corners=False)
-        return images
+        return random_crop_flip(images) if train else images
 
 
 def _as_tensors(dataset: CIFAR10) -> tuple[torch.Tensor, torch.Tensor]:
