@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -34,49 +35,50 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 class Throughput(L.Callback):
     """Images/s over training steps, skipping the first ``warmup`` steps of each fit (compilation, worker start).
 
-    The clock stops while validation runs: with ``compile=true`` validation compiles graphs of its own (no grad, the
-    last partial batch), which is not training throughput.
+    The clock stops while validation runs (with ``compile=true`` validation compiles graphs of its own: no grad, the
+    last partial batch; that is not training throughput) and restarts at the next training batch. Only steps that
+    ran entirely on the clock count.
     """
 
     def __init__(self, warmup: int = 10) -> None:
         self.warmup = warmup
         self.phases: list[dict[str, float]] = []
-        self.on_fit_start()
+        self._reset()
 
-    def on_fit_start(self, *args: object) -> None:
-        """Reset per fit (each fine-tuning phase is one); the sanity-check validation runs before on_train_start."""
-        self.steps, self.images, self.elapsed = 0, 0, 0.0
+    def _reset(self) -> None:
+        self.steps, self.timed_steps, self.images, self.elapsed = 0, 0, 0, 0.0
         self.start: float | None = None
         self.fit_start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Per fit: each fine-tuning phase is one (the sanity-check validation runs before the first batch)."""
+        self._reset()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.start is None and self.steps >= self.warmup:
+            _sync()
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.steps += 1
-        if self.steps == self.warmup:
-            self._resume()
-        elif self.steps > self.warmup:
+        if self.start is not None:
+            self.timed_steps += 1
             self.images += batch[1].shape[0]
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._pause()
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.steps >= self.warmup and trainer.training:
-            self._resume()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._pause()
         self.phases.append(
             {
                 "backbone_frozen": bool(getattr(pl_module, "backbone_frozen", False)),
-                "steps_timed": self.steps - self.warmup,
+                "steps_timed": self.timed_steps,
+                "seconds_timed": self.elapsed,
                 "images_per_s": self.images / self.elapsed if self.images else float("nan"),
                 "fit_seconds": time.perf_counter() - self.fit_start,
             }
         )
-
-    def _resume(self) -> None:
-        _sync()
-        self.start = time.perf_counter()
 
     def _pause(self) -> None:
         if self.start is not None:
@@ -119,20 +121,29 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args, overrides = parser.parse_known_args()
 
-    scratch = Path(tempfile.mkdtemp(prefix="throughput-"))
-    if args.fake_data:
+    # Removed at the end: fake CIFAR, seeded weights and the run's checkpoints come to over 1 GB for ResNet-50.
+    with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
+        result = measure(Path(tmp), args.warmup, overrides, args.fake_data, args.fake_weights)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+def measure(scratch: Path, warmup: int, overrides: list[str], fake_data: bool, fake_weights: bool) -> dict[str, Any]:
+    """Fit the composed run (both phases) with a ``Throughput`` meter; the results as JSON-ready data."""
+    if fake_data:
         write_fake_cifar(scratch / "cifar")
-        overrides.append(f"data.data_dir={scratch / 'cifar'}")
+        overrides = [*overrides, f"data.data_dir={scratch / 'cifar'}"]
     cfg = compose_config(CONFIGS, "train", [*overrides, "test=false", "logger=csv"], scratch / "run")
-    if args.fake_weights:
+    if fake_weights:
         seed_fake_weights(scratch / "torch_home", cfg.model.backbone.name, cfg.model.backbone.weights)
 
     run = build(cfg)
-    meter = Throughput(args.warmup)
+    meter = Throughput(warmup)
     run.trainer.callbacks.append(meter)
     started = time.perf_counter()
     finetune.fit(run.trainer, run.model, run.datamodule)
-    result = {
+    return {
         "overrides": overrides,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
@@ -140,9 +151,6 @@ def main() -> None:
         "total_seconds": time.perf_counter() - started,
         "final_val_acc": float(run.trainer.callback_metrics.get("val/acc", float("nan"))),
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -210,6 +210,18 @@ def test_auto_cache_keeps_small_copies_of_large_images_for_train_and_val(tmp_pat
         assert entry.size == (18, 18)
 
 
+def test_val_standing_in_for_a_missing_test_split_is_tested_on_the_original_files(tmp_path):
+    large = make_image_folder(tmp_path / "large", size=48)
+    dm = folder_module(large, tmp_path, val_fraction=0.25)  # no test split: the final test runs on val
+    dm.setup("fit")
+    tested = [images for images, _ in dm.test_dataloader()]
+    assert sum(len(batch) for batch in tested) == len(dm.splits["val"])
+    assert cache_entries(tmp_path) == [], "read like a test split: from the originals"
+    validated = [images for images, _ in dm.val_dataloader()]
+    assert len(cache_entries(tmp_path)) == len(dm.splits["val"])  # validation during training reads the copies
+    assert all(a.shape == b.shape for a, b in zip(tested, validated))
+
+
 def test_auto_cache_reads_small_images_directly(image_folder, tmp_path):
     dm = folder_module(image_folder, tmp_path)  # 24 px images: a copy at 18 px would save nothing
     dm.setup("fit")

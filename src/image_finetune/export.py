@@ -39,6 +39,7 @@ def _write_onnx(net: nn.Module, example: torch.Tensor, path: Path, opset: int) -
         # dynamo=False: the dynamo exporter needs onnxscript, which is not installed; the TorchScript-based one is
         # deprecated (hence the warning) but exports these CNNs exactly (see verify_export).
         warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # upsample_to's size check: fixed by the example's size
         torch.onnx.export(
             net,
             (example,),
@@ -54,6 +55,7 @@ def _write_onnx(net: nn.Module, example: torch.Tensor, path: Path, opset: int) -
 def _write_torchscript(net: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, but it is what TorchScript users load
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # as in _write_onnx
         traced = torch.jit.trace(net, example)
     traced.save(str(path))
 

@@ -115,7 +115,7 @@ class Preprocessing:
 def _crop_ratio(data: Mapping[str, Any]) -> float:
     """The ratio the data module cropped with: the config's value, else its class's default (digits leaves it out).
 
-    A data module without the option (CIFAR-10: whole images, resized on the device) gets 1: resize, no crop.
+    A data module without the option (CIFAR-10: whole 32x32 images; the network upsamples) gets 1: resize, no crop.
     """
     if data.get("crop_ratio") is not None:
         return float(data["crop_ratio"])

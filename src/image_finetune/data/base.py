@@ -95,19 +95,22 @@ class ClassificationDataModule(L.LightningDataModule):
         return images
 
     # ---- loaders --------------------------------------------------------------------------------------------------
-    def _loader(self, split: str, sampler: Any = None) -> DataLoader:
-        if split not in self.datasets:
-            raise RuntimeError(f"no {split!r} split: call setup() first, or give the data a {split}/ folder or fraction")
+    def _loader(self, split: str, sampler: Any = None, dataset: Dataset | None = None) -> DataLoader:
+        """The loader of ``split`` (of ``dataset``, when given, read as that split is)."""
+        if dataset is None:
+            if split not in self.datasets:
+                raise RuntimeError(f"no {split!r} split: call setup() first, or give the data a {split}/ folder or fraction")
+            dataset = self.datasets[split]
         on_gpu = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
         return DataLoader(
-            self.datasets[split],
+            dataset,
             batch_size=self.batch_size,
             sampler=sampler,
             shuffle=False,
             num_workers=self.num_workers,
             pin_memory=on_gpu if self.pin_memory is None else self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
-            drop_last=split == "train" and len(self.datasets[split]) > self.batch_size,
+            drop_last=split == "train" and len(dataset) > self.batch_size,
             # Its own generator: creating an iterator must not consume the global RNG (dropout draws from it), or
             # a resumed run, whose first iterator is made at a different moment, would diverge.
             generator=torch.Generator().manual_seed(self.seed),

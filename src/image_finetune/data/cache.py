@@ -7,6 +7,7 @@ many epochs; the first epoch fills the cache, later ones decode small files.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 from pathlib import Path
@@ -25,15 +26,22 @@ JPEG_QUALITY = 93
 # Below this many pixels a picture is stored losslessly: JPEG's 8x8 blocks and chroma subsampling are a visible share
 # of a tiny image, and a tiny PNG costs little disk.
 PNG_MAX_PIXELS = 128 * 128
-_SUFFIXES = (".jpg", ".png")
+# Part of every key: bump it whenever entries are made differently (resize kernel, encoder), so no run ever reads
+# copies made the old way.
+FORMAT_VERSION = 2
+# ".orig" is an empty marker for an image already no larger than short_side: a copy would only lose quality (JPEG)
+# or read no faster (same pixel count), so the original is decoded instead.
+_SUFFIXES = (".jpg", ".png", ".orig")
 
 
 class ResizedCache:
     """Images resized so their short side is `short_side` (never upscaled), one file per (source version, short_side).
 
-    The key hashes the resolved source path, its size and mtime_ns, and short_side: an edited source or a new
-    short_side simply gets a new entry and the stale one is never read again (delete the folder to reclaim space).
-    Entries are written to a temp file and renamed, so DataLoader workers racing on one image never read half a file.
+    The key hashes the resolved source path, its size and mtime_ns, short_side and ``FORMAT_VERSION``: an edited
+    source or a new short_side simply gets a new entry and the stale one is never read again (delete the folder to
+    reclaim space). Entries are written to a temp file and renamed, so DataLoader workers racing on one image never
+    read half a file. Every read of an entry, the one that fills it included, returns the same pixels, so an epoch
+    does not depend on whether the cache was warm.
     """
 
     def __init__(self, cache_dir: str | Path, short_side: int) -> None:
@@ -42,6 +50,7 @@ class ResizedCache:
         self.cache_dir = Path(cache_dir).expanduser()
         self.short_side = short_side
         self._write_failed = False
+        self._read_failed = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.cache_dir)!r}, short_side={self.short_side})"
@@ -50,7 +59,8 @@ class ResizedCache:
         """Cache path of `path` without its suffix (.jpg or .png, chosen when the entry is written)."""
         real = os.path.realpath(path)
         st = os.stat(real)
-        key = hashlib.sha256(f"{real}\0{st.st_size}\0{st.st_mtime_ns}\0{self.short_side}".encode()).hexdigest()[:32]
+        fields = (FORMAT_VERSION, real, st.st_size, st.st_mtime_ns, self.short_side)
+        key = hashlib.sha256("\0".join(map(str, fields)).encode()).hexdigest()[:32]
         return self.cache_dir / key[:2] / key
 
     def load(self, path: str | Path) -> np.ndarray:
@@ -59,34 +69,60 @@ class ResizedCache:
         for suffix in _SUFFIXES:
             entry = stem.with_suffix(suffix)
             try:
+                if suffix == ".orig":
+                    entry.stat()  # the marker: this image is read from its source
+                    return decode_rgb(path, min_size=self.short_side)
                 return decode_rgb(entry)
             except (FileNotFoundError, NotADirectoryError):
                 continue
             except Exception as e:  # a damaged entry is a miss, not a training crash
-                log.warning("re-creating unreadable cache entry %s (%s)", entry, e)
+                if not self._read_failed:  # once per worker: an unreadable cache folder would say it for every image
+                    log.warning("re-creating unreadable cache entry %s (%s)", entry, e)
+                    self._read_failed = True
                 break
         return self._fill(path, stem)
 
     def _fill(self, path: str | Path, stem: Path) -> np.ndarray:
-        """Decode the source, shrink it, store it; a fill costs about what one uncached read does (decode dominates)."""
-        pixels = shrink(decode_rgb(path, min_size=self.short_side), self.short_side)
-        self._store(pixels, stem)
-        return pixels
+        """Decode the source, shrink and store it, and return exactly what later reads of the entry will return.
 
-    def _store(self, pixels: np.ndarray, stem: Path) -> None:
+        A fill costs about what one uncached read does: decoding the source dominates; encoding the copy and decoding
+        it back (so this epoch sees the stored pixels, not the pre-encoding ones) costs ~1 ms at 256 px.
+        """
+        decoded = decode_rgb(path, min_size=self.short_side)
+        pixels = shrink(decoded, self.short_side)
+        if pixels is decoded and _stored_short_side(path) <= self.short_side:
+            # Not larger than the copy would be (not even before a reduced-scale JPEG decode): read the original.
+            self._store(b"", stem.with_suffix(".orig"))
+            return pixels
         height, width = pixels.shape[:2]
-        small = width * height <= PNG_MAX_PIXELS
-        entry = stem.with_suffix(".png" if small else ".jpg")
+        if width * height <= PNG_MAX_PIXELS:
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, "PNG")
+            self._store(buffer.getvalue(), stem.with_suffix(".png"))
+            return pixels  # lossless: the entry decodes to these very pixels
+        try:
+            data = simplejpeg.encode_jpeg(pixels, quality=JPEG_QUALITY, colorspace="RGB", colorsubsampling="444")
+        except ValueError as e:  # what libjpeg-turbo cannot encode (a side over 65,535 px) is read from its source
+            log.debug("not caching %s: %s", path, e)
+            self._store(b"", stem.with_suffix(".orig"))
+            return decoded
+        self._store(data, stem.with_suffix(".jpg"))
+        return simplejpeg.decode_jpeg(data, colorspace="RGB")
+
+    def _store(self, data: bytes, entry: Path) -> None:
         try:
             with atomic_path(entry) as tmp:
-                if small:
-                    Image.fromarray(pixels).save(tmp, "PNG")
-                else:
-                    tmp.write_bytes(simplejpeg.encode_jpeg(pixels, quality=JPEG_QUALITY, colorspace="RGB", colorsubsampling="444"))
+                tmp.write_bytes(data)
         except OSError as e:  # a full or read-only disk slows training down; it must not stop it
             if not self._write_failed:
                 log.warning("cannot write to image cache %s (%s); decoding from source instead", self.cache_dir, e)
                 self._write_failed = True
+
+
+def _stored_short_side(path: str | Path) -> int:
+    """The short side of the image as stored in the file (header only)."""
+    with Image.open(path) as im:
+        return min(im.size)
 
 
 def shrink(pixels: np.ndarray, short_side: int) -> np.ndarray:

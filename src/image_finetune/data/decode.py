@@ -5,7 +5,8 @@ word: 16-bit PNGs come out all white, transparent pixels take whatever colour hi
 EXIF orientation is ignored, and every JPEG is decoded at full size even when the model sees 224 px.
 
 JPEGs, nearly every photo a user has, take a fast path: libjpeg-turbo through simplejpeg, at reduced scale, straight
-into a numpy array. Everything else, and any JPEG that path refuses (CMYK, 12-bit, damaged), goes through Pillow.
+into a numpy array. Everything else, and any JPEG that path refuses (CMYK/YCCK, damaged), goes through Pillow, which
+decodes it or raises the error the folder scan reports.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 FAST_JPEG_MODES = frozenset({"RGB", "L"})
 
 # EXIF orientation -> the transpose that displays the image upright (the table of Pillow's ImageOps.exif_transpose).
-ORIENTATION_TRANSPOSE = {
+ORIENTATION_TRANSPOSE: dict[int, Image.Transpose] = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
     3: Image.Transpose.ROTATE_180,
     4: Image.Transpose.FLIP_TOP_BOTTOM,
@@ -56,20 +57,25 @@ def decode_rgb(path: str | Path, *, min_size: int | None = None) -> np.ndarray:
     The scale is the one Pillow's ``draft`` picks, and the pixels are Pillow's too (tests/test_decode.py checks).
     Raises OSError / PIL errors on unreadable files; the array is writable and owns its memory.
     """
-    if min_size is not None and min_size < 1:
-        raise ValueError(f"min_size must be a positive number of pixels, got {min_size}")
     data = Path(path).read_bytes()
     im = Image.open(io.BytesIO(data))  # reads the headers only: format, mode, size, EXIF; refuses decompression bombs
-    if min_size is not None:
-        # Only JPEG/MPO implement draft. It decodes nothing: it picks the largest of 1/2, 1/4, 1/8 keeping both sides
-        # >= min_size and sets im.size to that scale, which either decoder below then produces.
-        im.draft("RGB", (min_size, min_size))
+    _draft(im, min_size)  # sets im.size to the drafted scale, which either decoder below then produces
     if im.format in ("JPEG", "MPO") and im.mode in FAST_JPEG_MODES:
         pixels = _decode_jpeg(data, im.size)
         if pixels is not None:
-            transpose = exif_transpose_method(im)
+            transpose = exif_transpose_method(im, source=path)
             return pixels if transpose is None else np.array(Image.fromarray(pixels).transpose(transpose))
-    return np.array(to_rgb(im))
+    return np.array(to_rgb(im, source=path))
+
+
+def _draft(im: Image.Image, min_size: int | None) -> None:
+    """Only JPEG/MPO implement draft. It decodes nothing: it picks the largest of 1/2, 1/4, 1/8 scale keeping both
+    sides >= min_size. Pillow ignores a second draft, so an image keeps the scale it was first drafted to."""
+    if min_size is None:
+        return
+    if min_size < 1:
+        raise ValueError(f"min_size must be a positive number of pixels, got {min_size}")
+    im.draft("RGB", (min_size, min_size))
 
 
 def load_rgb(path: str | Path, *, min_size: int | None = None) -> Image.Image:
@@ -93,26 +99,26 @@ def _decode_jpeg(data: bytes, size: tuple[int, int]) -> np.ndarray | None:
         return None
 
 
-def exif_transpose_method(im: Image.Image) -> Image.Transpose | None:
-    """The transpose that shows `im` upright (EXIF or XMP orientation), None when it already is or EXIF is unreadable."""
+def exif_transpose_method(im: Image.Image, source: str | Path | None = None) -> Image.Transpose | None:
+    """The transpose that shows `im` upright (EXIF or XMP orientation), None when it already is or EXIF is unreadable.
+
+    ``source`` names the file in the log when `im` was opened from memory."""
     try:
         orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
     except Exception as e:  # a malformed EXIF block should not cost the user a good picture
-        log.debug("ignoring unreadable EXIF orientation in %s: %s", getattr(im, "filename", "?"), e)
+        log.debug("ignoring unreadable EXIF orientation in %s: %s", source or getattr(im, "filename", None) or "?", e)
         return None
     return ORIENTATION_TRANSPOSE.get(orientation)
 
 
-def to_rgb(im: Image.Image, *, min_size: int | None = None) -> Image.Image:
+def to_rgb(im: Image.Image, *, min_size: int | None = None, source: str | Path | None = None) -> Image.Image:
     """Load an opened (not yet loaded) image with Pillow and convert it to upright RGB; used by the folder scan too.
 
     An image already drafted (``decode_rgb``) keeps its scale: Pillow ignores a second ``draft``.
     """
-    if min_size is not None:
-        # Only JPEG/MPO implement draft; it picks the largest of 1/2, 1/4, 1/8 keeping both sides >= min_size.
-        im.draft("RGB", (min_size, min_size))
+    _draft(im, min_size)
     im.load()
-    transpose = exif_transpose_method(im)
+    transpose = exif_transpose_method(im, source)
     if transpose is not None:
         im = im.transpose(transpose)
     if im.mode == "RGB" and "transparency" not in im.info:

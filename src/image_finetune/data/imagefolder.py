@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from image_finetune.atomic import atomic_write_text
 from image_finetune.data.base import ClassificationDataModule
@@ -90,6 +91,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         self.manifest_path = Path(manifest_path) if manifest_path else None
         self.report_path = Path(report_path) if report_path else None
         self.splits: dict[str, Samples] = {}
+        self._original_loader: ImageLoader | None = None  # reads the source files (set with the datasets)
         if not self.root_created_by_prepare_data:
             self._check_root()  # fail before anything slow (weight download, worker start-up) happens
 
@@ -193,8 +195,9 @@ class ImageFolderDataModule(ClassificationDataModule):
         short_side = round(self.image_size / self.crop_ratio)
         original = ImageLoader(min_size=short_side)
         cache = self._resized_cache(short_side, verbose)
-        # The cache serves the splits read every epoch. The test split is read once and always from the original
-        # files, so its numbers are exactly what eval.py, predict.py and the exported models compute.
+        # The cache serves the splits read every epoch. The test split (or val, when it stands in for a missing test
+        # split: see test_dataloader) is read from the original files, so its numbers are exactly what eval.py,
+        # predict.py and the exported models compute.
         loaders = {"train": ImageLoader(min_size=short_side, cache=cache) if cache else original}
         loaders["val"] = loaders["train"]
         train_tf = train_transform(self.image_size, self.crop_scale, self.hflip)
@@ -203,8 +206,16 @@ class ImageFolderDataModule(ClassificationDataModule):
             split: ImageFileDataset(items, train_tf if split == "train" else eval_tf, loaders.get(split, original))
             for split, items in self.splits.items()
         }
+        self._original_loader = original
         if self.balance:
             self.sample_weights = balanced_weights([label for _, label in self.splits["train"]], len(self.class_names))
+
+    def test_dataloader(self) -> DataLoader:
+        """Without a test split the final numbers come from val, read as a test split is: from the original files."""
+        val = self.datasets.get("val")
+        if "test" in self.datasets or not isinstance(val, ImageFileDataset) or self._original_loader is None:
+            return super().test_dataloader()
+        return self._loader("val", dataset=ImageFileDataset(val.samples, val.transform, self._original_loader))
 
     def _resized_cache(self, short_side: int, verbose: bool) -> ResizedCache | None:
         """The cache for ``data.cache``; ``auto`` decides from the headers of a seeded sample of training images."""
@@ -234,7 +245,7 @@ def median_short_side(paths: Sequence[str], probe: int, seed: int) -> int | None
         try:
             with Image.open(path) as im:
                 sides.append(min(im.size))
-        except OSError:  # a file that broke after the scan; the data loader will report it
+        except Exception:  # a file that broke after the scan (or became a decompression bomb); the loader will report it
             continue
     return round(statistics.median(sides)) if sides else None
 

@@ -35,7 +35,8 @@ class ClassifierNet(nn.Module):
     pretrained weights travel with the checkpoint and the exported model, so serving code cannot get them wrong.
     ``upsample_to`` does the same for low-resolution data (CIFAR's 32 px shown to an ImageNet backbone at 160): the
     bilinear upsampling is part of the network, so training, eval, predict and every export upsample identically
-    and the model's input stays the data's own size.
+    and the model's input stays the data's own size. (It is meant for upsampling: no antialiasing, so an input larger
+    than ``upsample_to`` would be shrunk poorly; exports trace it at the data's size.)
     """
 
     def __init__(
