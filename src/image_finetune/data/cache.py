@@ -69,17 +69,23 @@ class ResizedCache:
         for suffix in _SUFFIXES:
             entry = stem.with_suffix(suffix)
             try:
-                if suffix == ".orig":
-                    entry.stat()  # the marker: this image is read from its source
-                    return decode_rgb(path, min_size=self.short_side)
-                return decode_rgb(entry)
+                data = entry.read_bytes()
             except (FileNotFoundError, NotADirectoryError):
                 continue
+            except OSError as e:
+                return self._refill(path, stem, entry, e)
+            if suffix == ".orig":  # the marker: read the source, whose errors are its own
+                return decode_rgb(path, min_size=self.short_side)
+            try:
+                return _decode_entry(data, suffix)
             except Exception as e:  # a damaged entry is a miss, not a training crash
-                if not self._read_failed:  # once per worker: an unreadable cache folder would say it for every image
-                    log.warning("re-creating unreadable cache entry %s (%s)", entry, e)
-                    self._read_failed = True
-                break
+                return self._refill(path, stem, entry, e)
+        return self._fill(path, stem)
+
+    def _refill(self, path: str | Path, stem: Path, entry: Path, error: Exception) -> np.ndarray:
+        if not self._read_failed:  # once per worker: an unreadable cache folder would say it for every image
+            log.warning("re-creating unreadable cache entry %s (%s)", entry, error)
+            self._read_failed = True
         return self._fill(path, stem)
 
     def _fill(self, path: str | Path, stem: Path) -> np.ndarray:
@@ -95,19 +101,15 @@ class ResizedCache:
             self._store(b"", stem.with_suffix(".orig"))
             return pixels
         height, width = pixels.shape[:2]
-        if width * height <= PNG_MAX_PIXELS:
-            buffer = io.BytesIO()
-            Image.fromarray(pixels).save(buffer, "PNG")
-            self._store(buffer.getvalue(), stem.with_suffix(".png"))
-            return pixels  # lossless: the entry decodes to these very pixels
+        suffix = ".png" if width * height <= PNG_MAX_PIXELS else ".jpg"
         try:
-            data = simplejpeg.encode_jpeg(pixels, quality=JPEG_QUALITY, colorspace="RGB", colorsubsampling="444")
+            data = _encode_entry(pixels, suffix)
         except ValueError as e:  # what libjpeg-turbo cannot encode (a side over 65,535 px) is read from its source
             log.debug("not caching %s: %s", path, e)
             self._store(b"", stem.with_suffix(".orig"))
             return decoded
-        self._store(data, stem.with_suffix(".jpg"))
-        return simplejpeg.decode_jpeg(data, colorspace="RGB")
+        self._store(data, stem.with_suffix(suffix))
+        return _decode_entry(data, suffix)
 
     def _store(self, data: bytes, entry: Path) -> None:
         try:
@@ -117,6 +119,23 @@ class ResizedCache:
             if not self._write_failed:
                 log.warning("cannot write to image cache %s (%s); decoding from source instead", self.cache_dir, e)
                 self._write_failed = True
+
+
+def _encode_entry(pixels: np.ndarray, suffix: str) -> bytes:
+    if suffix == ".png":
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, "PNG")
+        return buffer.getvalue()
+    return simplejpeg.encode_jpeg(pixels, quality=JPEG_QUALITY, colorspace="RGB", colorsubsampling="444")
+
+
+def _decode_entry(data: bytes, suffix: str) -> np.ndarray:
+    """An entry's pixels. Entries are our own plain RGB files (no EXIF, no alpha), so no need for ``decode_rgb``'s
+    header parsing (a sixth of the read time of a 45 KB copy); the one decoder for fills and reads alike."""
+    if suffix == ".jpg":
+        return simplejpeg.decode_jpeg(data, colorspace="RGB")
+    with Image.open(io.BytesIO(data)) as im:
+        return np.array(im.convert("RGB"))
 
 
 def _stored_short_side(path: str | Path) -> int:

@@ -18,6 +18,7 @@ import statistics
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 from PIL import Image
@@ -36,7 +37,8 @@ log = logging.getLogger(__name__)
 
 Samples = list[tuple[str, int]]
 SPLIT_DIRS = ("train", "val", "test")
-CACHE_MODES = (None, "auto", "resized")
+CacheMode = Literal["auto", "resized"] | None
+CACHE_MODES: tuple[CacheMode, ...] = (None, "auto", "resized")
 # data.cache=auto keeps resized copies when the median training image is at least this many times (per side) what
 # training reads: a 1600x1200 photo cached at 256 px decodes ~6x faster; a 500x375 one would gain nothing.
 AUTO_CACHE_MIN_SHRINK = 2
@@ -62,7 +64,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         crop_ratio: float = 0.875,
         hflip: bool = True,
         balance: bool = False,
-        cache: str | None = "auto",
+        cache: CacheMode = "auto",
         cache_dir: str | os.PathLike | None = None,
         manifest_path: str | os.PathLike | None = None,
         report_path: str | os.PathLike | None = None,
