@@ -49,7 +49,7 @@ def data_config(cfg: DictConfig, ckpt_path: str) -> DictConfig:
     are exactly what predict.py and the exported models compute.
     """
     if cfg.get("data") is not None:
-        data = cfg.data
+        data = OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=True))  # a copy: cfg stays as the user gave it
     else:
         stored = run_config(ckpt_path).get("data")
         if not stored:
