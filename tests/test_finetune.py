@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from image_finetune import finetune
 from image_finetune.train import Run, build, train
-from support import FAST
+from support import FAST, make_image_folder
 
 pytestmark = pytest.mark.usefixtures("pretrained")
 
@@ -147,6 +147,22 @@ def test_resume_across_the_unfreeze_matches_an_uninterrupted_run(compose_cfg, im
         got = snapshot(resumed.model.net)
         for key in expected:
             torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=f"resumed from epoch {epoch}: {key}")
+
+
+def test_a_warm_resized_cache_trains_exactly_as_the_run_that_filled_it(compose_cfg, tmp_path, monkeypatch):
+    """The read that fills a cache entry returns the stored copy's pixels, so no epoch depends on the cache's state
+    (and a run resumed after some entries were written matches an uninterrupted one)."""
+    monkeypatch.setattr("image_finetune.data.cache.PNG_MAX_PIXELS", 0)  # lossy JPEG copies even at this test's size
+    images = make_image_folder(tmp_path / "large", size=64)  # training reads 32 / 0.875 = 37 px: copies are made
+    weights = []
+    for name in ("cold", "warm"):
+        run = build(folder_cfg(compose_cfg, images, "data.cache=resized", "trainer.max_epochs=2", output_dir=tmp_path / name))
+        finetune.fit(run.trainer, run.model, run.datamodule)
+        weights.append(snapshot(run.model.net))
+    copies = list((tmp_path / "data" / ".cache" / "resized").rglob("*.jpg"))
+    assert len(copies) >= 16 + len(run.datamodule.splits["val"])  # the training batches drawn, and val
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=0, atol=1e-6, msg=key)
 
 
 def test_compile_gets_a_fresh_graph_after_the_unfreeze(compose_cfg, image_folder, monkeypatch):
