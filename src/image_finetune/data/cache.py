@@ -56,7 +56,7 @@ class ResizedCache:
         return f"{type(self).__name__}({str(self.cache_dir)!r}, short_side={self.short_side})"
 
     def entry_stem(self, path: str | Path) -> Path:
-        """Cache path of `path` without its suffix (.jpg or .png, chosen when the entry is written)."""
+        """Cache path of `path` without its suffix (.jpg, .png or the .orig marker, chosen when the entry is written)."""
         real = os.path.realpath(path)
         st = os.stat(real)
         fields = (FORMAT_VERSION, real, st.st_size, st.st_mtime_ns, self.short_side)
