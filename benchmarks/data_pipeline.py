@@ -37,7 +37,7 @@ from torchvision.transforms import v2
 from image_finetune.data.cache import ResizedCache
 from image_finetune.data.decode import ImageLoader
 from image_finetune.data.files import ImageFileDataset
-from image_finetune.data.imagefolder import AUTO_CACHE_MIN_SHRINK, AUTO_CACHE_PROBE, median_short_side
+from image_finetune.data.imagefolder import auto_cache_pays
 from image_finetune.data.scan import scan_image_folder
 
 SIZES = {"camera": (1600, 1200), "imagenet": (500, 375)}
@@ -163,8 +163,7 @@ def main() -> None:
         print(f"{name}: scan of {len(scan.samples):,} files {first:.1f} s, again with the cache {again:.2f} s")
         assert len(scan.samples) == args.n, "the benchmark folder should hold only good images"
         # What data.cache=auto (the default) decides for this folder, by the data module's own rule.
-        median = median_short_side([path for path, _ in scan.samples], AUTO_CACHE_PROBE, seed=0)
-        cached = median is not None and median >= AUTO_CACHE_MIN_SHRINK * RESIZE
+        cached, median = auto_cache_pays([path for path, _ in scan.samples], RESIZE, seed=0)
         print(f"{name}: data.cache=auto {'keeps resized copies' if cached else 'reads the originals'} (median short side {median} px)")
         cache_dir = args.root / "resized-cache" / name
 

@@ -124,9 +124,10 @@ def main() -> None:
     # Removed at the end: fake CIFAR, seeded weights and the run's checkpoints come to over 1 GB for ResNet-50.
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
         result = measure(Path(tmp), args.warmup, overrides, args.fake_data, args.fake_weights)
-    print(json.dumps(result, indent=2))
+    text = json.dumps(result, indent=2)
+    print(text)
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        args.json.write_text(text)
 
 
 def measure(scratch: Path, warmup: int, overrides: list[str], fake_data: bool, fake_weights: bool) -> dict[str, Any]:

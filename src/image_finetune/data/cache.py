@@ -18,7 +18,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
 from image_finetune.atomic import atomic_path
-from image_finetune.data.decode import decode_rgb, to_uint8_tensor
+from image_finetune.data.decode import decode_rgb, stored_short_side, to_uint8_tensor
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class ResizedCache:
         """
         decoded = decode_rgb(path, min_size=self.short_side)
         pixels = shrink(decoded, self.short_side)
-        if pixels is decoded and _stored_short_side(path) <= self.short_side:
+        if pixels is decoded and stored_short_side(path) <= self.short_side:
             # Not larger than the copy would be (not even before a reduced-scale JPEG decode): read the original.
             self._store(b"", stem.with_suffix(".orig"))
             return pixels
@@ -136,12 +136,6 @@ def _decode_entry(data: bytes, suffix: str) -> np.ndarray:
         return simplejpeg.decode_jpeg(data, colorspace="RGB")
     with Image.open(io.BytesIO(data)) as im:
         return np.array(im.convert("RGB"))
-
-
-def _stored_short_side(path: str | Path) -> int:
-    """The short side of the image as stored in the file (header only)."""
-    with Image.open(path) as im:
-        return min(im.size)
 
 
 def shrink(pixels: np.ndarray, short_side: int) -> np.ndarray:

@@ -78,6 +78,12 @@ def _draft(im: Image.Image, min_size: int | None) -> None:
     im.draft("RGB", (min_size, min_size))
 
 
+def stored_short_side(path: str | Path) -> int:
+    """The short side of the image as stored in the file, from its header (nothing is decoded)."""
+    with Image.open(path) as im:
+        return min(im.size)
+
+
 def load_rgb(path: str | Path, *, min_size: int | None = None) -> Image.Image:
     """`decode_rgb` as a PIL image, for code that works on PIL images (notebooks, tests)."""
     return Image.fromarray(decode_rgb(path, min_size=min_size))

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from image_finetune.atomic import atomic_write_text
 from image_finetune.data.base import ClassificationDataModule
 from image_finetune.data.cache import ResizedCache
-from image_finetune.data.decode import ImageLoader
+from image_finetune.data.decode import ImageLoader, stored_short_side
 from image_finetune.data.files import ImageFileDataset
 from image_finetune.data.scan import FolderScan, scan_image_folder, summarize, write_scan_report
 from image_finetune.data.transforms import eval_transform, train_transform
@@ -226,8 +226,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         cache = ResizedCache(self.cache_dir / "resized", short_side)
         if self.cache == "resized":
             return cache
-        median = median_short_side([path for path, _ in self.splits["train"]], AUTO_CACHE_PROBE, self.seed)
-        large = median is not None and median >= AUTO_CACHE_MIN_SHRINK * short_side
+        large, median = auto_cache_pays([path for path, _ in self.splits["train"]], short_side, self.seed)
         if verbose:
             if large:
                 log.info(
@@ -240,13 +239,18 @@ class ImageFolderDataModule(ClassificationDataModule):
         return cache if large else None
 
 
+def auto_cache_pays(paths: Sequence[str], short_side: int, seed: int) -> tuple[bool, int | None]:
+    """``data.cache=auto``'s rule: whether resized copies pay for ``paths`` read at ``short_side``, and the median."""
+    median = median_short_side(paths, AUTO_CACHE_PROBE, seed)
+    return median is not None and median >= AUTO_CACHE_MIN_SHRINK * short_side, median
+
+
 def median_short_side(paths: Sequence[str], probe: int, seed: int) -> int | None:
     """Median short side of up to ``probe`` of ``paths`` (seeded sample), from the file headers; None if none opens."""
     sides = []
     for path in random.Random(seed).sample(list(paths), min(probe, len(paths))):
         try:
-            with Image.open(path) as im:
-                sides.append(min(im.size))
+            sides.append(stored_short_side(path))
         except Exception:  # a file that broke after the scan (or became a decompression bomb); the loader will report it
             continue
     return round(statistics.median(sides)) if sides else None
