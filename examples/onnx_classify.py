@@ -1,7 +1,7 @@
 """Classify images with an exported ONNX model using only onnxruntime, numpy and Pillow: no torch, no project code.
 
     python export.py ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt format=onnx
-    python examples/onnx_classify.py logs/export/runs/<run>/model.onnx photo.jpg [more.jpg ...] [--top-k 3] [--json]
+    python examples/onnx_classify.py logs/export/runs/<run>/model.onnx photo.jpg [more.jpg|folder ...] [--top-k 3] [--json]
 
 Everything it needs is in ``model.onnx.json``, written beside the model: the class names and the preprocessing.
 The preprocessing repeats the project's eval transform: decode (JPEGs at reduced scale, as training decodes them;
@@ -51,6 +51,24 @@ def preprocess(path: str | Path, resize: int, crop: int) -> np.ndarray:
     return np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 255.0
 
 
+#: The extensions the project's folder scan accepts (a folder's other files are skipped, as predict.py lists them).
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif"}
+
+
+def expand(paths: list[str]) -> list[str]:
+    """Images as given, and every image under a given folder (recursively, sorted; hidden files and folders skipped)."""
+    found: list[str] = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            found.append(str(path))
+            continue
+        for item in sorted(path.rglob("*")):
+            hidden = any(part.startswith(".") for part in item.relative_to(path).parts)
+            if item.is_file() and not hidden and item.suffix.lower() in IMAGE_EXTENSIONS:
+                found.append(str(item))
+    return found
+
+
 def classify(model_path: str | Path, image_paths: list[str], top_k: int = 5) -> list[dict]:
     """``[{"path", "labels", "probabilities"}]``, most likely class first."""
     meta = json.loads(Path(f"{model_path}.json").read_text())
@@ -70,11 +88,14 @@ def classify(model_path: str | Path, image_paths: list[str], top_k: int = 5) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", help="model.onnx written by export.py (model.onnx.json must be beside it)")
-    parser.add_argument("images", nargs="+")
+    parser.add_argument("images", nargs="+", help="image files and/or folders of images (searched recursively)")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print JSON instead of one line per image")
     args = parser.parse_args()
-    results = classify(args.model, args.images, args.top_k)
+    images = expand(args.images)
+    if not images:
+        parser.error(f"no images found in {args.images}")
+    results = classify(args.model, images, args.top_k)
     if args.json:
         print(json.dumps(results))
         return

@@ -8,10 +8,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
-from image_finetune.callbacks.reproducibility import run_config
-from image_finetune.errors import DataError
+from image_finetune.checkpoints import run_config
+from image_finetune.errors import DataError, UserError
 from image_finetune.evaluate import data_config, evaluate
 from support import FAST
 
@@ -106,3 +107,57 @@ def test_a_class_the_checkpoint_does_not_know_is_a_clear_error(trained, compose_
         DataError, match=r"classes the checkpoint was not trained on: \['zebra'\].*'class_0', 'class_1', 'class_2'"
     ):
         run_eval(compose_cfg, tmp_path / "eval", f"ckpt_path={trained.checkpoint}", "data=imagefolder", f"data.root={folder}")
+
+
+def with_stored_data(trained, tmp_path: Path, data: dict) -> Path:
+    """A copy of the trained checkpoint whose stored run config names ``data``: loads fine with weights_only=True."""
+    checkpoint = torch.load(trained.checkpoint, weights_only=True)
+    checkpoint["run_config"]["data"] = data
+    torch.save(checkpoint, path := tmp_path / "crafted.ckpt")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        # What once wrote a file: hydra's instantiate called Path.write_text with arguments from the checkpoint.
+        ({"_target_": "pathlib.Path.write_text", "self": {"_target_": "pathlib.Path", "_args_": ["VICTIM"]}, "data": "x"},
+         r"data\._target_='pathlib\.Path\.write_text' is not one of this project's classes: a checkpoint may not choose code"),
+        # The project's own *functions* are not allowed either: called with a file's arguments, they would still act.
+        ({"_target_": "image_finetune.atomic.atomic_write_text", "path": "VICTIM", "text": "x"},
+         r"atomic_write_text' is not a ClassificationDataModule"),
+        # A project class that is not a data module.
+        ({"_target_": "image_finetune.callbacks.RunSummary"}, r"is not a ClassificationDataModule"),
+        # A data module of ours, with code hidden in a nested node.
+        ({"_target_": "image_finetune.data.ImageFolderDataModule", "root": {"_target_": "pathlib.Path.write_text",
+          "self": {"_target_": "pathlib.Path", "_args_": ["VICTIM"]}, "data": "x"}},
+         r"data\.root\._target_='pathlib\.Path\.write_text' is not one of this project's classes"),
+        # Resolvers read the environment and files.
+        ({"_target_": "image_finetune.data.ImageFolderDataModule", "root": "${oc.env:HOME}"}, r"holds an interpolation"),
+        ({"root": "somewhere"}, r"names no _target_"),
+    ],
+    ids=["stdlib-function", "project-function", "project-class", "nested", "interpolation", "no-target"],
+)  # fmt: skip
+def test_a_checkpoint_cannot_choose_code_for_eval(trained, compose_cfg, tmp_path, data, message):
+    victim = tmp_path / "written_by_the_checkpoint"
+    crafted = with_stored_data(trained, tmp_path, json.loads(json.dumps(data).replace("VICTIM", str(victim))))
+    with pytest.raises(UserError, match=message):
+        run_eval(compose_cfg, tmp_path / "eval", f"ckpt_path={crafted}")
+    assert not victim.exists()
+
+
+def test_a_stored_target_is_checked_before_its_module_is_imported(trained, compose_cfg, tmp_path, monkeypatch):
+    (tmp_path / "booby_trap.py").write_text(f"open({str(tmp_path / 'imported')!r}, 'w').close()\nclass Data: ...\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    crafted = with_stored_data(trained, tmp_path, {"_target_": "booby_trap.Data"})
+    with pytest.raises(UserError, match=r"'booby_trap\.Data' is not one of this project's classes"):
+        run_eval(compose_cfg, tmp_path / "eval", f"ckpt_path={crafted}")
+    assert not (tmp_path / "imported").exists()
+
+
+def test_a_stored_data_config_writes_nothing_where_the_checkpoint_says(trained, compose_cfg, tmp_path):
+    stored = run_config(trained.checkpoint)["data"]
+    crafted = with_stored_data(trained, tmp_path, {**stored, "report_path": str(tmp_path / "r.tsv"), "cache_dir": str(tmp_path / "c")})
+    cfg = compose_cfg(f"ckpt_path={crafted}", config_name="eval", output_dir=tmp_path / "eval")
+    data = data_config(cfg, str(crafted))
+    assert data.report_path is None and data.cache_dir == cfg.paths.cache_dir and data.root == stored["root"]

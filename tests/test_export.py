@@ -11,6 +11,7 @@ Tolerances, measured on this test's model and images (CPU, float32):
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import runpy
 import subprocess
@@ -27,7 +28,8 @@ from torchvision.datasets import CIFAR10
 
 from image_finetune.errors import ConfigError, UserError
 from image_finetune.evaluate import evaluate
-from image_finetune.export import FORMATS, export, export_classifier, load_exported
+from image_finetune.data.scan import IMAGE_EXTENSIONS
+from image_finetune.export import FORMATS, WRITERS, export, export_classifier, load_exported
 from image_finetune.inference import Classifier, sidecar_path
 from image_finetune.predict import predict
 from image_finetune.train import train
@@ -126,14 +128,50 @@ def test_numpy_only_example_without_torch(trained, tmp_path):
         pixels = example["preprocess"](image, prep["resize"], prep["crop"])
         assert np.abs(pixels - classifier.preprocess(image).numpy()).max() <= 1 / 255 + 1e-6, image
 
-    # As a user runs it, with torch made unimportable: it must not need it.
-    code = f"import runpy, sys; sys.modules['torch'] = None; sys.argv = {['x', str(model), *images, '--json']!r}; " \
+    # As a user runs it, with torch made unimportable: it must not need it. A folder is searched like predict.py's.
+    folder = tmp_path / "folder"
+    (folder / "nested").mkdir(parents=True)
+    (folder / "nested" / "a.jpg").write_bytes((trained.images / "class_1" / "img_000.jpg").read_bytes())
+    (folder / "b.png").write_bytes((trained.images / "class_2" / "img_001.png").read_bytes())
+    (folder / ".hidden.png").write_bytes(b"\0")
+    (folder / "notes.txt").write_text("not an image")
+    args = ["x", str(model), *images, str(folder), "--json"]
+    code = f"import runpy, sys; sys.modules['torch'] = None; sys.argv = {args!r}; " \
            f"runpy.run_path({str(EXAMPLE)!r}, run_name='__main__')"  # fmt: skip
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
+    images += [str(folder / "b.png"), str(folder / "nested" / "a.jpg")]
+    assert [r["path"] for r in json.loads(result.stdout)] == images
     for got, expected in zip(json.loads(result.stdout), classifier.predict(images), strict=True):
         assert got["labels"][0] == expected.label
         assert_close(dict(zip(got["labels"], got["probabilities"])), dict(zip(expected.labels, expected.probabilities)), 1e-3)
+
+
+def test_the_examples_image_extensions_are_the_projects():
+    assert runpy.run_path(str(EXAMPLE))["IMAGE_EXTENSIONS"] == IMAGE_EXTENSIONS
+
+
+def test_export_onto_a_folder_or_an_unwritable_place_is_one_line(trained, tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(UserError, match=r"output='.*out' is a folder; give a file path, e\.g\. output=.*model\.onnx"):
+        export_classifier(trained.classifier, "onnx", tmp_path / "out", source="x")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UserError, match=r"output='.*a_file/model\.onnx': cannot write there \(.*a_file is a file, not a folder\)"):
+        export_classifier(trained.classifier, "onnx", tmp_path / "a_file" / "model.onnx", source="x", verify=False)
+
+
+def test_disk_full_during_export_says_so_and_keeps_the_previous_file(trained, tmp_path, monkeypatch):
+    path = export_classifier(trained.classifier, "torchscript", tmp_path / "model.pt", source="x", verify=False)
+    before = path.read_bytes()
+
+    def full(*args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setitem(WRITERS, "torchscript", full)
+    with pytest.raises(UserError, match=r"output: no space left on device while writing .*model\.pt; free space"):
+        export_classifier(trained.classifier, "torchscript", path, source="x", verify=False)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "model.pt.json"]  # no temporary file left
 
 
 def test_safetensors_beside_the_json_of_another_model_says_what_differs(trained, tmp_path):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-import pickle
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -16,7 +16,7 @@ from PIL import Image
 from image_finetune.errors import DataError, UserError
 from image_finetune.inference import Classifier, Preprocessing
 from image_finetune.models import ImageClassifier
-from image_finetune.predict import predict
+from image_finetune.predict import list_inputs, predict
 from messy_folder import truncated_jpeg
 
 pytest_plugins = ["trained"]  # the shared `trained` fixture
@@ -47,12 +47,14 @@ def messy_folder(trained, root: Path) -> dict[str, str | None]:
     (root / "notes.txt").write_text("hello")
     (root / ".DS_Store").write_bytes(b"\0")  # hidden: not listed at all
     (root / "nested" / "._b.png").write_bytes(b"\0")
+    os.mkfifo(root / "pipe.jpg")  # opening it would block for ever
     expected.update(
         {
             str(root / "cut.jpg"): "truncated",
             str(root / "fake.jpg"): "not an image",
             str(root / "empty.png"): "not an image",
             str(root / "notes.txt"): "unsupported extension: .txt",
+            str(root / "pipe.jpg"): "unreadable: not a regular file",
         }
     )
     return expected
@@ -89,8 +91,18 @@ def test_list_file_and_single_image_inputs(trained, compose_cfg, tmp_path):
                           config_name="predict", output_dir=tmp_path / name)  # fmt: skip
         rows[name] = read_rows(predict(cfg))
     assert list(rows["list"]) == [str(image), str(tmp_path / "rel.png"), str(tmp_path / "missing.jpg")]
-    assert rows["list"][str(tmp_path / "missing.jpg")]["reason"].startswith("unreadable: [Errno 2] No such file")
+    assert rows["list"][str(tmp_path / "missing.jpg")]["reason"] == "unreadable: no such file"
     assert probabilities(rows["list"][str(tmp_path / "rel.png")]) == probabilities(rows["single"][str(image)])
+
+
+def test_a_fifo_named_like_an_image_is_listed_with_a_reason_never_opened(tmp_path):
+    os.mkfifo(tmp_path / "x.jpg")
+    (tmp_path / "list.txt").write_text("x.jpg\n")
+    assert list_inputs(tmp_path) == [(str(tmp_path / "list.txt"), "unsupported extension: .txt"),
+                                     (str(tmp_path / "x.jpg"), "unreadable: not a regular file")]  # fmt: skip
+    assert list_inputs(tmp_path / "list.txt") == [(str(tmp_path / "x.jpg"), "unreadable: not a regular file")]
+    with pytest.raises(UserError, match=r"input='.*x\.jpg': unreadable: not a regular file"):
+        list_inputs(tmp_path / "x.jpg")
 
 
 def test_api_classifies_paths_and_pil_images_alike(trained):
@@ -108,13 +120,6 @@ def test_api_classifies_paths_and_pil_images_alike(trained):
     with pytest.raises(DataError, match=r"bad\.jpg: not an image"):
         classifier.predict(bad)
 
-
-def test_checkpoint_loading_refuses_pickled_code(trained, tmp_path):
-    checkpoint = torch.load(trained.checkpoint, weights_only=True)
-    checkpoint["extra"] = ImageClassifier  # a class: fine for pickle, refused by weights_only=True
-    torch.save(checkpoint, tmp_path / "unsafe.ckpt")
-    with pytest.raises(pickle.UnpicklingError, match="weights_only"):
-        Classifier.from_checkpoint(tmp_path / "unsafe.ckpt")
 
 
 def test_checkpoint_with_another_class_count_says_what_differs(trained, tmp_path):

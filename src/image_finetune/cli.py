@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import logging
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from image_finetune.atomic import atomic_write_text
@@ -71,6 +74,18 @@ def user_errors() -> Iterator[None]:
 def save_json(data: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Atomic write: a killed run never leaves half a metrics file."""
     return atomic_write_text(path, json.dumps(dict(data), indent=2, sort_keys=True))
+
+
+def write_csv(path: str | os.PathLike, rows: Iterable[Sequence[object]]) -> Path:
+    """Atomic, like ``save_json``: a killed run never leaves half a CSV."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return atomic_write_text(path, buf.getvalue(), newline="")
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a dict-of-configs group (``callbacks``, ``logger``); None entries are switched off."""
+    return [instantiate(c) for c in (group or {}).values() if c is not None]
 
 
 def scalar_metrics(metrics: Mapping[str, Any], prefixes: tuple[str, ...] = ("train/", "val/", "test/")) -> dict[str, float]:

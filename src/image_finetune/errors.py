@@ -1,5 +1,12 @@
 """One exception type for every mistake a user can fix, so entry points print one line instead of a traceback."""
 
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Iterator
+
 
 class UserError(Exception):
     """A problem with the user's data, config or files; the message names the culprit and says how to fix it."""
@@ -11,3 +18,23 @@ class DataError(UserError, ValueError):
 
 class ConfigError(UserError, ValueError):
     """A config value is wrong (unknown backbone or weights name, impossible option combination...)."""
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike, key: str) -> Iterator[None]:
+    """Turn an ``OSError`` while writing ``path`` into one line naming the config key, the place and the fix.
+
+    Disk full is said as such ("no space left on device"), since that is what a user must act on; writers are atomic
+    (``atomic.atomic_path``), so what was there before stays intact.
+    """
+    try:
+        yield
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise UserError(
+                f"{key}: no space left on device while writing {path}; free space there or choose another {key}=PATH"
+            ) from None
+        reason = err.strerror or str(err)
+        if isinstance(err, (FileExistsError, NotADirectoryError)) and err.filename:
+            reason = f"{err.filename} is a file, not a folder"
+        raise UserError(f"{key}={str(path)!r}: cannot write there ({reason}); choose a writable {key}=PATH") from None

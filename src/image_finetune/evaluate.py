@@ -24,18 +24,16 @@ from torchmetrics.functional.classification import (
 )
 
 from image_finetune.atomic import atomic_path
-from image_finetune.callbacks.reproducibility import run_config
 from image_finetune.callbacks.visuals import confusion_matrix_figure
-from image_finetune.cli import save_json, scalar_metrics
+from image_finetune.checkpoints import check_stored_targets, resolve_ckpt_path, run_config
+from image_finetune.cli import instantiate_group, save_json, scalar_metrics, write_csv
 from image_finetune.data.base import ClassificationDataModule
 from image_finetune.data.files import ImageFileDataset
 from image_finetune.data.imagefolder import ImageFolderDataModule
 from image_finetune.data.transforms import eval_transform
 from image_finetune.errors import ConfigError, DataError, UserError
-from image_finetune.inference import top_k_predictions
+from image_finetune.inference import prediction_cells, prediction_header, top_k_predictions
 from image_finetune.models import ImageClassifier
-from image_finetune.predict import prediction_cells, prediction_header, write_csv
-from image_finetune.train import instantiate_group, resolve_ckpt_path
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +43,10 @@ SPLITS = ("test", "val", "all")
 def data_config(cfg: DictConfig, ckpt_path: str) -> DictConfig:
     """The ``data`` group from the command line if given, else the one stored in the checkpoint.
 
-    Either way images are read from the original files, never from the resized training cache, so eval.py's numbers
-    are exactly what predict.py and the exported models compute.
+    A stored config is untrusted data: it may only name one of the project's data modules (``check_stored_targets``),
+    and it writes nothing where the checkpoint says (no scan report; the scan cache goes to this run's
+    ``paths.cache_dir``). Either way images are read from the original files, never from the resized training cache,
+    so eval.py's numbers are exactly what predict.py and the exported models compute.
     """
     if cfg.get("data") is not None:
         data = OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=True))  # a copy: cfg stays as the user gave it
@@ -54,8 +54,10 @@ def data_config(cfg: DictConfig, ckpt_path: str) -> DictConfig:
         stored = run_config(ckpt_path).get("data")
         if not stored:
             raise UserError(f"{ckpt_path} holds no run config: name the data, e.g. data=imagefolder data.root=DIR")
-        if "report_path" in stored:
-            stored["report_path"] = None  # keep the training run's scan report as it was
+        check_stored_targets(stored, source=f"{ckpt_path}: data", root_type=ClassificationDataModule)
+        for key, value in (("report_path", None), ("cache_dir", cfg.paths.get("cache_dir"))):
+            if key in stored:
+                stored[key] = value
         data = OmegaConf.create(stored)
     if "cache" in data:
         data.cache = None

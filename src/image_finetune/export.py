@@ -21,10 +21,10 @@ from torch import nn
 
 from image_finetune import __version__
 from image_finetune.atomic import atomic_path
+from image_finetune.checkpoints import resolve_ckpt_path
 from image_finetune.cli import save_json
-from image_finetune.errors import ConfigError, UserError
+from image_finetune.errors import ConfigError, UserError, writing
 from image_finetune.inference import Classifier, read_sidecar, sidecar_path
-from image_finetune.train import resolve_ckpt_path
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +82,12 @@ def export_classifier(
     if opset < 17:
         raise ConfigError(f"opset={opset}: use 17 or newer")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise UserError(f"output={str(path)!r} is a folder; give a file path, e.g. output={path / ('model' + FORMATS[fmt])}")
     net = classifier.net.cpu().eval()
     size = classifier.preprocessing.size
     example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    with atomic_path(path) as tmp:
+    with writing(path, "output"), atomic_path(path) as tmp:
         WRITERS[fmt](net, example, tmp, opset)
     meta = {
         **classifier.metadata(),
@@ -99,7 +100,8 @@ def export_classifier(
     }
     if fmt == "onnx":
         meta["opset"] = opset
-    save_json(meta, sidecar_path(path))
+    with writing(sidecar_path(path), "output"):
+        save_json(meta, sidecar_path(path))
     if verify:
         diff = verify_export(path, classifier)
         log.info("%s: probabilities agree with the checkpoint to %.1e (batch of 3)", path, diff)

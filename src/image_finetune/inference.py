@@ -26,7 +26,7 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import v2
 
-from image_finetune.callbacks.reproducibility import run_config
+from image_finetune.checkpoints import run_config
 from image_finetune.data.decode import decode_rgb, to_rgb, to_uint8_tensor
 from image_finetune.data.imagefolder import ImageFolderDataModule
 from image_finetune.data.scan import failure_reason
@@ -176,6 +176,18 @@ def top_k_predictions(
         Prediction(tuple(class_names[i] for i in idx.tolist()), tuple(v.tolist()), source)
         for v, idx, source in zip(values, indices, sources)
     ]
+
+
+def prediction_header(k: int) -> list[str]:
+    """``label_1, probability_1, ..., label_k, probability_k``: the columns of predict.py's and eval.py's CSVs."""
+    return [f"{name}_{rank}" for rank in range(1, k + 1) for name in ("label", "probability")]
+
+
+def prediction_cells(prediction: Prediction | None, k: int) -> list[str]:
+    """The cells under ``prediction_header(k)``; empty for a file without a prediction."""
+    if prediction is None:
+        return [""] * (2 * k)
+    return [cell for label, p in zip(prediction.labels, prediction.probabilities) for cell in (label, f"{p:.6f}")]
 
 
 class Classifier:

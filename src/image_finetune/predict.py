@@ -5,8 +5,6 @@ A file that cannot be read gets a row with its reason (the folder scan's vocabul
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -18,12 +16,19 @@ from omegaconf import DictConfig
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, Dataset
 
-from image_finetune.atomic import atomic_write_text
+from image_finetune.checkpoints import resolve_ckpt_path
+from image_finetune.cli import write_csv
 from image_finetune.data.base import default_num_workers
-from image_finetune.data.scan import IMAGE_EXTENSIONS, JUNK_FOLDERS, UNSUPPORTED_EXTENSION, failure_reason
+from image_finetune.data.scan import HIDDEN, failure_reason, path_kind, skip_reason, walk_files
 from image_finetune.errors import DataError, UserError
-from image_finetune.inference import Classifier, Prediction, Preprocessing, top_k_predictions
-from image_finetune.train import resolve_ckpt_path
+from image_finetune.inference import (
+    Classifier,
+    Prediction,
+    Preprocessing,
+    prediction_cells,
+    prediction_header,
+    top_k_predictions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,34 +48,30 @@ class Row:
 def list_inputs(input_path: str | os.PathLike) -> list[tuple[str, str | None]]:
     """``(path, reason to skip or None)`` for an image, a folder (recursive, hidden files left out) or a list file.
 
-    In a folder only files with an image extension are decoded; other files are listed with a reason so that the CSV
-    accounts for every file. A list file holds one path a line (``#`` comments, blank lines ignored); relative paths
-    are relative to the list file's folder.
+    Only regular files with an image extension are decoded; everything else gets a reason (the folder scan's
+    vocabulary and walk, so predict.py and training agree on what counts as an image), so that the CSV accounts for
+    every file. A FIFO or device named ``x.jpg`` is listed, never opened (reading it would block forever). A list file
+    holds one path a line (``#`` comments, blank lines ignored); relative paths are relative to the list file's folder.
     """
     path = Path(input_path).expanduser()
-    if path.is_dir():
-        return list(_walk(path))
-    if not path.is_file():
-        raise UserError(
-            f"input={str(input_path)!r}: no such file or folder. Give an image, a folder of images, or a .txt list of paths."
-        )
+    kind, _ = path_kind(str(path))
+    if kind == "dir":
+        found = (f for f in walk_files(str(path)) if f.kind != HIDDEN)
+        return sorted((f.path, skip_reason(f.path, f.kind)) for f in found)
+    if kind != "file":
+        problem = "no such file or folder" if kind.endswith("no such file") else kind
+        raise UserError(f"input={str(input_path)!r}: {problem}. Give an image, a folder of images, or a .txt list of paths.")
     if path.suffix.lower() in LIST_SUFFIXES:
         lines = (line.strip() for line in path.read_text().splitlines())
-        return [(str(path.parent / Path(line).expanduser()), None) for line in lines if line and not line.startswith("#")]
-    return [(str(path), None)]
+        listed = [str(path.parent / Path(line).expanduser()) for line in lines if line and not line.startswith("#")]
+        return [(p, _listed_file_reason(p)) for p in listed]
+    return [(str(path), _listed_file_reason(str(path)))]
 
 
-def _walk(root: Path) -> Iterable[tuple[str, str | None]]:
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not _hidden(d))
-        for name in sorted(f for f in files if not _hidden(f)):
-            suffix = os.path.splitext(name)[1]
-            reason = None if suffix.lower() in IMAGE_EXTENSIONS else f"{UNSUPPORTED_EXTENSION}: {suffix or '(none)'}"
-            yield os.path.join(folder, name), reason
-
-
-def _hidden(name: str) -> bool:
-    return name.startswith(".") or name in JUNK_FOLDERS
+def _listed_file_reason(path: str) -> str | None:
+    """A named file is decoded whatever its extension (the user chose it), but only if it is a regular file."""
+    kind, _ = path_kind(path)
+    return None if kind == "file" else kind
 
 
 class ImageFiles(Dataset):
@@ -131,24 +132,6 @@ def classify_files(
                 rows[todo[j]] = Row(rows[todo[j]].path, reason=reason)
             bar.advance(task, len(indices) + len(failed))
     return rows
-
-
-def prediction_header(k: int) -> list[str]:
-    return [f"{name}_{rank}" for rank in range(1, k + 1) for name in ("label", "probability")]
-
-
-def prediction_cells(prediction: Prediction | None, k: int) -> list[str]:
-    """``label_1, probability_1, ...``; empty cells for a file without a prediction."""
-    if prediction is None:
-        return [""] * (2 * k)
-    return [cell for label, p in zip(prediction.labels, prediction.probabilities) for cell in (label, f"{p:.6f}")]
-
-
-def write_csv(path: str | os.PathLike, rows: Iterable[Sequence[object]]) -> Path:
-    """Atomic, like ``save_json``: a killed run never leaves half a CSV."""
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows(rows)
-    return atomic_write_text(path, buf.getvalue(), newline="")
 
 
 def write_predictions(rows: Sequence[Row], path: str | os.PathLike, k: int) -> Path:

@@ -13,22 +13,11 @@ from omegaconf import DictConfig
 
 from image_finetune import finetune
 from image_finetune.callbacks import StoreRunConfig, summarize_run
-from image_finetune.cli import save_json, scalar_metrics, to_plain
-from image_finetune.errors import UserError
+from image_finetune.checkpoints import resolve_ckpt_path
+from image_finetune.cli import instantiate_group, save_json, scalar_metrics, to_plain
 from image_finetune.models import ImageClassifier
 
 log = logging.getLogger(__name__)
-
-
-def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | None:
-    """``last`` means this run dir's ``checkpoints/last.ckpt``; a missing checkpoint is an error, never a fresh start."""
-    if ckpt_path is None:
-        return None
-    path = Path(output_dir) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path).expanduser()
-    if not path.is_file():
-        hint = " To resume a run, pass its dir too: hydra.run.dir=<run dir> ckpt_path=last." if ckpt_path == "last" else ""
-        raise UserError(f"ckpt_path={ckpt_path!r}: no checkpoint at {path}.{hint}")
-    return str(path)
 
 
 @dataclass
@@ -39,11 +28,6 @@ class Run:
     model: ImageClassifier
     trainer: L.Trainer
     config: dict[str, Any]
-
-
-def instantiate_group(group: DictConfig | None) -> list[Any]:
-    """Instantiate every entry of a dict-of-configs group (``callbacks``, ``logger``); None entries are switched off."""
-    return [instantiate(c) for c in (group or {}).values() if c is not None]
 
 
 def build(cfg: DictConfig) -> Run:

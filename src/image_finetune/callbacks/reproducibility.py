@@ -6,7 +6,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
-import torch
 
 
 class ReseedEveryEpoch(L.Callback):
@@ -36,8 +35,3 @@ class StoreRunConfig(L.Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint["run_config"] = self.config
-
-
-def run_config(checkpoint_path: str) -> dict[str, Any]:
-    """The config a checkpoint was trained with ({} for checkpoints from elsewhere)."""
-    return dict(torch.load(checkpoint_path, map_location="cpu", weights_only=True).get("run_config") or {})

@@ -146,8 +146,8 @@ def scan_image_folder(
     skipped: list[tuple[str, str]] = []
     class_dirs: list[tuple[str, str]] = []  # (class name, absolute folder path)
     for entry in _sorted_entries(str(root_path)):
-        kind, _ = _entry_kind(entry)
-        if _is_hidden(entry.name):
+        kind, _ = path_kind(entry.path, is_symlink=entry.is_symlink())
+        if is_hidden(entry.name):
             skipped.append((entry.path, HIDDEN))
         elif kind == "dir":
             class_dirs.append((entry.name, entry.path))
@@ -160,16 +160,14 @@ def scan_image_folder(
             raise DataError(_no_class_folders_message(root_path, skipped))
         return FolderScan(root_path, [], [], sorted(skipped))
 
-    candidates: list[tuple[_Found, str]] = []  # files worth decoding, with their class name
+    candidates: list[tuple[Found, str]] = []  # files worth decoding, with their class name
     for name, folder in class_dirs:
-        for found in _walk_class_folder(folder):
-            suffix = os.path.splitext(found.path)[1]
-            if found.kind != "file":
-                skipped.append((found.path, found.kind))
-            elif suffix.lower() not in IMAGE_EXTENSIONS:
-                skipped.append((found.path, f"{UNSUPPORTED_EXTENSION}: {suffix or '(none)'}"))
-            else:
+        for found in walk_files(folder):
+            reason = skip_reason(found.path, found.kind)
+            if reason is None:
                 candidates.append((found, name))
+            else:
+                skipped.append((found.path, reason))
 
     files, duplicates = _dedupe(candidates)
     skipped.extend(duplicates)
@@ -223,16 +221,22 @@ def _sorted_entries(folder: str) -> list[os.DirEntry[str]]:
         return sorted(it, key=lambda e: e.name)
 
 
-def _is_hidden(name: str) -> bool:
+def is_hidden(name: str) -> bool:
+    """Dot files and folders (``.DS_Store``, ``._x.jpg``, ``.ipynb_checkpoints``) and macOS archive junk."""
     return name.startswith(".") or name in JUNK_FOLDERS
 
 
-def _entry_kind(entry: os.DirEntry[str]) -> tuple[str, os.stat_result | None]:
-    """('dir' | 'file' | a skip reason, stat); follows symlinks so symlinked class folders and files count."""
+def path_kind(path: str, *, is_symlink: bool | None = None) -> tuple[str, os.stat_result | None]:
+    """('dir' | 'file' | a skip reason, stat), following symlinks so symlinked class folders and files count.
+
+    Anything but a regular file or a folder (a FIFO, a socket, a device) gets a reason: opening a FIFO would block
+    forever waiting for a writer.
+    """
     try:
-        st = entry.stat(follow_symlinks=True)
+        st = os.stat(path)
     except FileNotFoundError:
-        return (BROKEN_SYMLINK if entry.is_symlink() else f"{UNREADABLE}: vanished during the scan"), None
+        broken = os.path.islink(path) if is_symlink is None else is_symlink
+        return (BROKEN_SYMLINK if broken else f"{UNREADABLE}: no such file"), None
     except OSError as e:
         return f"{UNREADABLE}: {e.strerror or e}", None
     if stat.S_ISDIR(st.st_mode):
@@ -242,14 +246,25 @@ def _entry_kind(entry: os.DirEntry[str]) -> tuple[str, os.stat_result | None]:
     return f"{UNREADABLE}: not a regular file", st
 
 
-class _Found(NamedTuple):
+def skip_reason(path: str, kind: str) -> str | None:
+    """Why a listed path is not worth decoding (not a regular file, not an image extension), or None."""
+    if kind != "file":
+        return kind
+    suffix = os.path.splitext(path)[1]
+    return None if suffix.lower() in IMAGE_EXTENSIONS else f"{UNSUPPORTED_EXTENSION}: {suffix or '(none)'}"
+
+
+class Found(NamedTuple):
+    """One path under a scanned folder: ``kind`` is 'file' (a regular file) or the reason it is skipped."""
+
+
     path: str
     kind: str  # 'file' or a skip reason
     real: str = ""
     st: os.stat_result | None = None
 
 
-def _walk_class_folder(folder: str) -> Iterable[_Found]:
+def walk_files(folder: str) -> Iterable[Found]:
     """Everything under `folder`, following symlinks but never round a loop."""
     seen_dirs: set[str] = set()
     stack = [folder]
@@ -257,25 +272,25 @@ def _walk_class_folder(folder: str) -> Iterable[_Found]:
         current = stack.pop()
         real_dir = os.path.realpath(current)
         if real_dir in seen_dirs:
-            yield _Found(current, f"{DUPLICATE}: folder already scanned as {real_dir}")
+            yield Found(current, f"{DUPLICATE}: folder already scanned as {real_dir}")
             continue
         seen_dirs.add(real_dir)
         try:
             entries = _sorted_entries(current)
         except OSError as e:
-            yield _Found(current, f"{UNREADABLE}: {e.strerror or e}")
+            yield Found(current, f"{UNREADABLE}: {e.strerror or e}")
             continue
         for entry in entries:
-            if _is_hidden(entry.name):
-                yield _Found(entry.path, HIDDEN)
+            if is_hidden(entry.name):
+                yield Found(entry.path, HIDDEN)
                 continue
-            kind, st = _entry_kind(entry)
+            kind, st = path_kind(entry.path, is_symlink=entry.is_symlink())
             if kind == "dir":
                 stack.append(entry.path)
                 continue
             # realpath costs an lstat per path component: resolve each folder once, and only symlinked files again.
             real = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real_dir, entry.name)
-            yield _Found(entry.path, kind, real, st)
+            yield Found(entry.path, kind, real, st)
 
 
 @dataclass(frozen=True)
@@ -287,9 +302,9 @@ class _File:
     mtime_ns: int
 
 
-def _dedupe(candidates: list[tuple[_Found, str]]) -> tuple[list[_File], list[tuple[str, str]]]:
+def _dedupe(candidates: list[tuple[Found, str]]) -> tuple[list[_File], list[tuple[str, str]]]:
     """One entry per real file: the path not going through a symlink wins, then the first in sorted order."""
-    by_inode: dict[tuple[int, int], list[tuple[_Found, str]]] = {}
+    by_inode: dict[tuple[int, int], list[tuple[Found, str]]] = {}
     for found, name in candidates:
         assert found.st is not None
         by_inode.setdefault((found.st.st_dev, found.st.st_ino), []).append((found, name))

@@ -16,6 +16,7 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from image_finetune.checkpoints import read_checkpoint
 from image_finetune.errors import ConfigError, UserError
 from image_finetune.finetune import FinetuneSchedule
 from image_finetune.models.backbones import build_backbone
@@ -298,9 +299,7 @@ class ImageClassifier(L.LightningModule):
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> ImageClassifier:
         """Load for inference: safe (``weights_only=True``), offline (no weight download), class names included."""
         path = Path(path).expanduser()
-        if not path.is_file():
-            raise UserError(f"ckpt_path={str(path)!r}: no such file")
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = read_checkpoint(path)
         hparams = dict(checkpoint.get("hyper_parameters") or {})
         if "backbone" not in hparams or not hparams.get("class_names"):
             raise UserError(f"{path} is not a checkpoint of image_finetune.ImageClassifier (no backbone/class_names hparams)")
@@ -316,7 +315,7 @@ class ImageClassifier(L.LightningModule):
         model.hparams["pretrained"] = hparams.get("pretrained")
         check_weights_fit(model, checkpoint["state_dict"], source=str(path), expected=f"{_describe(hparams)}, as its hparams say")
         model.load_state_dict(checkpoint["state_dict"])
-        return model.eval()
+        return model.to(map_location).eval()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resuming or testing a checkpoint of another architecture or class count: say what differs, not 100 tensors."""
