@@ -35,8 +35,7 @@ from torchvision import transforms as v1
 from torchvision.transforms import v2
 
 from image_finetune.data.cache import ResizedCache
-from image_finetune.data.decode import ImageLoader
-from image_finetune.data.files import ImageFileDataset
+from image_finetune.data.files import ImageFileDataset, ImageLoader
 from image_finetune.data.imagefolder import auto_cache_pays
 from image_finetune.data.scan import scan_image_folder
 

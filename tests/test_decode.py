@@ -24,9 +24,10 @@ from messy_folder import (
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import v2
 
-from image_finetune.data.cache import ResizedCache
 from image_finetune.data import decode
-from image_finetune.data.decode import BACKGROUND, ImageLoader, decode_rgb, load_rgb, to_rgb, to_uint8_tensor
+from image_finetune.data.cache import ResizedCache
+from image_finetune.data.decode import BACKGROUND, decode_rgb, load_rgb, to_rgb, to_uint8_tensor
+from image_finetune.data.files import ImageLoader
 
 
 def pixels(path: Path, **kwargs: object) -> np.ndarray:

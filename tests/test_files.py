@@ -13,8 +13,7 @@ from messy_folder import photo, save
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from image_finetune.data.decode import ImageLoader
-from image_finetune.data.files import ImageFileDataset
+from image_finetune.data.files import ImageFileDataset, ImageLoader
 from image_finetune.data.scan import scan_image_folder
 from image_finetune.errors import DataError
 

@@ -14,15 +14,12 @@ from __future__ import annotations
 import io
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import simplejpeg
 import torch
 from PIL import ExifTags, Image
 
-if TYPE_CHECKING:
-    from image_finetune.data.cache import ResizedCache
 
 log = logging.getLogger(__name__)
 
@@ -172,19 +169,3 @@ def to_uint8_tensor(image: np.ndarray | Image.Image, *, channels_last: bool = Fa
         return t.unsqueeze(0)
     t = t.permute(2, 0, 1)
     return t if channels_last else t.contiguous()
-
-
-class ImageLoader:
-    """path -> HxWx3 uint8 RGB array for DataLoader workers; a plain class (not a closure) so it pickles under spawn."""
-
-    def __init__(self, min_size: int | None = None, cache: ResizedCache | None = None) -> None:
-        self.min_size = min_size
-        self.cache = cache
-
-    def __call__(self, path: str) -> np.ndarray:
-        if self.cache is not None:
-            return self.cache.load(path)
-        return decode_rgb(path, min_size=self.min_size)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(min_size={self.min_size}, cache={self.cache!r})"

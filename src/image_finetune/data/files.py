@@ -1,4 +1,5 @@
-"""A dataset over scanned (path, label) pairs that never lets one bad file end a training run."""
+"""A dataset over scanned (path, label) pairs that never lets one bad file end a training run, and its file reader
+(the original file, or its resized copy in the cache)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,28 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from image_finetune.data.decode import to_uint8_tensor
+from image_finetune.data.cache import ResizedCache
+from image_finetune.data.decode import decode_rgb, to_uint8_tensor
 from image_finetune.data.scan import failure_reason
 from image_finetune.errors import DataError
 
 log = logging.getLogger(__name__)
+
+
+class ImageLoader:
+    """path -> HxWx3 uint8 RGB array for DataLoader workers; a plain class (not a closure) so it pickles under spawn."""
+
+    def __init__(self, min_size: int | None = None, cache: ResizedCache | None = None) -> None:
+        self.min_size = min_size
+        self.cache = cache
+
+    def __call__(self, path: str) -> np.ndarray:
+        if self.cache is not None:
+            return self.cache.load(path)
+        return decode_rgb(path, min_size=self.min_size)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(min_size={self.min_size}, cache={self.cache!r})"
 
 
 class ImageFileDataset(Dataset):

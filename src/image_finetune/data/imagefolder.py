@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader
 from image_finetune.atomic import atomic_write_text
 from image_finetune.data.base import ClassificationDataModule
 from image_finetune.data.cache import ResizedCache
-from image_finetune.data.decode import ImageLoader, stored_short_side
-from image_finetune.data.files import ImageFileDataset
+from image_finetune.data.decode import stored_short_side
+from image_finetune.data.files import ImageFileDataset, ImageLoader
 from image_finetune.data.scan import FolderScan, scan_image_folder, summarize, write_scan_report
 from image_finetune.data.transforms import eval_transform, train_transform
 from image_finetune.errors import ConfigError, DataError
