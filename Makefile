@@ -6,6 +6,8 @@ STAMP := $(VENV)/.install-stamp
 # torch/torchvision pinned to the releases this project is tested with; pip never picks a newer torch.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 ARGS ?=
+# e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu for CPU-only torch wheels (~0.2 GB instead of ~6 GB of CUDA)
+TORCH_INDEX ?=
 
 .PHONY: install train test test-fast benchmark clean
 
@@ -15,7 +17,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH_PINS)
+	$(BIN)/python -m pip install --quiet $(TORCH_PINS) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet -e ".[test]" $(TORCH_PINS)
 	touch $(STAMP)
 
