@@ -1,8 +1,18 @@
-"""Data modules: image folders (the product), CIFAR-10, and the offline digits demo."""
+"""Data modules: image folders (the product), CIFAR-10, the offline digits demo, and any dataset wrapped in one line."""
 
-from image_finetune.data.base import ClassificationDataModule, EpochSampler
+from image_finetune.data.base import ClassificationDataModule, EpochSampler, seeded_rngs
 from image_finetune.data.cifar10 import CIFAR10DataModule
+from image_finetune.data.datasets import DatasetDataModule, SeededDataset
 from image_finetune.data.digits import DigitsDataModule
 from image_finetune.data.imagefolder import ImageFolderDataModule
 
-__all__ = ["CIFAR10DataModule", "ClassificationDataModule", "DigitsDataModule", "EpochSampler", "ImageFolderDataModule"]
+__all__ = [
+    "CIFAR10DataModule",
+    "ClassificationDataModule",
+    "DatasetDataModule",
+    "DigitsDataModule",
+    "EpochSampler",
+    "ImageFolderDataModule",
+    "SeededDataset",
+    "seeded_rngs",
+]

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from image_finetune.data.base import seeded_rngs
 from image_finetune.data.cache import ResizedCache
 from image_finetune.data.decode import decode_rgb, to_uint8_tensor
 from image_finetune.data.scan import failure_reason
@@ -85,18 +85,8 @@ class ImageFileDataset(Dataset):
         assert self.transform is not None
         if seed is None:
             return self.transform(image)
-        py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            # torch.manual_seed would also queue seeds for CUDA/XPU/MTIA, recording a stack trace for each: ~0.5 ms a
-            # sample. Transforms in a DataLoader only draw from the CPU generator, so seed just that one.
-            torch.default_generator.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-            try:
-                return self.transform(image)
-            finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
+        with seeded_rngs(seed):
+            return self.transform(image)
 
     def _record_failure(self, path: str, error: Exception) -> None:
         if path in self._failed:
