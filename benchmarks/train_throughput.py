@@ -72,7 +72,7 @@ class Throughput(L.Callback):
         self._pause()
         self.phases.append(
             {
-                "backbone_frozen": bool(getattr(pl_module, "backbone_frozen", False)),
+                "backbone_frozen": getattr(pl_module, "trainable_stages", None) == 0,
                 "steps_timed": self.timed_steps,
                 "seconds_timed": self.elapsed,
                 "images_per_s": self.images / self.elapsed if self.images else float("nan"),
@@ -143,7 +143,7 @@ def measure(scratch: Path, warmup: int, overrides: list[str], fake_data: bool, f
     meter = Throughput(warmup)
     run.trainer.callbacks.append(meter)
     started = time.perf_counter()
-    finetune.fit(run.trainer, run.model, run.datamodule)
+    finetune.fit(run.trainer, run.model, run.datamodule, run.schedule)
     return {
         "overrides": overrides,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

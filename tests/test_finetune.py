@@ -56,7 +56,7 @@ def fit_recording(cfg: DictConfig) -> tuple[Run, RecordPhases, dict[str, torch.T
     before = snapshot(run.model._backbone.module)
     recorder = RecordPhases()
     run.trainer.callbacks.append(recorder)
-    finetune.fit(run.trainer, run.model, run.datamodule)
+    finetune.fit(run.trainer, run.model, run.datamodule, run.schedule)
     return run, recorder, before
 
 
@@ -94,7 +94,7 @@ def test_unfreeze_trains_backbone_with_named_groups_and_lr_ratio(compose_cfg, im
     assert set(groups) == {"head", "head/no_decay", "backbone", "backbone/no_decay"}
     assert groups["backbone"]["lr"] == pytest.approx(0.25 * groups["head"]["lr"])
     assert groups["backbone/no_decay"]["weight_decay"] == 0.0 and groups["backbone"]["weight_decay"] > 0
-    assert (Path(cfg.paths.output_dir) / "checkpoints" / finetune.BOUNDARY_CHECKPOINT).is_file()
+    assert (Path(cfg.paths.output_dir) / "checkpoints" / finetune.boundary_checkpoint(1)).is_file()
     metrics = (Path(cfg.paths.output_dir) / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"lr-AdamW/head", "lr-AdamW/backbone"} <= set(metrics), "LearningRateMonitor must name the groups"
 
@@ -123,7 +123,7 @@ def test_full_finetune_trains_everything_from_the_start(compose_cfg, image_folde
 )
 def test_every_scheduler_survives_the_unfreeze_and_drives_every_group(compose_cfg, image_folder, scheduler):
     run = build(folder_cfg(compose_cfg, image_folder, *scheduler))
-    finetune.fit(run.trainer, run.model, run.datamodule)
+    finetune.fit(run.trainer, run.model, run.datamodule, run.schedule)
     assert run.trainer.current_epoch == 3
     config = run.trainer.lr_scheduler_configs[0]
     optimizer = run.trainer.optimizers[0]
@@ -137,13 +137,13 @@ def test_resume_across_the_unfreeze_matches_an_uninterrupted_run(compose_cfg, im
               "callbacks.model_checkpoint.filename='e{epoch}'", "callbacks.model_checkpoint.monitor=null")
     full_dir = tmp_path / "full"
     full = build(folder_cfg(compose_cfg, image_folder, *common, output_dir=full_dir))
-    finetune.fit(full.trainer, full.model, full.datamodule)
+    finetune.fit(full.trainer, full.model, full.datamodule, full.schedule)
     expected = snapshot(full.model.net)
     for epoch in (0, 1, 2):  # frozen, boundary (last frozen epoch), unfrozen
         ckpt = full_dir / "checkpoints" / f"e{epoch}.ckpt"
         assert finetune.resume_epoch(ckpt) == epoch + 1
         resumed = build(folder_cfg(compose_cfg, image_folder, *common, output_dir=tmp_path / f"resume{epoch}"))
-        finetune.fit(resumed.trainer, resumed.model, resumed.datamodule, ckpt_path=ckpt)
+        finetune.fit(resumed.trainer, resumed.model, resumed.datamodule, resumed.schedule, ckpt_path=ckpt)
         got = snapshot(resumed.model.net)
         for key in expected:
             torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=f"resumed from epoch {epoch}: {key}")
@@ -157,7 +157,7 @@ def test_a_warm_resized_cache_trains_exactly_as_the_run_that_filled_it(compose_c
     weights = []
     for name in ("cold", "warm"):
         run = build(folder_cfg(compose_cfg, images, "data.cache=resized", "trainer.max_epochs=2", output_dir=tmp_path / name))
-        finetune.fit(run.trainer, run.model, run.datamodule)
+        finetune.fit(run.trainer, run.model, run.datamodule, run.schedule)
         weights.append(snapshot(run.model.net))
     copies = list((tmp_path / "data" / ".cache" / "resized").rglob("*.jpg"))
     assert len(copies) >= 16 + len(run.datamodule.splits["val"])  # the training batches drawn, and val
@@ -203,7 +203,7 @@ def test_checkpoint_bookkeeping_spans_the_unfreeze(compose_cfg, image_folder):
     cfg = folder_cfg(compose_cfg, image_folder, "trainer.max_epochs=3", "callbacks.model_checkpoint.save_top_k=-1",
                      "callbacks.model_checkpoint.filename='e{epoch}-{val/acc:.6f}'")
     run = build(cfg)
-    finetune.fit(run.trainer, run.model, run.datamodule)
+    finetune.fit(run.trainer, run.model, run.datamodule, run.schedule)
     ckpts = Path(cfg.paths.output_dir) / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("last*.ckpt")) == ["last.ckpt"]
     assert finetune.resume_epoch(ckpts / "last.ckpt") == 3

@@ -16,39 +16,42 @@ from image_finetune.callbacks import StoreRunConfig, summarize_run
 from image_finetune.checkpoints import resolve_ckpt_path
 from image_finetune.cli import instantiate_group, save_json, scalar_metrics, to_plain
 from image_finetune.models import ImageClassifier
+from image_finetune.schedule import FinetuneSchedule
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Run:
-    """The three objects a config describes, and the resolved config as plain data."""
+    """The objects a config describes, and the resolved config as plain data."""
 
     datamodule: L.LightningDataModule
     model: ImageClassifier
     trainer: L.Trainer
     config: dict[str, Any]
+    schedule: FinetuneSchedule
 
 
 def build(cfg: DictConfig) -> Run:
-    """Seed, then instantiate data, model, callbacks, loggers and trainer from the config."""
+    """Seed, then instantiate data, model, callbacks, loggers and trainer, and read the schedule, from the config."""
     L.seed_everything(cfg.seed, workers=True)
     plain = to_plain(cfg)
+    schedule = FinetuneSchedule.from_config(plain["finetune"])
     datamodule: L.LightningDataModule = instantiate(cfg.data)
     model: ImageClassifier = instantiate(cfg.model)
     callbacks = [*instantiate_group(cfg.get("callbacks")), StoreRunConfig(plain)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")) or False)
     for logger in trainer.loggers:
         logger.log_hyperparams(plain)
-    return Run(datamodule, model, trainer, plain)
+    return Run(datamodule, model, trainer, plain, schedule)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit (frozen phase, then unfrozen) and test; returns the final metrics, also saved as ``metrics.json``."""
+    """Fit (the phases of the fine-tuning schedule) and test; returns the final metrics, also saved as ``metrics.json``."""
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
     run = build(cfg)
     trainer = run.trainer
-    finetune.fit(trainer, run.model, run.datamodule, ckpt_path=ckpt_path)
+    finetune.fit(trainer, run.model, run.datamodule, run.schedule, ckpt_path=ckpt_path)
     metrics: dict[str, Any] = scalar_metrics(trainer.callback_metrics)
 
     if cfg.get("test") and not trainer.interrupted:

@@ -18,8 +18,9 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from image_finetune.checkpoints import read_checkpoint
 from image_finetune.errors import ConfigError, UserError
-from image_finetune.finetune import FinetuneSchedule
 from image_finetune.models.backbones import build_backbone
+from image_finetune.models.stages import stage_names, stage_of, torchvision_stages
+from image_finetune.schedule import stage_lr_ratios
 
 log = logging.getLogger(__name__)
 # Epoch metrics are computed by torchmetrics across ranks before they are logged (see _log_epoch_metrics), so
@@ -84,13 +85,19 @@ class ImageClassifier(L.LightningModule):
     ``class_names`` may be left out: the head is then sized in ``setup`` from the data module's classes, so no
     config ever hard-codes ``num_classes``. The names are stored in the checkpoint's hparams so that a checkpoint
     alone is enough to predict.
+
+    Of the fine-tuning schedule the model knows only what it acts on: ``trainable_stages`` (how many of the backbone's
+    last stages train in this fit, set by ``finetune.fit``), ``train_bn``, and each stage's LR (``backbone_lr_ratio``
+    spread over the stages by ``lr_spread``, see ``schedule.stage_lr_ratios``).
     """
 
     def __init__(
         self,
         backbone: Mapping[str, Any],
         class_names: Sequence[str] | None = None,
-        finetune: Mapping[str, Any] | None = None,
+        train_bn: bool = True,
+        backbone_lr_ratio: float = 0.1,
+        lr_spread: str = "flat",
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
         scheduler_interval: str = "step",
@@ -102,17 +109,21 @@ class ImageClassifier(L.LightningModule):
         channels_last: bool = False,
     ) -> None:
         super().__init__()
-        self.finetune = FinetuneSchedule(**dict(finetune or {}))
+        stage_lr_ratios(1, backbone_lr_ratio, lr_spread)  # a bad value fails here, with the key's name
         backbone = dict(backbone)
         self._backbone = build_backbone(
             backbone["name"], backbone.get("weights"), allow_random_init=bool(backbone.get("allow_random_init", False))
         )
+        # Stem first, last stage last (see models/stages.py): the unit of discriminative LRs and gradual unfreezing.
+        self.stages = getattr(self._backbone, "stages", ()) or torchvision_stages(self._backbone.module)
         # Plain containers only: checkpoints must load with torch.load(weights_only=True).
         self.save_hyperparameters(
             {
                 "backbone": backbone,
                 "class_names": list(class_names) if class_names is not None else None,
-                "finetune": self.finetune.as_dict(),
+                "train_bn": train_bn,
+                "backbone_lr_ratio": backbone_lr_ratio,
+                "lr_spread": lr_spread,
                 "dropout": dropout,
                 "label_smoothing": label_smoothing,
                 "upsample_to": upsample_to,
@@ -129,7 +140,8 @@ class ImageClassifier(L.LightningModule):
         self.net: ClassifierNet | None = None
         self.metrics = nn.ModuleDict()
         self.losses = nn.ModuleDict()
-        self.backbone_frozen = False
+        self.trainable_stages: int | None = None
+        """How many of the backbone's last stages train (None: all; 0: frozen); set by ``finetune.fit`` before a fit."""
         self._forward_net: Callable[[torch.Tensor], torch.Tensor] | None = None
         if class_names is not None:
             self._build_head(len(class_names))
@@ -175,26 +187,42 @@ class ImageClassifier(L.LightningModule):
         object.__setattr__(self, "_forward_net", forward_net)
 
     # ---- fine-tuning state ----------------------------------------------------------------------------------------
+    def _first_trainable_stage(self) -> int:
+        n = self.trainable_stages
+        return 0 if n is None else max(0, len(self.stages) - n)
+
+    def _stage(self, name: str) -> int:
+        """The stage of a parameter name (or ``module_name + "."``); names in no stage count as the last stage."""
+        stage = stage_of(name, self.stages)
+        return len(self.stages) - 1 if stage is None else stage
+
     def _apply_freeze(self) -> None:
-        """Apply ``backbone_frozen`` (set by ``finetune.fit`` before each fit) to the parameters and layer modes.
+        """Apply ``trainable_stages`` (set by ``finetune.fit`` before each fit) to the parameters and layer modes.
 
         Frozen weights get ``requires_grad=False``, so autograd computes no gradient for them and the optimizer (which
         holds every group from the start) skips them. With ``train_bn`` the BatchNorm layers keep training.
         """
         assert self.net is not None
-        for module in self.net.backbone.modules():
-            trainable = not self.backbone_frozen or (self.finetune.train_bn and _is_batchnorm(module))
-            for p in module.parameters(recurse=False):
-                p.requires_grad_(trainable)
+        first = self._first_trainable_stage()
+        for module_name, module in self.net.backbone.named_modules():
+            norm_trains = self.hparams.train_bn and _is_batchnorm(module)
+            for name, p in module.named_parameters(prefix=module_name, recurse=False):
+                p.requires_grad_(norm_trains or self._stage(name) >= first)
         self.train(self.training)
 
     def train(self, mode: bool = True) -> ImageClassifier:
-        """Keep frozen backbone layers in eval mode so their BatchNorm running statistics do not drift (Lightning #15062)."""
+        """Keep frozen backbone layers in eval mode so their BatchNorm running statistics do not drift (Lightning #15062).
+
+        Each module's mode is set on its own (``module.training``, not the recursive ``eval()``), so a BatchNorm inside
+        a frozen block still trains its statistics with ``train_bn``.
+        """
         super().train(mode)
-        if mode and self.backbone_frozen and self.net is not None:
-            for module in self.net.backbone.modules():
-                if not (self.finetune.train_bn and _is_batchnorm(module)):
-                    module.eval()
+        if mode and self.trainable_stages is not None and self.net is not None:
+            first = self._first_trainable_stage()
+            for module_name, module in self.net.backbone.named_modules():
+                stage = stage_of(f"{module_name}.", self.stages) if module_name else None
+                if stage is not None and stage < first and not (self.hparams.train_bn and _is_batchnorm(module)):
+                    module.training = False
         return self
 
     # ---- steps ----------------------------------------------------------------------------------------------------
@@ -256,25 +284,36 @@ class ImageClassifier(L.LightningModule):
         return self(images).softmax(dim=-1)
 
     # ---- optimisation ---------------------------------------------------------------------------------------------
-    def param_groups(self) -> list[dict[str, Any]]:
-        """Named groups ``head``, ``backbone`` (+ ``/no_decay``), all present from the first step.
+    def param_groups(self, lr: float | None = None, backbone_lr_ratio: float | None = None) -> list[dict[str, Any]]:
+        """Named groups ``head`` and ``backbone`` (one per stage, ``backbone.<stage>``, with ``lr_spread=geometric``),
+        each with a ``/no_decay`` twin, all present from the first step.
 
         The backbone groups exist even while frozen so that resuming, every LR scheduler and ``LearningRateMonitor``
-        see the same groups in every phase. Biases and norm weights (1-D tensors) get no weight decay.
+        see the same groups in every phase. Biases and norm weights (1-D tensors) get no weight decay. ``lr`` and
+        ``backbone_lr_ratio`` default to the configured ones (the LR finder sweeps them).
         """
         assert self.net is not None
-        base_lr = getattr(self.optimizer_factory, "keywords", {}).get("lr")
-        if base_lr is None:
-            raise ConfigError("model.optimizer must set lr (e.g. model.optimizer.lr=1e-3)")
-        lrs = {"head": base_lr, "backbone": base_lr * self.finetune.backbone_lr_ratio}
+        if lr is None:
+            lr = getattr(self.optimizer_factory, "keywords", {}).get("lr")
+            if lr is None:
+                raise ConfigError("model.optimizer must set lr (e.g. model.optimizer.lr=1e-3)")
+        ratio = self.hparams.backbone_lr_ratio if backbone_lr_ratio is None else backbone_lr_ratio
+        spread = self.hparams.lr_spread
+        ratios, names = stage_lr_ratios(len(self.stages), ratio, spread), stage_names(self.stages)
         groups: dict[str, dict[str, Any]] = {}
-        for part in ("head", "backbone"):
-            for p in getattr(self.net, part).parameters():
-                key = part if p.ndim > 1 else f"{part}/no_decay"
-                group = groups.setdefault(key, {"name": key, "params": [], "lr": lrs[part]})
-                if p.ndim <= 1:
-                    group["weight_decay"] = 0.0
-                group["params"].append(p)
+
+        def add(key: str, group_lr: float, p: nn.Parameter) -> None:
+            key = key if p.ndim > 1 else f"{key}/no_decay"
+            group = groups.setdefault(key, {"name": key, "params": [], "lr": group_lr})
+            if p.ndim <= 1:
+                group["weight_decay"] = 0.0
+            group["params"].append(p)
+
+        for p in self.net.head.parameters():
+            add("head", lr, p)
+        for name, p in self.net.backbone.named_parameters():
+            stage = self._stage(name)
+            add("backbone" if spread == "flat" else f"backbone.{names[stage]}", lr * ratios[stage], p)
         return list(groups.values())
 
     def configure_optimizers(self) -> Any:
@@ -307,7 +346,6 @@ class ImageClassifier(L.LightningModule):
         model = cls(
             backbone=backbone,
             class_names=hparams["class_names"],
-            finetune=hparams.get("finetune"),
             dropout=hparams.get("dropout", 0.0),
             upsample_to=hparams.get("upsample_to"),
             channels_last=hparams.get("channels_last", False),
