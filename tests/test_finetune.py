@@ -81,7 +81,10 @@ def test_train_bn_trains_only_batchnorm_while_frozen(compose_cfg, image_folder):
     other_keys = [k for k in before if not k.startswith(bn_prefixes)]
     assert bn_keys and other_keys
     assert all(torch.equal(before[k], after[k]) for k in other_keys), "non-BatchNorm backbone weights must not move"
-    assert any(not torch.equal(before[k], after[k]) for k in bn_keys if k.endswith(("weight", "running_mean")))
+    assert any(not torch.equal(before[k], after[k]) for k in bn_keys if k.endswith("weight"))
+    # BatchNorm layers inside frozen blocks run in train mode: their statistics adapt to the new data
+    stats = [k for k in bn_keys if k.endswith("running_mean")]
+    assert stats and all(not torch.equal(before[k], after[k]) for k in stats)
     assert recorder.backbone_grads == {0: False}
 
 
@@ -97,6 +100,45 @@ def test_unfreeze_trains_backbone_with_named_groups_and_lr_ratio(compose_cfg, im
     assert (Path(cfg.paths.output_dir) / "checkpoints" / finetune.boundary_checkpoint(1)).is_file()
     metrics = (Path(cfg.paths.output_dir) / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"lr-AdamW/head", "lr-AdamW/backbone"} <= set(metrics), "LearningRateMonitor must name the groups"
+
+
+class RecordStages(L.Callback):
+    """Records, at every training step, which backbone stages got gradients (BatchNorm excluded: train_bn)."""
+
+    def __init__(self) -> None:
+        self.stages_with_grads: dict[int, list[str]] = {}
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        got = set()
+        for name, module in pl_module.net.backbone.named_modules():
+            if not isinstance(module, torch.nn.BatchNorm2d) and any(p.grad is not None for p in module.parameters(recurse=False)):
+                got.add(name.split(".")[0])
+        self.stages_with_grads[trainer.current_epoch] = sorted(got)
+
+
+def test_gradual_unfreezing_trains_the_last_stages_first_with_geometric_lrs(compose_cfg, image_folder):
+    """finetune=gradual on ResNet-18 (stem, layer1..4): head only, then layer4, then layer3+4, then all; one named
+    group per stage from the first step, LRs rising geometrically from lr * ratio (stem) towards the head's."""
+    cfg = folder_cfg(compose_cfg, image_folder, "finetune=gradual", "trainer.max_epochs=4", "model.scheduler=null",
+                     "trainer.limit_train_batches=1", "trainer.limit_val_batches=1")
+    run = build(cfg)
+    recorder = RecordStages()
+    run.trainer.callbacks.append(recorder)
+    finetune.fit(run.trainer, run.model, run.datamodule, run.schedule)
+    assert recorder.stages_with_grads == {
+        0: [], 1: ["layer4"], 2: ["layer3", "layer4"], 3: ["conv1", "layer1", "layer2", "layer3", "layer4"],
+    }
+    groups = {g["name"]: g for g in run.trainer.optimizers[0].param_groups}
+    stages = ["stem", "layer1", "layer2", "layer3", "layer4"]
+    assert list(groups) == ["head", "head/no_decay", *(f"backbone.{s}{t}" for s in stages for t in ("", "/no_decay"))]
+    lr, ratio = groups["head"]["lr"], cfg.finetune.backbone_lr_ratio
+    for i, stage in enumerate(stages):  # fastai's slice(lr * ratio, lr) over 5 stages + head
+        assert groups[f"backbone.{stage}"]["lr"] == pytest.approx(lr * ratio ** (1 - i / 5))
+        assert groups[f"backbone.{stage}/no_decay"]["weight_decay"] == 0.0
+    checkpoints = Path(cfg.paths.output_dir) / "checkpoints"
+    assert [finetune.resume_epoch(checkpoints / finetune.boundary_checkpoint(k)) for k in (1, 2, 3)] == [1, 2, 3]
+    metrics = (Path(cfg.paths.output_dir) / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"lr-AdamW/head", "lr-AdamW/backbone.stem", "lr-AdamW/backbone.layer4"} <= set(metrics)
 
 
 def test_linear_probe_never_unfreezes(compose_cfg, image_folder):
@@ -131,15 +173,17 @@ def test_every_scheduler_survives_the_unfreeze_and_drives_every_group(compose_cf
     assert len(lrs) == len(optimizer.param_groups) == 4
 
 
-def test_resume_across_the_unfreeze_matches_an_uninterrupted_run(compose_cfg, image_folder, tmp_path):
-    """Checkpoints from inside the frozen phase, at the boundary, and after it all resume to the same final weights."""
-    common = ("finetune.freeze_epochs=2", "trainer.max_epochs=4", "callbacks.model_checkpoint.save_top_k=-1",
+def test_resume_across_every_unfreeze_matches_an_uninterrupted_run(compose_cfg, image_folder, tmp_path):
+    """Three phases (frozen for 2 epochs, then layer4, then everything, with geometric LRs): checkpoints from inside
+    the frozen phase and at each boundary all resume to the same final weights."""
+    common = ("finetune.freeze_epochs=2", "finetune.unfreeze=[[2,1],[3,all]]", "finetune.lr_spread=geometric",
+              "trainer.max_epochs=4", "callbacks.model_checkpoint.save_top_k=-1",
               "callbacks.model_checkpoint.filename='e{epoch}'", "callbacks.model_checkpoint.monitor=null")
     full_dir = tmp_path / "full"
     full = build(folder_cfg(compose_cfg, image_folder, *common, output_dir=full_dir))
     finetune.fit(full.trainer, full.model, full.datamodule, full.schedule)
     expected = snapshot(full.model.net)
-    for epoch in (0, 1, 2):  # frozen, boundary (last frozen epoch), unfrozen
+    for epoch in (0, 1, 2):  # frozen, boundary 1 (last frozen epoch), boundary 2 (layer4 only -> everything)
         ckpt = full_dir / "checkpoints" / f"e{epoch}.ckpt"
         assert finetune.resume_epoch(ckpt) == epoch + 1
         resumed = build(folder_cfg(compose_cfg, image_folder, *common, output_dir=tmp_path / f"resume{epoch}"))
@@ -175,13 +219,17 @@ def test_compile_gets_a_fresh_graph_after_the_unfreeze(compose_cfg, image_folder
         return real_compile(module, backend="aot_eager")  # dynamo + AOTAutograd, without a C++ toolchain run
 
     monkeypatch.setattr(torch, "compile", compile_cheaply)
-    run, recorder, before = fit_recording(
-        folder_cfg(compose_cfg, image_folder, "compile=true", "trainer.max_epochs=2", "finetune.train_bn=false")
-    )
-    assert len(compiled) == 2, "one compiled graph per phase"
-    assert recorder.backbone_grads == {0: False, 1: True}
+    cfg = folder_cfg(compose_cfg, image_folder, "compile=true", "trainer.max_epochs=3", "finetune.train_bn=false",
+                     "finetune.unfreeze=[[1,1],[2,all]]", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1")
+    run = build(cfg)
+    before = snapshot(run.model._backbone.module)
+    recorder = RecordStages()
+    run.trainer.callbacks.append(recorder)
+    finetune.fit(run.trainer, run.model, run.datamodule, run.schedule)
+    assert len(compiled) == 3, "one compiled graph per phase"
+    assert recorder.stages_with_grads == {0: [], 1: ["layer4"], 2: ["conv1", "layer1", "layer2", "layer3", "layer4"]}
     after = snapshot(run.model.net.backbone)
-    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("conv1.weight"))
+    assert not torch.equal(before["conv1.weight"], after["conv1.weight"])
     assert not [k for k in run.model.state_dict() if "_orig_mod" in k], "checkpoints must not depend on compile"
 
 

@@ -116,7 +116,9 @@ def test_ddp_sim_keeps_ranks_identical_through_the_unfreeze(tmp_path, hub_dir):
     result = run_script(
         # The default callbacks and logger: the progress bar and the TensorBoard visuals run on rank 0 only, which is
         # where a stray collective would hang (Lightning #21264).
-        "train.py", "trainer=ddp_sim", "debug=limit", "trainer.max_epochs=2", "data.num_workers=0", "data.batch_size=16",
+        # Three phases (head, then layer4, then all): DDP re-wrapped at each boundary with the new trainable set.
+        "train.py", "trainer=ddp_sim", "debug=limit", "trainer.max_epochs=3", "finetune.unfreeze=[[1,1],[2,all]]",
+        "data.num_workers=0", "data.batch_size=16",
         f"hydra.run.dir={run_dir}", f"paths.data_dir={tmp_path / 'data'}",
         env={"TORCH_HOME": str(hub_dir)}, timeout=300,  # it takes ~30 s; a hang fails here instead of stalling CI
     )
@@ -124,6 +126,8 @@ def test_ddp_sim_keeps_ranks_identical_through_the_unfreeze(tmp_path, hub_dir):
     output = result.stdout + result.stderr
     assert "epoch 0: weights identical on all 2 ranks" in output
     assert "epoch 1: weights identical on all 2 ranks" in output
-    assert "Unfreezing after epoch 1: the whole backbone train(s) from now on" in output
+    assert "epoch 2: weights identical on all 2 ranks" in output
+    assert "Unfreezing after epoch 1: the last 1 backbone stage(s) train(s) from now on" in output
+    assert "Unfreezing after epoch 2: the whole backbone train(s) from now on" in output
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["hyper_parameters"]["pretrained"] is True

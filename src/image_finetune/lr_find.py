@@ -1,0 +1,239 @@
+"""An LR finder that knows the fine-tuning schedule: ``python lr_find.py [experiment=...] [overrides]``.
+
+1. From the initial state, with the backbone frozen as in the first phase, sweep the head's LR (the backbone groups
+   follow at their configured ratios): suggests ``model.optimizer.lr``.
+2. Train the frozen phase as ``train.py`` would (at the suggested LR, or the configured one with
+   ``lr_find.train_frozen_with=configured``), then, from that state and with the next phase's stages unfrozen, keep the
+   head at that LR and sweep the backbone's: suggests ``finetune.backbone_lr_ratio``.
+
+Each sweep is an exponential ramp over ``lr_find.num_steps`` steps with fastai's smoothed loss, stopped when the loss
+diverges; the suggestion is fastai's "valley" (the middle of the longest stretch where the loss keeps falling).
+
+Why not Lightning's ``Tuner.lr_find``: it sets every param group to the same LR (``_LRFinder._exchange_scheduler``:
+``new_lrs = [lr_min] * len(param_groups)``), which discards our head/stage ratios, and it runs its own fit and restores
+a checkpoint around it, which is where it meets multi-fit schedules (Lightning #14674). A fresh ``Trainer`` per sweep
+with a small callback that sets each group's LR keeps the ratios, the device, precision and compile handling.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shlex
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from image_finetune import finetune
+from image_finetune.cli import save_json, to_plain
+from image_finetune.errors import ConfigError
+from image_finetune.models import ImageClassifier
+from image_finetune.schedule import FinetuneSchedule, Phase
+
+log = logging.getLogger(__name__)
+
+APPLIED_KEYS = ("model.optimizer.lr", "finetune.backbone_lr_ratio")
+
+
+@dataclass
+class LRSweep:
+    """The sweep's arithmetic, free of Lightning: the LR of each step, the smoothed losses, and the suggestion."""
+
+    min_lr: float = 1e-7
+    max_lr: float = 10.0
+    num_steps: int = 100
+    beta: float = 0.98  # fastai's loss smoothing
+    diverge: float = 4.0  # stop once the smoothed loss exceeds this multiple of the best so far
+    lrs: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    _average: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_lr < self.max_lr or self.num_steps < 10:
+            raise ConfigError(
+                f"lr_find: need 0 < min_lr < max_lr and num_steps >= 10, got min_lr={self.min_lr}, "
+                f"max_lr={self.max_lr}, num_steps={self.num_steps}"
+            )
+
+    def lr(self, step: int) -> float:
+        """Exponential ramp from ``min_lr`` (step 0) to ``max_lr`` (the last step)."""
+        return self.min_lr * (self.max_lr / self.min_lr) ** (step / (self.num_steps - 1))
+
+    def record(self, lr: float, loss: float) -> bool:
+        """Add one step's loss; True when the sweep is over (all steps done, or the loss diverged)."""
+        self._average = self.beta * self._average + (1 - self.beta) * loss
+        smoothed = self._average / (1 - self.beta ** (len(self.losses) + 1))
+        self.lrs.append(lr)
+        self.losses.append(smoothed)
+        return len(self.losses) >= self.num_steps or not math.isfinite(smoothed) or smoothed > self.diverge * min(self.losses)
+
+    def suggestion(self) -> float | None:
+        """fastai's valley: the LR halfway along the longest run of falling losses (None if the sweep is too short)."""
+        losses = [x if math.isfinite(x) else math.inf for x in self.losses]
+        n = len(losses)
+        if n < 5:
+            return None
+        longest = [1] * n  # longest decreasing subsequence ending at each step
+        best_end = 0
+        for i in range(1, n):
+            for j in range(i):
+                if losses[i] < losses[j] and longest[i] < longest[j] + 1:
+                    longest[i] = longest[j] + 1
+            if longest[i] > longest[best_end]:
+                best_end = i
+        start = best_end - longest[best_end] + 1
+        return self.lrs[start + (best_end - start) // 2]
+
+
+class SweepCallback(L.Callback):
+    """Sets every param group's LR from ``group_lrs(sweep_lr)`` before each step and records the loss after it."""
+
+    def __init__(self, sweep: LRSweep, group_lrs: Callable[[float], Sequence[float]]) -> None:
+        self.sweep, self.group_lrs = sweep, group_lrs
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        lr = self.sweep.lr(len(self.sweep.losses))
+        groups = trainer.optimizers[0].param_groups
+        for group, group_lr in zip(groups, self.group_lrs(lr), strict=True):
+            group["lr"] = group_lr
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = trainer.strategy.reduce(outputs["loss"].detach(), reduce_op="mean")  # every rank stops together
+        if self.sweep.record(self.sweep.lr(len(self.sweep.losses)), float(loss)):
+            trainer.should_stop = True
+
+
+def lr_find(cfg: DictConfig) -> dict[str, Any]:
+    """Run both sweeps; write ``lr_find.json`` and ``lr_find.png`` (also to TensorBoard) and print the overrides."""
+    settings = dict(to_plain(cfg.lr_find))
+    schedule = FinetuneSchedule.from_config(to_plain(cfg.finetune))
+    phases = schedule.phases()
+    out = Path(cfg.paths.output_dir)
+    datamodule: L.LightningDataModule = instantiate(cfg.data)
+    configured_lr = float(cfg.model.optimizer.lr)
+    result: dict[str, Any] = {"configured": {"model.optimizer.lr": configured_lr,
+                                             "finetune.backbone_lr_ratio": float(cfg.finetune.backbone_lr_ratio)}}
+    lr = configured_lr
+
+    def fresh_model(lr: float, scheduled: bool = False) -> ImageClassifier:
+        """The configured model at head LR ``lr``; no LR scheduler during a sweep (the sweep sets the LRs)."""
+        L.seed_everything(cfg.seed, workers=True)  # every sweep starts from the same head initialisation
+        model_cfg = OmegaConf.create(to_plain(cfg.model))
+        model_cfg.optimizer.lr = lr
+        if not scheduled:
+            model_cfg.scheduler = None
+        return instantiate(model_cfg)
+
+    model: ImageClassifier | None = None
+    if phases[0].frozen:
+        model = fresh_model(lr)
+        model.trainable_stages = 0
+        frozen = _sweep(cfg, settings, model, datamodule, lambda x: [g["lr"] for g in model.param_groups(lr=x)])
+        result["frozen"] = {"what": "model.optimizer.lr (the head's lr; backbone groups at their ratios)", **frozen}
+        if frozen["suggestion"] is not None and settings["train_frozen_with"] == "suggested":
+            lr = frozen["suggestion"]
+        if len(phases) == 1:
+            model = None  # linear probe: nothing unfreezes
+        else:
+            log.info("Training the frozen phase (epochs 0-%d) at lr=%.3g before the second sweep", phases[0].end - 1, lr)
+            model = fresh_model(lr, scheduled=True)
+            trainer = _trainer(cfg, callbacks=[])
+            finetune.fit_phase(trainer, model, datamodule, phases[0], None)
+            model.scheduler_factory = None
+            model.trainable_stages = phases[1].stages
+    else:
+        model = fresh_model(lr)
+        model.trainable_stages = phases[0].stages
+    if model is not None:
+        unfrozen_model = model
+        unfrozen = _sweep(
+            cfg, settings, unfrozen_model, datamodule,
+            lambda x: [g["lr"] for g in unfrozen_model.param_groups(lr=lr, backbone_lr_ratio=x / lr)],
+        )
+        ratio = unfrozen["suggestion"] / lr if unfrozen["suggestion"] is not None else None
+        result["unfrozen"] = {"what": f"backbone lr (stem's, = lr x backbone_lr_ratio) with the head at lr={lr:.3g}",
+                              **unfrozen, "ratio": ratio}
+    suggested = {"model.optimizer.lr": result.get("frozen", {}).get("suggestion"),
+                 "finetune.backbone_lr_ratio": result.get("unfrozen", {}).get("ratio")}
+    if not phases[0].frozen:  # finetune=full: only the second sweep, at the configured head lr
+        suggested["model.optimizer.lr"] = None
+    result["suggested"] = suggested
+    result["command"] = _command(suggested)
+    save_json(result, out / "lr_find.json")
+    _plot(result, out)
+    _report(result, out)
+    return result
+
+
+def _trainer(cfg: DictConfig, callbacks: list[L.Callback], **overrides: Any) -> L.Trainer:
+    """A Trainer of the run's kind (device, precision, strategy) that writes nothing and skips validation."""
+    return instantiate(
+        cfg.trainer, callbacks=callbacks, logger=False, enable_checkpointing=False, limit_val_batches=0,
+        num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False, **overrides,
+    )
+
+
+def _sweep(
+    cfg: DictConfig, settings: dict[str, Any], model: ImageClassifier, datamodule: L.LightningDataModule,
+    group_lrs: Callable[[float], Sequence[float]],
+) -> dict[str, Any]:
+    """One sweep in its own fit (fresh optimizer, DDP wrapper and compiled graph); the model's weights move."""
+    sweep = LRSweep(float(settings["min_lr"]), float(settings["max_lr"]), int(settings["num_steps"]))
+    trainer = _trainer(cfg, [SweepCallback(sweep, group_lrs)], max_steps=sweep.num_steps, max_epochs=-1)
+    finetune.fit_phase(trainer, model, datamodule, Phase(0, None, model.trainable_stages), None)
+    return {"suggestion": sweep.suggestion(), "lrs": sweep.lrs, "losses": sweep.losses}
+
+
+def _command(suggested: dict[str, float | None]) -> str:
+    """``python train.py`` with this run's overrides and the suggestions in place of the swept keys."""
+    try:
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:  # no Hydra context
+        overrides = []
+    keep = [o for o in overrides if not o.lstrip("+~").startswith(("lr_find.", "hydra.", *APPLIED_KEYS))]
+    applied = [f"{key}={value:.3g}" for key, value in suggested.items() if value is not None]
+    return shlex.join(["python", "train.py", *keep, *applied])
+
+
+def _plot(result: dict[str, Any], out: Path) -> None:
+    """``lr_find.png`` in the run dir and the same figure as TensorBoard image ``lr_find``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torch.utils.tensorboard import SummaryWriter
+
+    sweeps = [(name, result[name]) for name in ("frozen", "unfrozen") if name in result]
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(6 * len(sweeps), 4), squeeze=False)
+    for ax, (name, sweep) in zip(axes[0], sweeps):
+        ax.plot(sweep["lrs"], sweep["losses"])
+        ax.set_xscale("log")
+        ax.set_xlabel("backbone lr" if name == "unfrozen" else "head lr")
+        ax.set_ylabel("training loss (smoothed)")
+        ax.set_title(f"{name} phase")
+        if sweep["suggestion"] is not None:
+            ax.axvline(sweep["suggestion"], color="red", linestyle="--", label=f"suggestion {sweep['suggestion']:.2g}")
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "lr_find.png", dpi=100)
+    writer = SummaryWriter(str(out / "tensorboard"))
+    writer.add_figure("lr_find", fig)  # closes the figure
+    writer.close()
+
+
+def _report(result: dict[str, Any], out: Path) -> None:
+    lines = [f"LR finder: plot {out / 'lr_find.png'}, values {out / 'lr_find.json'}"]
+    for key, value in result["suggested"].items():
+        configured = result["configured"][key]
+        lines.append(f"  {key}: suggested {value:.3g} (configured {configured:.3g})" if value is not None else
+                     f"  {key}: no suggestion (configured {configured:.3g})")
+    lines.append(f"Train with them:\n  {result['command']}")
+    print("\n".join(lines))
+    log.info("\n".join(lines))
