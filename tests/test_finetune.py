@@ -111,7 +111,8 @@ class RecordStages(L.Callback):
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         got = set()
         for name, module in pl_module.net.backbone.named_modules():
-            if not isinstance(module, torch.nn.BatchNorm2d) and any(p.grad is not None for p in module.parameters(recurse=False)):
+            grads = any(p.grad is not None for p in module.parameters(recurse=False))
+            if grads and not isinstance(module, torch.nn.BatchNorm2d):
                 got.add(name.split(".")[0])
         self.stages_with_grads[trainer.current_epoch] = sorted(got)
 

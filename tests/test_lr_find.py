@@ -62,8 +62,8 @@ def test_a_sweep_stops_when_the_loss_diverges():
 @pytest.mark.slow
 def test_lr_find_cli_writes_the_plot_the_suggestions_and_the_command(tmp_path, hub_dir, image_folder):
     run_dir = tmp_path / "lr_find"
-    overrides = ["data=imagefolder", f"data.root={image_folder}", "trainer=cpu", "data.num_workers=0", "data.image_size=32",
-                 "data.batch_size=16", "trainer.max_epochs=2", "finetune.unfreeze=[[1,1],[2,all]]"]
+    overrides = ["data=imagefolder", f"data.root={image_folder}", "trainer=cpu", "data.num_workers=0",
+                 "data.image_size=32", "data.batch_size=16", "trainer.max_epochs=2", "finetune.unfreeze=[[1,1],[2,all]]"]
     result = subprocess.run(
         [sys.executable, "lr_find.py", *overrides, "lr_find.num_steps=12", f"hydra.run.dir={run_dir}",
          f"paths.data_dir={tmp_path / 'data'}"],
@@ -77,5 +77,6 @@ def test_lr_find_cli_writes_the_plot_the_suggestions_and_the_command(tmp_path, h
     assert 5 <= len(found["frozen"]["losses"]) <= 12 and 5 <= len(found["unfrozen"]["losses"]) <= 12
     assert (run_dir / "lr_find.png").stat().st_size > 1000
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-    command = f"python train.py {' '.join(overrides)} model.optimizer.lr={lr:.3g} finetune.backbone_lr_ratio={ratio:.3g}"
+    applied = f"model.optimizer.lr={lr:.3g} finetune.backbone_lr_ratio={ratio:.3g}"
+    command = f"python train.py {' '.join(overrides)} {applied}"
     assert command.replace("[[1,1],[2,all]]", "'[[1,1],[2,all]]'") in result.stdout

@@ -68,7 +68,8 @@ def test_the_schedule_is_a_leaf_and_no_module_imports_in_a_circle():
             a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
         }
 
-    assert imports(SRC / "schedule.py") <= {"__future__", "collections.abc", "dataclasses", "typing", "image_finetune.errors"}
+    leaf = {"__future__", "collections.abc", "dataclasses", "typing", "image_finetune.errors"}
+    assert imports(SRC / "schedule.py") <= leaf
     assert "image_finetune.finetune" not in imports(SRC / "models" / "classifier.py")
 
 

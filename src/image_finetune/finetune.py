@@ -94,7 +94,11 @@ def fit(
 
 
 def fit_phase(
-    trainer: L.Trainer, model: ImageClassifier, datamodule: L.LightningDataModule, phase: Phase, ckpt_path: str | Path | None
+    trainer: L.Trainer,
+    model: ImageClassifier,
+    datamodule: L.LightningDataModule,
+    phase: Phase,
+    ckpt_path: str | Path | None,
 ) -> bool:
     """One ``Trainer.fit`` with ``phase``'s stages trainable; True when it ran to the phase's end (not the run's)."""
     model.trainable_stages = phase.stages

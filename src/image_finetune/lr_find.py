@@ -72,7 +72,8 @@ class LRSweep:
         smoothed = self._average / (1 - self.beta ** (len(self.losses) + 1))
         self.lrs.append(lr)
         self.losses.append(smoothed)
-        return len(self.losses) >= self.num_steps or not math.isfinite(smoothed) or smoothed > self.diverge * min(self.losses)
+        diverged = not math.isfinite(smoothed) or smoothed > self.diverge * min(self.losses)
+        return diverged or len(self.losses) >= self.num_steps
 
     def suggestion(self) -> float | None:
         """fastai's valley: the LR halfway along the longest run of falling losses (None if the sweep is too short)."""
@@ -98,13 +99,15 @@ class SweepCallback(L.Callback):
     def __init__(self, sweep: LRSweep, group_lrs: Callable[[float], Sequence[float]]) -> None:
         self.sweep, self.group_lrs = sweep, group_lrs
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
         lr = self.sweep.lr(len(self.sweep.losses))
         groups = trainer.optimizers[0].param_groups
         for group, group_lr in zip(groups, self.group_lrs(lr), strict=True):
             group["lr"] = group_lr
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         loss = trainer.strategy.reduce(outputs["loss"].detach(), reduce_op="mean")  # every rank stops together
         if self.sweep.record(self.sweep.lr(len(self.sweep.losses)), float(loss)):
             trainer.should_stop = True
@@ -142,7 +145,7 @@ def lr_find(cfg: DictConfig) -> dict[str, Any]:
         if len(phases) == 1:
             model = None  # linear probe: nothing unfreezes
         else:
-            log.info("Training the frozen phase (epochs 0-%d) at lr=%.3g before the second sweep", phases[0].end - 1, lr)
+            log.info("Training the frozen phase (epochs 0-%d) at lr=%.3g for the second sweep", phases[0].end - 1, lr)
             model = fresh_model(lr, scheduled=True)
             trainer = _trainer(cfg, callbacks=[])
             finetune.fit_phase(trainer, model, datamodule, phases[0], None)

@@ -31,7 +31,9 @@ class Phase:
         return self.stages == 0
 
     def describe(self) -> str:
-        return "the whole backbone" if self.stages is None else "no backbone stage" if self.frozen else f"the last {self.stages} backbone stage(s)"
+        if self.stages is None:
+            return "the whole backbone"
+        return "no backbone stage" if self.frozen else f"the last {self.stages} backbone stage(s)"
 
 
 @dataclass(frozen=True)
@@ -81,10 +83,11 @@ class FinetuneSchedule:
         return () if self.freeze_epochs is None else ((self.freeze_epochs, None),)
 
     def phases(self) -> tuple[Phase, ...]:
-        """One ``Phase`` per ``Trainer.fit``: frozen until the first step, then one phase per step (empty ones dropped)."""
+        """One ``Phase`` per ``Trainer.fit``: frozen until the first step, then one per step (empty ones dropped)."""
         starts = [(0, 0), *self.steps()]
         ends = [epoch for epoch, _ in starts[1:]] + [None]
-        return tuple(Phase(start, end, stages) for (start, stages), end in zip(starts, ends) if end is None or end > start)
+        phases = (Phase(start, end, stages) for (start, stages), end in zip(starts, ends))
+        return tuple(phase for phase in phases if phase.end is None or phase.end > phase.start)
 
     def phase_at(self, epoch: int) -> int:
         """Index of the phase that trains ``epoch`` (a resumed run starts there)."""

@@ -211,7 +211,7 @@ class ImageClassifier(L.LightningModule):
         self.train(self.training)
 
     def train(self, mode: bool = True) -> ImageClassifier:
-        """Keep frozen backbone layers in eval mode so their BatchNorm running statistics do not drift (Lightning #15062).
+        """Keep frozen backbone layers in eval mode so their BatchNorm statistics do not drift (Lightning #15062).
 
         Each module's mode is set on its own (``module.training``, not the recursive ``eval()``), so a BatchNorm inside
         a frozen block still trains its statistics with ``train_bn``.

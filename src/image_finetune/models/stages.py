@@ -23,7 +23,8 @@ def torchvision_stages(module: nn.Module) -> Stages:
     """Stages of a headless torchvision classifier (its classifier replaced by ``nn.Identity``)."""
     if type(module).__name__ == "VisionTransformer":
         layers = [f"encoder.layers.{name}." for name, _ in module.encoder.layers.named_children()]
-        stages: list[tuple[str, ...]] = [("conv_proj.", "class_token", "encoder.pos_embedding"), *((p,) for p in layers)]
+        stem = ("conv_proj.", "class_token", "encoder.pos_embedding")
+        stages: list[tuple[str, ...]] = [stem, *((p,) for p in layers)]
     else:
         stages = []
         after_trunk = False
@@ -83,7 +84,8 @@ def _merge_norms(module: nn.Module, stages: list[tuple[str, ...]]) -> list[tuple
     for stage in stages:
         first = module.get_submodule(stage[0].rstrip("."))
         previous = module.get_submodule(merged[-1][-1].rstrip(".")) if merged else None
-        if len(stage) == 1 and _is_norm(first) and previous is not None and _is_layer(previous) and not _is_norm(previous):
+        after_layer = previous is not None and _is_layer(previous) and not _is_norm(previous)
+        if len(stage) == 1 and _is_norm(first) and after_layer:
             merged[-1] += stage
         else:
             merged.append(stage)
