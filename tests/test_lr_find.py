@@ -63,18 +63,18 @@ def test_a_sweep_stops_when_the_loss_diverges():
 def test_lr_find_cli_writes_the_plot_the_suggestions_and_the_command(tmp_path, hub_dir, image_folder):
     run_dir = tmp_path / "lr_find"
     overrides = ["data=imagefolder", f"data.root={image_folder}", "trainer=cpu", "data.num_workers=0",
-                 "data.image_size=32", "data.batch_size=16", "trainer.max_epochs=2", "finetune.unfreeze=[[1,1],[2,all]]"]
+                 "data.image_size=32", "data.batch_size=8", "trainer.max_epochs=2", "finetune.unfreeze=[[1,1],[2,all]]",
+                 f"paths.data_dir={tmp_path / 'data'}"]
     result = subprocess.run(
-        [sys.executable, "lr_find.py", *overrides, "lr_find.num_steps=12", f"hydra.run.dir={run_dir}",
-         f"paths.data_dir={tmp_path / 'data'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "TORCH_HOME": str(hub_dir)},
+        [sys.executable, "lr_find.py", *overrides, "lr_find.num_steps=10", f"hydra.run.dir={run_dir}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "TORCH_HOME": str(hub_dir)},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     found = json.loads((run_dir / "lr_find.json").read_text())
     lr, ratio = found["suggested"]["model.optimizer.lr"], found["suggested"]["finetune.backbone_lr_ratio"]
     assert 1e-7 <= lr <= 10 and ratio > 0
     assert found["frozen"]["suggestion"] == lr and found["unfrozen"]["suggestion"] == pytest.approx(ratio * lr)
-    assert 5 <= len(found["frozen"]["losses"]) <= 12 and 5 <= len(found["unfrozen"]["losses"]) <= 12
+    assert 5 <= len(found["frozen"]["losses"]) <= 10 and 5 <= len(found["unfrozen"]["losses"]) <= 10
     assert (run_dir / "lr_find.png").stat().st_size > 1000
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     applied = f"model.optimizer.lr={lr:.3g} finetune.backbone_lr_ratio={ratio:.3g}"

@@ -94,10 +94,21 @@ class LRSweep:
 
 
 class SweepCallback(L.Callback):
-    """Sets every param group's LR from ``group_lrs(sweep_lr)`` before each step and records the loss after it."""
+    """Sets every param group's LR from ``group_lrs(sweep_lr)`` before each step and records the loss after it.
 
-    def __init__(self, sweep: LRSweep, group_lrs: Callable[[float], Sequence[float]]) -> None:
-        self.sweep, self.group_lrs = sweep, group_lrs
+    ``optimizer_state`` (the frozen phase's) is loaded into the sweep's fresh optimizer first, as the real run's
+    unfrozen phase resumes it: a fresh Adam state would make the head's first steps jump and hide the backbone's
+    effect. It always fits, because every param group exists from the first step.
+    """
+
+    def __init__(
+        self, sweep: LRSweep, group_lrs: Callable[[float], Sequence[float]], optimizer_state: dict[str, Any] | None = None
+    ) -> None:
+        self.sweep, self.group_lrs, self.optimizer_state = sweep, group_lrs, optimizer_state
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.optimizer_state is not None:
+            trainer.optimizers[0].load_state_dict(self.optimizer_state)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
         lr = self.sweep.lr(len(self.sweep.losses))
@@ -135,6 +146,7 @@ def lr_find(cfg: DictConfig) -> dict[str, Any]:
         return instantiate(model_cfg)
 
     model: ImageClassifier | None = None
+    optimizer_state: dict[str, Any] | None = None
     if phases[0].frozen:
         model = fresh_model(lr)
         model.trainable_stages = 0
@@ -149,6 +161,7 @@ def lr_find(cfg: DictConfig) -> dict[str, Any]:
             model = fresh_model(lr, scheduled=True)
             trainer = _trainer(cfg, callbacks=[])
             finetune.fit_phase(trainer, model, datamodule, phases[0], None)
+            optimizer_state = trainer.optimizers[0].state_dict()
             model.scheduler_factory = None
             model.trainable_stages = phases[1].stages
     else:
@@ -159,6 +172,7 @@ def lr_find(cfg: DictConfig) -> dict[str, Any]:
         unfrozen = _sweep(
             cfg, settings, unfrozen_model, datamodule,
             lambda x: [g["lr"] for g in unfrozen_model.param_groups(lr=lr, backbone_lr_ratio=x / lr)],
+            optimizer_state,
         )
         ratio = unfrozen["suggestion"] / lr if unfrozen["suggestion"] is not None else None
         result["unfrozen"] = {"what": f"backbone lr (stem's, = lr x backbone_lr_ratio) with the head at lr={lr:.3g}",
@@ -186,10 +200,12 @@ def _trainer(cfg: DictConfig, callbacks: list[L.Callback], **overrides: Any) -> 
 def _sweep(
     cfg: DictConfig, settings: dict[str, Any], model: ImageClassifier, datamodule: L.LightningDataModule,
     group_lrs: Callable[[float], Sequence[float]],
+    optimizer_state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One sweep in its own fit (fresh optimizer, DDP wrapper and compiled graph); the model's weights move."""
     sweep = LRSweep(float(settings["min_lr"]), float(settings["max_lr"]), int(settings["num_steps"]))
-    trainer = _trainer(cfg, [SweepCallback(sweep, group_lrs)], max_steps=sweep.num_steps, max_epochs=-1)
+    callback = SweepCallback(sweep, group_lrs, optimizer_state)
+    trainer = _trainer(cfg, [callback], max_steps=sweep.num_steps, max_epochs=-1)
     finetune.fit_phase(trainer, model, datamodule, Phase(0, None, model.trainable_stages), None)
     return {"suggestion": sweep.suggestion(), "lrs": sweep.lrs, "losses": sweep.losses}
 
@@ -239,4 +255,3 @@ def _report(result: dict[str, Any], out: Path) -> None:
                      f"  {key}: no suggestion (configured {configured:.3g})")
     lines.append(f"Train with them:\n  {result['command']}")
     print("\n".join(lines))
-    log.info("\n".join(lines))
