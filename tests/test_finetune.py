@@ -221,7 +221,8 @@ def test_compile_gets_a_fresh_graph_after_the_unfreeze(compose_cfg, image_folder
 
     monkeypatch.setattr(torch, "compile", compile_cheaply)
     cfg = folder_cfg(compose_cfg, image_folder, "compile=true", "trainer.max_epochs=3", "finetune.train_bn=false",
-                     "finetune.unfreeze=[[1,1],[2,all]]", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1")
+                     "finetune.unfreeze=[[1,1],[2,all]]", "trainer.limit_train_batches=1",
+                     "trainer.limit_val_batches=1")
     run = build(cfg)
     before = snapshot(run.model._backbone.module)
     recorder = RecordStages()

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -102,7 +101,10 @@ class SweepCallback(L.Callback):
     """
 
     def __init__(
-        self, sweep: LRSweep, group_lrs: Callable[[float], Sequence[float]], optimizer_state: dict[str, Any] | None = None
+        self,
+        sweep: LRSweep,
+        group_lrs: Callable[[float], Sequence[float]],
+        optimizer_state: dict[str, Any] | None = None,
     ) -> None:
         self.sweep, self.group_lrs, self.optimizer_state = sweep, group_lrs, optimizer_state
 

@@ -47,7 +47,7 @@ def build(cfg: DictConfig) -> Run:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit (the phases of the fine-tuning schedule) and test; returns the final metrics, also saved as ``metrics.json``."""
+    """Fit (the fine-tuning schedule's phases) and test; returns the final metrics, also saved as ``metrics.json``."""
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
     run = build(cfg)
     trainer = run.trainer
