@@ -23,14 +23,23 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 import image_finetune.train as train_module
 from image_finetune.callbacks import MisclassifiedGrid, PerClassAccuracy, TrainingProgressBar
-from image_finetune.callbacks.visuals import CONFUSION_MATRIX_TAG, MISCLASSIFIED_TAG, TRAIN_IMAGES_TAG, image_grid
+from image_finetune.callbacks.progress import HPARAM_COLUMNS
+from image_finetune.callbacks.visuals import (
+    CONFUSION_MATRIX_TAG,
+    MISCLASSIFIED_TAG,
+    PHASE_TAG,
+    PHASE_TEXT_TAG,
+    TRAIN_IMAGES_TAG,
+    image_grid,
+)
 from image_finetune.train import Run, train
 from support import FAST
 
 pytestmark = pytest.mark.usefixtures("pretrained")
 
 CLASSES = ["class_0", "class_1", "class_2"]  # the image_folder fixture's
-WITH_PROGRESS_BAR = [o for o in FAST if "progress_bar" not in o]
+# the rich bar, even though pytest's stdout is not a terminal (where the bar would print plain lines instead)
+WITH_PROGRESS_BAR = [*(o for o in FAST if "progress_bar" not in o), "callbacks.progress_bar.plain=false"]
 # One fit of one epoch, no test: the cheapest run that still validates.
 CHEAP = ["finetune=full", "trainer.max_epochs=1", "test=false", *FAST]
 
@@ -61,6 +70,11 @@ def values(ea: EventAccumulator, tag: str) -> list[float]:
 
 def decode(ea: EventAccumulator, tag: str) -> list[np.ndarray]:
     return [np.asarray(Image.open(io.BytesIO(event.encoded_image_string))) for event in ea.Images(tag)]
+
+
+def plugin_text(event: Any) -> str:
+    """The string of a TensorBoard text event."""
+    return event.tensor_proto.string_val[0].decode()
 
 
 def visible_tags(ea: EventAccumulator) -> set[str]:
@@ -101,14 +115,25 @@ def test_short_run_writes_every_tag_with_sane_values(compose_cfg, image_folder, 
         assert [e.step for e in ea.Images(tag)] == val_steps
         assert all(image.shape[0] > 20 and image.std() > 1 for image in decode(ea, tag))
 
-    # The hparams tab: the resolved config and the final metrics (best val epoch and test).
+    # The hparams tab: the columns people compare (not the whole config) and the final metrics (best val epoch, test).
     plugin = hparams_data(ea)
     start, experiment = plugin["_hparams_/session_start_info"].session_start_info, plugin["_hparams_/experiment"].experiment
+    assert set(start.hparams) == set(HPARAM_COLUMNS) - {"augment"}  # every column the config has; it has no augment
     assert start.hparams["seed"].number_value == 42
-    assert start.hparams["data/image_size"].number_value == 32
-    assert start.hparams["model/backbone/name"].string_value == "resnet18"
-    assert start.hparams["data/root"].string_value == str(image_folder)
-    assert not any(key.startswith("hydra/") for key in start.hparams)
+    assert start.hparams["image_size"].number_value == 32
+    assert start.hparams["batch_size"].number_value == 16
+    assert start.hparams["backbone"].string_value == "resnet18"
+    assert start.hparams["weights"].string_value == "DEFAULT"
+    assert start.hparams["lr"].number_value == pytest.approx(cfg.model.optimizer.lr)
+    assert start.hparams["freeze_epochs"].number_value == 1 and start.hparams["train_bn"].string_value == "true"
+    assert start.hparams["precision"].string_value == "32-true" and start.hparams["max_epochs"].number_value == 2
+    assert {h.name for h in experiment.hparam_infos} == set(start.hparams)  # the columns of the table
+
+    # The unfreeze, marked: a scalar per epoch (0 frozen .. 1 unfrozen) and a text event at each phase change.
+    trainable = values(ea, PHASE_TAG)
+    assert len(trainable) == 2 and trainable[0] < 0.01 and trainable[1] == 1.0
+    texts = [plugin_text(event) for event in ea.Tensors(f"{PHASE_TEXT_TAG}/text_summary")]
+    assert len(texts) == 2 and texts[0].startswith("epoch 1: backbone frozen") and texts[1].startswith("epoch 2: backbone unfrozen")
     metric_tags = {info.name.tag for info in experiment.metric_infos}
     assert {"hparams/val/acc", "hparams/val/loss", "hparams/test/acc", "hparams/test/f1"} <= metric_tags
     assert values(ea, "hparams/test/acc") == pytest.approx([metrics["test/acc"]])
@@ -119,9 +144,12 @@ def test_short_run_writes_every_tag_with_sane_values(compose_cfg, image_folder, 
     out = capsys.readouterr().out
     assert out.count("Run summary") == 1
     assert metrics["best_checkpoint"] in out.replace("\n", "")
-    best_epoch = torch.load(metrics["best_checkpoint"], weights_only=True, mmap=True)["epoch"]
+    best_epoch = torch.load(metrics["best_checkpoint"], weights_only=True, mmap=True)["epoch"] + 1  # counted from 1
     assert f"best val (epoch {best_epoch})" in out  # the metrics shown are those of that checkpoint's epoch
-    assert f"tensorboard --logdir {Path(cfg.paths.output_dir) / 'tensorboard'}" in out
+    assert f"epoch{best_epoch:03d}-" in Path(metrics["best_checkpoint"]).name  # file names count epochs the same way
+    assert "last val (epoch 2)" in out and "test (best checkpoint)" in out
+    run_dir = Path(cfg.paths.output_dir)
+    assert f"tensorboard --logdir_spec resnet18-images-{run_dir.name}:{run_dir / 'tensorboard'}" in out
     # The progress bar: step and throughput, computed on rank 0 from batch sizes and wall time.
     run = built[0]
     bar = next(cb for cb in run.trainer.callbacks if isinstance(cb, TrainingProgressBar))
@@ -137,6 +165,7 @@ OFF_SWITCHES = {
     "misclassified": ("callbacks.misclassified=null", MISCLASSIFIED_TAG),
     "per_class_accuracy": ("callbacks.per_class_accuracy=null", "val/acc_per_class/class_0"),
     "hparams": ("callbacks.run_summary.hparams=false", "hparams-plugin:_hparams_/session_start_info"),
+    "finetune_phase": ("callbacks.finetune_phase=null", PHASE_TAG),
 }
 ALL_VISUALS = {tag for _, tag in OFF_SWITCHES.values()}
 

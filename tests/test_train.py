@@ -124,9 +124,9 @@ def test_ddp_sim_keeps_ranks_identical_through_the_unfreeze(tmp_path, hub_dir):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     output = result.stdout + result.stderr
-    assert "epoch 0: weights identical on all 2 ranks" in output
-    assert "epoch 1: weights identical on all 2 ranks" in output
+    assert "epoch 1: weights identical on all 2 ranks" in output  # epochs are counted from 1 in what a person reads
     assert "epoch 2: weights identical on all 2 ranks" in output
+    assert "epoch 3: weights identical on all 2 ranks" in output
     assert "Unfreezing after epoch 1: the last 1 backbone stage(s) train(s) from now on" in output
     assert "Unfreezing after epoch 2: the whole backbone train(s) from now on" in output
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)

@@ -103,7 +103,8 @@ def select_split(datamodule: ClassificationDataModule, split: str, data_from_com
     """The split to evaluate and its dataset (with the eval transform).
 
     ``test`` falls back to every image for a folder named on the command line (``data.root=DIR`` of class folders,
-    which then is the test set) and to ``val`` for the checkpoint's own data when it has no test split.
+    which then is the test set). The checkpoint's own data without a test split is an error, never a silent switch to
+    ``val``: the val split chose the checkpoint, so its numbers are not a test.
     """
     if split not in SPLITS:
         raise ConfigError(f"split={split!r}: choose one of {list(SPLITS)}")
@@ -113,8 +114,11 @@ def select_split(datamodule: ClassificationDataModule, split: str, data_from_com
             log.info("%s has no test split: evaluating all its images", datamodule.root)
             split = "all"
         else:
-            log.warning("the data has no test split: evaluating the val split (split=val)")
-            split = "val"
+            raise ConfigError(
+                "split=test: the checkpoint's data has no test split (its run held none out). Evaluate held-out images "
+                "with data=imagefolder data.root=DIR, or pass split=val for the validation split (which chose the "
+                "checkpoint, so it is not an independent test)."
+            )
     if split == "all":
         return split, _all_images(datamodule)
     if split not in datasets:
@@ -197,7 +201,8 @@ def plot_confusion_matrix(confusion: torch.Tensor, class_names: Sequence[str], p
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Run ``trainer.test`` on the checkpoint; write ``metrics.json`` and the per-class report in the run dir.
 
-    Returns the ``test/...`` metrics, computed exactly as training computes them.
+    Returns the metrics named after the split (``test/...``, ``val/...``, ``all/...``), computed exactly as training
+    computes them.
     """
     if not cfg.get("ckpt_path"):
         raise UserError("ckpt_path is required: python eval.py ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt")
@@ -216,7 +221,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if trainer.world_size > 1:
         raise ConfigError("eval.py runs on one device (per-image predictions need one process): use trainer.devices=1")
     trainer.test(model, datamodule=datamodule)
-    metrics = scalar_metrics(trainer.callback_metrics, ("test/",))
+    # Lightning names what trainer.test computes test/...; name it after the split it really is (val/..., all/...).
+    tested = scalar_metrics(trainer.callback_metrics, ("test/",))
+    metrics = {f"{split}/{key.removeprefix('test/')}": value for key, value in tested.items()}
     logits, targets = torch.cat(collector.logits), torch.cat(collector.targets)
     out_dir = Path(cfg.paths.output_dir)
     ids = sample_ids(datamodule.datasets["test"])[: len(targets)]  # limit_test_batches may stop early

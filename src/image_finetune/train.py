@@ -12,9 +12,17 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from image_finetune import finetune
-from image_finetune.callbacks import StoreRunConfig, summarize_run
+from image_finetune.callbacks import (
+    StoreRunConfig,
+    add_test,
+    flat_metrics,
+    run_results,
+    silence_lightning_noise,
+    summarize_run,
+)
 from image_finetune.checkpoints import resolve_ckpt_path
 from image_finetune.cli import instantiate_group, save_json, scalar_metrics, to_plain
+from image_finetune.config_checks import check_config
 from image_finetune.models import ImageClassifier
 from image_finetune.schedule import FinetuneSchedule
 
@@ -46,22 +54,44 @@ def build(cfg: DictConfig) -> Run:
     return Run(datamodule, model, trainer, plain, schedule)
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit (the fine-tuning schedule's phases) and test; returns the final metrics, also saved as ``metrics.json``."""
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit (the fine-tuning schedule's phases) and test the best checkpoint on the test split, if the data has one.
+
+    ``metrics.json`` gets the labelled record (``best``, ``last``, ``test``; see ``callbacks.run_results``), the summary
+    prints it, and the return value is the same flattened (``callbacks.flat_metrics``).
+    """
+    check_config(cfg)
+    silence_lightning_noise()
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
     run = build(cfg)
     trainer = run.trainer
     finetune.fit(trainer, run.model, run.datamodule, run.schedule, ckpt_path=ckpt_path)
-    metrics: dict[str, Any] = scalar_metrics(trainer.callback_metrics)
+    results = run_results(trainer)  # before trainer.test, which resets the trainer's metrics
 
-    if cfg.get("test") and not trainer.interrupted:
+    test: dict[str, float] | None = None
+    note = None
+    if not cfg.get("test"):
+        note = "not run (test=false)"
+    elif trainer.interrupted:
+        note = "not run (the run was interrupted)"
+    elif not _has_test_split(run.datamodule):
+        # Never test on val under the name "test": val chose the best checkpoint, so its numbers flatter the model.
+        note = "no test split (the data holds none out; validation metrics only)"
+        log.warning("%s: no test metrics. Add a test/ folder or set data.test_fraction to hold one out.", note)
+    else:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if not best:
             log.warning("No best checkpoint (checkpointing off or no validation): testing the current weights.")
-        trainer.test(run.model, datamodule=run.datamodule, ckpt_path=best or None, weights_only=True)
-        metrics.update(scalar_metrics(trainer.callback_metrics, ("test/",)))
-        metrics["best_checkpoint"] = best
+        # verbose=False: the summary below prints these numbers once, labelled, next to the val metrics.
+        trainer.test(run.model, datamodule=run.datamodule, ckpt_path=best or None, weights_only=True, verbose=False)
+        test = scalar_metrics(trainer.callback_metrics, ("test/",))
+    results = add_test(results, test, note)
     if trainer.is_global_zero:
-        save_json(metrics, Path(cfg.paths.output_dir) / "metrics.json")
-    summarize_run(trainer, run.config, metrics)
-    return metrics
+        save_json(results, Path(cfg.paths.output_dir) / "metrics.json")
+    summarize_run(trainer, run.config, results)
+    return flat_metrics(results)
+
+
+def _has_test_split(datamodule: L.LightningDataModule) -> bool:
+    has_split = getattr(datamodule, "has_split", None)
+    return has_split("test") if has_split is not None else True

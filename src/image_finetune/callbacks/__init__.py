@@ -1,19 +1,42 @@
 """Callbacks that make runs reproducible, self-describing, safe under DDP, and visible (TensorBoard, console)."""
 
 from image_finetune.callbacks.ddp import CheckWeightsInSync
-from image_finetune.callbacks.progress import RunSummary, TrainingProgressBar, summarize_run
+from image_finetune.callbacks.progress import (
+    CompactModelSummary,
+    ModelCheckpoint,
+    RunSummary,
+    TrainingProgressBar,
+    add_test,
+    flat_metrics,
+    run_results,
+    silence_lightning_noise,
+    summarize_run,
+)
 from image_finetune.callbacks.reproducibility import ReseedEveryEpoch, StoreRunConfig
-from image_finetune.callbacks.visuals import ConfusionMatrixImage, MisclassifiedGrid, PerClassAccuracy, TrainImageGrid
+from image_finetune.callbacks.visuals import (
+    ConfusionMatrixImage,
+    FinetunePhaseMarker,
+    MisclassifiedGrid,
+    PerClassAccuracy,
+    TrainImageGrid,
+)
 
 __all__ = [
     "CheckWeightsInSync",
+    "CompactModelSummary",
     "ConfusionMatrixImage",
+    "FinetunePhaseMarker",
     "MisclassifiedGrid",
+    "ModelCheckpoint",
     "PerClassAccuracy",
     "ReseedEveryEpoch",
     "RunSummary",
     "StoreRunConfig",
     "TrainImageGrid",
     "TrainingProgressBar",
+    "add_test",
+    "flat_metrics",
+    "run_results",
+    "silence_lightning_noise",
     "summarize_run",
 ]

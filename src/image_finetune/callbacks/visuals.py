@@ -169,6 +169,17 @@ def class_names(trainer: L.Trainer, pl_module: L.LightningModule, num_classes: i
     return names
 
 
+def phase_name(pl_module: L.LightningModule) -> str:
+    """``frozen``, ``unfrozen`` or ``last 2/5 stages``: how much of the backbone the schedule trains in this fit
+    (the model's ``trainable_stages``: 0 frozen, None all; "" for a module without one)."""
+    if not hasattr(pl_module, "trainable_stages"):
+        return ""
+    n, stages = pl_module.trainable_stages, len(getattr(pl_module, "stages", ()) or ())
+    if n is None or (stages and n >= stages):
+        return "unfrozen"
+    return "frozen" if n == 0 else f"last {n}/{stages} stages"
+
+
 def log_step(trainer: L.Trainer) -> int:
     """The step Lightning itself logs at, so our points line up with ``val/acc`` & co. in TensorBoard.
 
@@ -285,7 +296,7 @@ class ConfusionMatrixImage(_ValidationAccumulator):
         if not trainer.is_global_zero:
             return
         names = class_names(trainer, pl_module, matrix.shape[0])
-        fig = confusion_matrix_figure(matrix, names, title=f"validation, epoch {trainer.current_epoch}")
+        fig = confusion_matrix_figure(matrix, names, title=f"validation, epoch {trainer.current_epoch + 1}")
         _add_image(trainer, CONFUSION_MATRIX_TAG, render_figure(fig))
 
 
@@ -384,7 +395,7 @@ class MisclassifiedGrid(_ValidationAccumulator):
         order = state["score"].argsort(descending=True)[: self.max_images]
         order = order[state["score"][order] >= 0].cpu()
         if len(order) == 0:
-            message = f"epoch {trainer.current_epoch}: no misclassified validation images"
+            message = f"epoch {trainer.current_epoch + 1}: no misclassified validation images"
             _add_image(trainer, MISCLASSIFIED_TAG, message_image(message))
             return
         names = class_names(trainer, pl_module)
@@ -395,3 +406,41 @@ class MisclassifiedGrid(_ValidationAccumulator):
         colours = [WRONG_COLOUR] * len(captions)
         grid = image_grid(state["images"][order], captions, columns=self.columns, cell=self.cell, caption_colours=colours)
         _add_image(trainer, MISCLASSIFIED_TAG, grid)
+
+
+# ---- the fine-tuning phase ------------------------------------------------------------------------------------------
+PHASE_TAG = "finetune/backbone_trainable"
+PHASE_TEXT_TAG = "finetune/phase"
+
+
+class FinetunePhaseMarker(L.Callback):
+    """Marks the unfreeze in TensorBoard, so a jump in the curves can be read against it.
+
+    Each training epoch logs ``finetune/backbone_trainable``: the fraction of backbone parameters that train in it (0
+    while frozen, up to a few % with ``train_bn``; 1 once unfrozen; in between for a partial unfreeze). Whenever the
+    phase changes (and at the first epoch) a text event ``finetune/phase`` in the TEXT tab says which epoch (counted
+    from 1) starts which phase. Rank 0 only, to every logger for the scalar; the text needs TensorBoard.
+    """
+
+    def __init__(self) -> None:
+        self._last: str | None = None
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        net = getattr(pl_module, "net", None)
+        backbone = getattr(net, "backbone", None)
+        if backbone is None:
+            return
+        sizes = [(p.numel(), p.requires_grad) for p in backbone.parameters()]
+        total = sum(n for n, _ in sizes)
+        fraction = sum(n for n, trains in sizes if trains) / total if total else 0.0
+        step = log_step(trainer)
+        for logger in trainer.loggers:
+            logger.log_metrics({PHASE_TAG: fraction}, step=step)
+        phase = f"backbone {phase_name(pl_module) or ('frozen' if fraction < 0.5 else 'unfrozen')}"
+        tb = tensorboard_logger(trainer)
+        if phase != self._last and tb is not None:
+            text = f"epoch {trainer.current_epoch + 1}: {phase} ({fraction:.1%} of backbone parameters train)"
+            tb.experiment.add_text(PHASE_TEXT_TAG, text, global_step=step)
+        self._last = phase

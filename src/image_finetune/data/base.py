@@ -165,8 +165,13 @@ class ClassificationDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
 
+    def has_split(self, split: str) -> bool:
+        """Whether ``setup`` made ``split``. Without a test split there are no test numbers: the val split chose the
+        best checkpoint, so reporting it as "test" would overstate how well the model generalises."""
+        return split in self.datasets
+
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test" if "test" in self.datasets else "val")
+        return self._loader("test")
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()

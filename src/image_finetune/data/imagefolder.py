@@ -22,7 +22,6 @@ from typing import Literal
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
 
 from image_finetune.atomic import atomic_write_text
 from image_finetune.data.base import ClassificationDataModule
@@ -43,6 +42,12 @@ CACHE_MODES: tuple[CacheMode, ...] = (None, "auto", "resized")
 # training reads: a 1600x1200 photo cached at 256 px decodes ~6x faster; a 500x375 one would gain nothing.
 AUTO_CACHE_MIN_SHRINK = 2
 AUTO_CACHE_PROBE = 32  # training images whose headers decide data.cache=auto
+# data.test_fraction=auto holds out this fraction of each class as a test split when every class of the pool being split
+# has at least AUTO_TEST_MIN_IMAGES images (then each class keeps >= 2 test, >= 2 val and >= 6 training images);
+# otherwise there is no test split, and the run says so instead of reporting the validation split as "test".
+AUTO_TEST_FRACTION = 0.15
+AUTO_TEST_MIN_IMAGES = 10
+TestFraction = float | Literal["auto"]
 
 
 class ImageFolderDataModule(ClassificationDataModule):
@@ -58,7 +63,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         batch_size: int = 64,
         num_workers: int | None = None,
         val_fraction: float = 0.15,
-        test_fraction: float = 0.0,
+        test_fraction: TestFraction = "auto",
         seed: int = 42,
         crop_scale: Sequence[float] = (0.08, 1.0),
         crop_ratio: float = 0.875,
@@ -72,7 +77,10 @@ class ImageFolderDataModule(ClassificationDataModule):
         persistent_workers: bool = True,
     ) -> None:
         super().__init__(batch_size, num_workers, seed, pin_memory, persistent_workers)
-        if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        if isinstance(test_fraction, str) and test_fraction != "auto":
+            raise ConfigError(f"data.test_fraction={test_fraction!r}: use auto or a fraction in [0, 1), e.g. 0.15 (0: no test split)")
+        largest_test = AUTO_TEST_FRACTION if test_fraction == "auto" else float(test_fraction)
+        if not 0 <= val_fraction < 1 or not 0 <= largest_test < 1 or val_fraction + largest_test >= 1:
             raise ConfigError(f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must be in [0, 1) and sum to < 1")
         if cache not in CACHE_MODES:
             raise ConfigError(
@@ -93,7 +101,6 @@ class ImageFolderDataModule(ClassificationDataModule):
         self.manifest_path = Path(manifest_path) if manifest_path else None
         self.report_path = Path(report_path) if report_path else None
         self.splits: dict[str, Samples] = {}
-        self._original_loader: ImageLoader | None = None  # reads the source files (set with the datasets)
         if not self.root_created_by_prepare_data:
             self._check_root()  # fail before anything slow (weight download, worker start-up) happens
 
@@ -119,13 +126,32 @@ class ImageFolderDataModule(ClassificationDataModule):
                         "Every split needs the same class folders."
                     )
             splits = {split: list(scan.samples) for split, scan in scans.items()}
-            if "val" not in splits:
-                held_out = self._stratified_split(splits["train"], [self.val_fraction or 0.15], ["val"], classes)
-                splits.update(held_out)
+            # What train/ must give up: val when there is no val/ folder, test when there is no test/ folder.
+            names = [name for name in ("val", "test") if name not in splits]
+            fractions = {"val": self.val_fraction or 0.15, "test": self._test_fraction(splits["train"], classes, "train/")}
+            if any(fractions[name] > 0 for name in names):
+                splits.update(self._stratified_split(splits["train"], [fractions[name] for name in names], names, classes))
             return classes, splits, scans
         scan = self._scan(self.root)
-        fractions = [self.val_fraction, self.test_fraction]
+        fractions = [self.val_fraction, self._test_fraction(scan.samples, scan.classes, "data.root")]
         return scan.classes, self._stratified_split(list(scan.samples), fractions, ["val", "test"], scan.classes), {"all": scan}
+
+    def _test_fraction(self, pool: Samples, classes: list[str], where: str) -> float:
+        """``data.test_fraction``, with ``auto`` resolved for ``pool``: AUTO_TEST_FRACTION when every class has at
+        least AUTO_TEST_MIN_IMAGES images, else 0, logged plainly (the run then has no test split and reports none)."""
+        if self.test_fraction != "auto":
+            return float(self.test_fraction)
+        counts = Counter(label for _, label in pool)
+        smallest = min(range(len(classes)), key=lambda label: counts[label], default=None)
+        if smallest is None or counts[smallest] >= AUTO_TEST_MIN_IMAGES:
+            return AUTO_TEST_FRACTION
+        log.warning(
+            "no test split: class %r in %s has only %d image(s) (data.test_fraction=auto holds out %d%% of each class "
+            "for testing when every class has at least %d). The run reports validation metrics only; add a test/ "
+            "folder or set data.test_fraction to hold one out anyway.",
+            classes[smallest], where, counts[smallest], round(AUTO_TEST_FRACTION * 100), AUTO_TEST_MIN_IMAGES,
+        )  # fmt: skip
+        return 0.0
 
     def _stratified_split(self, samples: Samples, fractions: list[float], names: list[str], classes: list[str]) -> dict[str, Samples]:
         """Hold out ``fractions`` of each class (at least one image per class per held-out split)."""
@@ -197,9 +223,8 @@ class ImageFolderDataModule(ClassificationDataModule):
         short_side = round(self.image_size / self.crop_ratio)
         original = ImageLoader(min_size=short_side)
         cache = self._resized_cache(short_side, verbose)
-        # The cache serves the splits read every epoch. The test split (or val, when it stands in for a missing test
-        # split: see test_dataloader) is read from the original files, so its numbers are exactly what eval.py,
-        # predict.py and the exported models compute.
+        # The cache serves the splits read every epoch. The test split is read from the original files, so its
+        # numbers are exactly what eval.py, predict.py and the exported models compute.
         loaders = {"train": ImageLoader(min_size=short_side, cache=cache) if cache else original}
         loaders["val"] = loaders["train"]
         train_tf = train_transform(self.image_size, self.crop_scale, self.hflip)
@@ -208,16 +233,8 @@ class ImageFolderDataModule(ClassificationDataModule):
             split: ImageFileDataset(items, train_tf if split == "train" else eval_tf, loaders.get(split, original))
             for split, items in self.splits.items()
         }
-        self._original_loader = original
         if self.balance:
             self.sample_weights = balanced_weights([label for _, label in self.splits["train"]], len(self.class_names))
-
-    def test_dataloader(self) -> DataLoader:
-        """Without a test split the final numbers come from val, read as a test split is: from the original files."""
-        val = self.datasets.get("val")
-        if "test" in self.datasets or not isinstance(val, ImageFileDataset) or self._original_loader is None:
-            return super().test_dataloader()
-        return self._loader("val", dataset=ImageFileDataset(val.samples, val.transform, self._original_loader))
 
     def _resized_cache(self, short_side: int, verbose: bool) -> ResizedCache | None:
         """The cache for ``data.cache``; ``auto`` decides from the headers of a seeded sample of training images."""

@@ -60,7 +60,7 @@ REASON_KINDS = (
     TRUNCATED, TOO_LARGE, UNREADABLE, BROKEN_SYMLINK, DUPLICATE, NO_USABLE_IMAGES,
 )  # fmt: skip
 
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: images over Pillow's pixel limit are left out
 
 
 @dataclass(frozen=True)
@@ -106,11 +106,27 @@ def check_image(path: str) -> str | None:
             im = Image.open(f)
             if im.format not in ACCEPTED_FORMATS:
                 return f"{UNSUPPORTED_FORMAT}: {im.format}"
+            if (over := over_pixel_limit(im.size)) is not None:
+                return over
             to_rgb(im, min_size=1)
     except Exception as e:  # any exception from a decoder means "cannot train on this file"
         reason = failure_reason(e)
         return TRUNCATED if reason.startswith(UNREADABLE) and _is_cut_webp(path) else reason
     return None
+
+
+def over_pixel_limit(size: tuple[int, int]) -> str | None:
+    """The reason an image of ``size`` is left out when it has more pixels than Pillow's limit, else None.
+
+    Pillow only warns between ``Image.MAX_IMAGE_PIXELS`` (89.5 Mpx) and twice that, and decodes the image anyway:
+    such a file would be decoded in full every epoch (a 100 Mpx PNG takes seconds and ~300 MB), so the scan leaves it
+    out, from the header alone. Raise ``PIL.Image.MAX_IMAGE_PIXELS`` to train on such images on purpose.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = size
+    if limit is None or width * height <= limit:
+        return None
+    return f"{TOO_LARGE}: {width}x{height} = {width * height / 1e6:.1f} Mpx, over Pillow's limit of {limit / 1e6:.1f} Mpx"
 
 
 def _is_cut_webp(path: str) -> bool:

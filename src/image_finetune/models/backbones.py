@@ -124,8 +124,9 @@ def build_backbone(name: str, weights: str | None = "DEFAULT", *, allow_random_i
         assert enum is not None  # without weights nothing is downloaded
         target = _hub_file(enum)
         message = (
-            f"could not load pretrained weights {name}/{enum.name} ({err}). If this machine is offline, download "
-            f"{enum.url} elsewhere and put it at {target} (or set TORCH_HOME), or pass model.backbone.weights=PATH."
+            f"could not load pretrained weights {name}/{enum.name} ({err}). If this machine is offline, either "
+            f"download {enum.url} elsewhere and put it at {target} (or pass the file: model.backbone.weights=PATH), "
+            "or train from random initialisation with model.backbone.weights=null."
         )
         if not allow_random_init:
             raise ConfigError(message) from err

@@ -1,0 +1,66 @@
+"""Config values checked before anything heavy is imported or built, each with a one-line message that names the key
+and says the fix (instead of a traceback from deep inside torch, Lightning or omegaconf minutes later).
+
+Import-light on purpose (omegaconf and ``image_finetune.errors`` only), so an entry point can call ``check_config``
+before it imports torch: a typo then costs a second, not the ~6 s of imports plus the data scan.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from image_finetune.errors import ConfigError
+
+GPU_ACCELERATORS = ("gpu", "cuda")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise ``ConfigError`` for the first value that cannot work; return quietly otherwise."""
+    data = cfg.get("data")
+    if data is not None:
+        _check_data(data)
+    trainer = cfg.get("trainer")
+    if trainer is not None:
+        _check_trainer(trainer)
+
+
+def _check_data(data: DictConfig) -> None:
+    if "root" in data and OmegaConf.is_missing(data, "root"):
+        raise ConfigError(
+            "data.root is not set: point it at your images, e.g. data.root=~/pets (a folder of class folders, or of "
+            "train/ val/ [test/] class folders)"
+        )
+    for key, example in (("batch_size", 64), ("image_size", 224)):
+        value = data.get(key) if not OmegaConf.is_missing(data, key) else None
+        if isinstance(value, bool) or (value is not None and not isinstance(value, int)):
+            raise ConfigError(f"data.{key}={value!r} must be a whole number, e.g. data.{key}={example}")
+        if value is not None and value <= 0:
+            what = "images per batch (per device)" if key == "batch_size" else "pixels (the side of the square input)"
+            raise ConfigError(f"data.{key}={value} must be a positive number of {what}, e.g. data.{key}={example}")
+
+
+def _check_trainer(trainer: DictConfig) -> None:
+    accelerator = trainer.get("accelerator")
+    if isinstance(accelerator, str) and accelerator.lower() in GPU_ACCELERATORS and not gpu_available():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} (trainer=gpu/ddp) but this machine has no usable CUDA GPU: "
+            "use trainer=cpu (or trainer=default, which picks what there is)"
+        )
+
+
+def gpu_available() -> bool:
+    """Whether a CUDA GPU is usable: torch's answer when torch is already imported, else what the OS shows (the NVIDIA
+    driver's device files), so the check stays cheap before the heavy imports."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return bool(torch.cuda.is_available())
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    if sys.platform != "linux":
+        return True  # no cheap probe: let Lightning decide
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return (gpus.is_dir() and any(gpus.iterdir())) or any(Path("/dev").glob("nvidia[0-9]*"))
