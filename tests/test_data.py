@@ -210,18 +210,6 @@ def test_auto_cache_keeps_small_copies_of_large_images_for_train_and_val(tmp_pat
         assert entry.size == (18, 18)
 
 
-def test_val_standing_in_for_a_missing_test_split_is_tested_on_the_original_files(tmp_path):
-    large = make_image_folder(tmp_path / "large", size=48)
-    dm = folder_module(large, tmp_path, val_fraction=0.25)  # no test split: the final test runs on val
-    dm.setup("fit")
-    tested = [images for images, _ in dm.test_dataloader()]
-    assert sum(len(batch) for batch in tested) == len(dm.splits["val"])
-    assert cache_entries(tmp_path) == [], "read like a test split: from the originals"
-    validated = [images for images, _ in dm.val_dataloader()]
-    assert len(cache_entries(tmp_path)) == len(dm.splits["val"])  # validation during training reads the copies
-    assert all(a.shape == b.shape for a, b in zip(tested, validated))
-
-
 def test_auto_cache_reads_small_images_directly(image_folder, tmp_path):
     dm = folder_module(image_folder, tmp_path)  # 24 px images: a copy at 18 px would save nothing
     dm.setup("fit")
@@ -236,3 +224,40 @@ def test_resized_cache_serves_small_copies(image_folder, tmp_path):
     batch, _ = next(iter(dm.val_dataloader()))
     cached = list((tmp_path / "cache" / "resized").rglob("*.*"))
     assert batch.shape[-2:] == (8, 8) and len(cached) == len(batch)
+
+
+def test_test_fraction_auto_holds_out_a_test_split_when_every_class_has_10_images(image_folder, tmp_path):
+    dm = folder_module(image_folder, tmp_path)  # 12 images per class; data.test_fraction defaults to auto
+    dm.setup("fit")
+    assert {split: len(items) for split, items in dm.splits.items()} == {"train": 24, "val": 6, "test": 6}
+    assert dm.has_split("test")
+
+
+def test_test_fraction_auto_says_plainly_there_is_no_test_split_when_a_class_is_small(tmp_path, caplog):
+    root = make_image_folder(tmp_path / "data", per_class=12)
+    for extra in sorted((root / "class_1").iterdir())[9:]:
+        extra.unlink()  # class_1 keeps 9 images
+    dm = folder_module(root, tmp_path)
+    dm.setup("fit")
+    assert set(dm.splits) == {"train", "val"} and not dm.has_split("test")
+    assert "no test split: class 'class_1' in data.root has only 9 image(s)" in caplog.text
+    with pytest.raises(RuntimeError, match="no 'test' split"):  # never the val split under the name test
+        dm.test_dataloader()
+    explicit = folder_module(root, tmp_path / "explicit", test_fraction=0.15, manifest_path=None)
+    explicit.setup("fit")
+    assert len(explicit.splits["test"]) == 2 + 1 + 2  # a number is honoured as given (15% of 12, 9, 12)
+
+
+def test_train_folder_without_test_folder_gives_up_a_test_split_too(tmp_path):
+    root = tmp_path / "data"
+    make_image_folder(root / "train", per_class=20)
+    make_image_folder(root / "val", per_class=3, seed=1)
+    dm = folder_module(root, tmp_path)
+    dm.setup("fit")
+    assert {split: len(items) for split, items in dm.splits.items()} == {"train": 51, "val": 9, "test": 9}
+    assert all("/train/" in path for path, _ in dm.splits["test"]) and all("/val/" in path for path, _ in dm.splits["val"])
+
+
+def test_test_fraction_must_be_auto_or_a_fraction(image_folder, tmp_path):
+    with pytest.raises(ConfigError, match=r"data.test_fraction='most': use auto or a fraction"):
+        folder_module(image_folder, tmp_path, test_fraction="most")

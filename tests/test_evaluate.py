@@ -161,3 +161,17 @@ def test_a_stored_data_config_writes_nothing_where_the_checkpoint_says(trained, 
     cfg = compose_cfg(f"ckpt_path={crafted}", config_name="eval", output_dir=tmp_path / "eval")
     data = data_config(cfg, str(crafted))
     assert data.report_path is None and data.cache_dir == cfg.paths.cache_dir and data.root == stored["root"]
+
+
+def test_split_test_without_a_test_split_is_an_error_never_val_under_the_name_test(tmp_path):
+    from image_finetune.data import ImageFolderDataModule
+    from image_finetune.errors import ConfigError
+    from image_finetune.evaluate import select_split
+    from support import make_image_folder
+
+    images = make_image_folder(tmp_path / "few", per_class=4)
+    dm = ImageFolderDataModule(images, image_size=16, num_workers=0, cache_dir=tmp_path / "cache", test_fraction=0)
+    dm.setup("test")
+    with pytest.raises(ConfigError, match=r"split=test: the checkpoint's data has no test split.*split=val"):
+        select_split(dm, "test", data_from_command_line=False)
+    assert select_split(dm, "val", data_from_command_line=False)[0] == "val"

@@ -160,7 +160,26 @@ def test_decompression_bomb_limit_follows_pillow_setting(tmp_path: Path, monkeyp
     root = small_folder(tmp_path / "d")
     save(photo().resize((200, 100)), root / "a" / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5_000)  # 200x100 = 20,000 > 2 x 5,000
-    assert dict(scan_image_folder(root).skipped) == {str(root / "a" / "big.png"): "too large (decompression bomb)"}
+    (reason,) = dict(scan_image_folder(root).skipped).values()
+    assert reason_kind(reason) == "too large (decompression bomb)"
+
+
+def test_an_image_over_pillows_pixel_limit_is_left_out_and_reported_not_decoded_every_epoch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = small_folder(tmp_path / "d")
+    save(photo().resize((200, 100)), root / "a" / "big.png")
+    # 20,000 px is 1.3x the limit: Pillow itself only warns there (DecompressionBombWarning) and decodes it anyway
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 15_000)
+    decoded: list[object] = []
+    monkeypatch.setattr(scan_mod, "to_rgb", lambda im, **kw: decoded.append(im))
+    scan = scan_image_folder(root, num_workers=0)
+    reason = dict(scan.skipped)[str(root / "a" / "big.png")]
+    assert reason == "too large (decompression bomb): 200x100 = 20,000 px, over PIL.Image.MAX_IMAGE_PIXELS = 15,000"
+    assert len(decoded) == 6 and scan.class_counts() == {"a": 3, "b": 3}  # decided from the header: never decoded
+    report = tmp_path / "report.tsv"
+    write_scan_report({"all": scan}, report)
+    assert "big.png\ttoo large (decompression bomb)" in report.read_text()
 
 
 class CountingCheck:

@@ -74,6 +74,8 @@ def test_non_demo_runs_stop_when_weights_cannot_be_had(compose_cfg, offline_hub,
     err = info.value.__cause__ if not isinstance(info.value, ConfigError) else info.value
     assert isinstance(err, ConfigError)
     assert "resnet50-" in str(err) and str(offline_hub / "hub" / "checkpoints") in str(err)
+    # both ways out: a local file, or random initialisation
+    assert "model.backbone.weights=PATH" in str(err) and "model.backbone.weights=null" in str(err)
 
 
 def test_eval_reproduces_the_test_metrics_of_training(compose_cfg, pretrained, image_folder, tmp_path):

@@ -29,7 +29,7 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def _check_data(data: DictConfig) -> None:
-    if "root" in data and OmegaConf.is_missing(data, "root"):
+    if OmegaConf.is_missing(data, "root"):  # (``"root" in data`` is False for a ``???`` value)
         raise ConfigError(
             "data.root is not set: point it at your images, e.g. data.root=~/pets (a folder of class folders, or of "
             "train/ val/ [test/] class folders)"

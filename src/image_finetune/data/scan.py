@@ -126,7 +126,7 @@ def over_pixel_limit(size: tuple[int, int]) -> str | None:
     width, height = size
     if limit is None or width * height <= limit:
         return None
-    return f"{TOO_LARGE}: {width}x{height} = {width * height / 1e6:.1f} Mpx, over Pillow's limit of {limit / 1e6:.1f} Mpx"
+    return f"{TOO_LARGE}: {width}x{height} = {width * height:,} px, over PIL.Image.MAX_IMAGE_PIXELS = {limit:,}"
 
 
 def _is_cut_webp(path: str) -> bool:
