@@ -9,7 +9,7 @@ ARGS ?=
 # e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu for CPU-only torch wheels (~0.2 GB instead of ~6 GB of CUDA)
 TORCH_INDEX ?=
 
-.PHONY: install train test test-fast benchmark clean
+.PHONY: install train test test-fast benchmark notebooks clean
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ test-fast: install
 
 benchmark: install
 	$(BIN)/python benchmarks/data_pipeline.py $(ARGS)
+
+# JupyterLab (the `notebooks` extra, installed on first use) on notebooks/.
+notebooks: install
+	$(BIN)/python -c "import jupyterlab" 2>/dev/null || $(BIN)/python -m pip install --quiet -e ".[notebooks]" $(TORCH_PINS)
+	$(BIN)/jupyter lab notebooks/ $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
