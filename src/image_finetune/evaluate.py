@@ -50,6 +50,8 @@ def data_config(cfg: DictConfig, ckpt_path: str) -> DictConfig:
     """
     if cfg.get("data") is not None:
         data = OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=True))  # a copy: cfg stays as the user gave it
+        if data.get("test_fraction") == "auto":
+            data.test_fraction = 0  # a folder named for evaluation is held out whole (its test/ folder, if any, counts)
     else:
         stored = run_config(ckpt_path).get("data")
         if not stored:

@@ -357,6 +357,8 @@ def run_results(trainer: L.Trainer) -> dict[str, Any]:
         "test": None,
         "test_note": "not run",
     }
+    if last and last["epoch"] + 1 != trainer.current_epoch:  # validation did not run in the last epoch
+        results["last"]["val_epoch"] = last["epoch"] + 1
     return results
 
 
@@ -405,8 +407,8 @@ def hparam_columns(config: Mapping[str, Any], columns: Mapping[str, str] = HPARA
             continue
         if isinstance(value, Mapping):  # a config group (e.g. augment): its target or name says which
             value = value.get("name") or str(value.get("_target_", "")).rsplit(".", 1)[-1] or str(value)
-        if isinstance(value, bool):  # torch's hparams writer would store a bool as the number 1/0
-            value = str(value).lower()
+        if isinstance(value, bool) or value is None:  # torch's writer would store a bool as 1/0; None as "None"
+            value = "null" if value is None else str(value).lower()
         params[column] = value if isinstance(value, (int, float, str)) else str(value)
     return params
 
@@ -477,7 +479,7 @@ def _render(summary: Mapping[str, Any], config: Mapping[str, Any], interrupted: 
     best, last = summary["best"], summary["last"]
     table.add_row("best checkpoint", Text(best["checkpoint"] or "none (no checkpoint was saved)"))
     table.add_row(f"best val (epoch {best['epoch']})" if best["epoch"] else "best val", _metrics_text(best["val"]))
-    table.add_row(f"last val (epoch {last['epoch']})", _metrics_text(last["val"]))
+    table.add_row(f"last val (epoch {last.get('val_epoch', last['epoch'])})", _metrics_text(last["val"]))
     test = summary.get("test")
     table.add_row("test (best checkpoint)" if test else "test", _metrics_text(test) if test else summary.get("test_note", "not run"))
     output_dir = (config.get("paths") or {}).get("output_dir")
