@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import FAST
 
 from image_finetune.config_checks import check_config
 from image_finetune.errors import ConfigError
 from image_finetune.train import train
-from support import FAST
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["data.batch_size=0"], r"^data.batch_size=0 must be a positive number of images per batch .*data.batch_size=64$"),
+        (["data.batch_size=0"], r"^data.batch_size=0 must be a positive number of images per batch .*=64$"),
         (["data.batch_size=-8"], r"^data.batch_size=-8 must be a positive number"),
         (["data.image_size=0"], r"^data.image_size=0 must be a positive number of pixels .*data.image_size=224$"),
         (["data.image_size=big"], r"^data.image_size='big' must be a whole number, e.g. data.image_size=224$"),

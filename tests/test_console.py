@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import FAST, make_image_folder
 
 from image_finetune.train import train
-from support import FAST, make_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 2
@@ -92,7 +92,8 @@ def test_metrics_json_and_the_summary_report_best_last_and_test_under_their_name
     saved = json.loads((run_dir / "metrics.json").read_text())
     assert set(saved) == {"epochs_counted_from", "best", "last", "test"}
     assert saved["best"]["monitor"] == "val/acc"
-    val_accs = [float(line.split(" acc ")[2].split()[0]) for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    epoch_lines = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
+    val_accs = [float(line.split(" acc ")[2].split()[0]) for line in epoch_lines]
     assert max(val_accs) == pytest.approx(saved["best"]["val"]["acc"], abs=5e-5)  # best = the best epoch by val/acc
     last_line = [line for line in result.stdout.splitlines() if line.startswith("epoch ")][-1]
     assert f"val loss {saved['last']['val']['loss']:.4f} acc {saved['last']['val']['acc']:.4f}" in last_line

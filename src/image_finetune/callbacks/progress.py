@@ -84,7 +84,7 @@ _noise_filter = _DropNoise()
 
 
 def silence_lightning_noise() -> None:
-    """Drop the lines in ``_NOISE_LOG_PREFIXES`` / ``_NOISE_WARNINGS``; everything else Lightning says stays. Idempotent."""
+    """Drop the lines in ``_NOISE_LOG_PREFIXES`` / ``_NOISE_WARNINGS``; all else Lightning says stays. Idempotent."""
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
         if _noise_filter not in logger.filters:
@@ -93,7 +93,7 @@ def silence_lightning_noise() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
-# ---- epoch numbering --------------------------------------------------------------------------------------------------
+# ---- epoch numbering ------------------------------------------------------------------------------------------------
 class ModelCheckpoint(LightningModelCheckpoint):
     """Lightning's ``ModelCheckpoint`` with ``{epoch}`` in file names counted from 1, as the console counts epochs.
 
@@ -223,7 +223,8 @@ class TrainingProgressBar(RichProgressBar):
         metrics = scalar_metrics(trainer.callback_metrics, ("train/", "val/"))
         parts = [f"epoch {epoch_label(epoch, trainer.max_epochs)}"] + ([phase] if phase else [])
         for split in ("train", "val"):
-            values = [f"{name} {metrics[f'{split}/{name}']:.4f}" for name in ("loss", "acc") if f"{split}/{name}" in metrics]
+            keys = [(name, f"{split}/{name}") for name in ("loss", "acc")]
+            values = [f"{name} {metrics[key]:.4f}" for name, key in keys if key in metrics]
             if values:
                 parts.append(f"{split} " + " ".join(values))
         train_time = self._epoch_train_end - self._epoch_start
@@ -277,7 +278,11 @@ class RunSummary(L.Callback):
     """
 
     def __init__(
-        self, hparams: bool = True, monitor: str = "val/loss", mode: str = "min", columns: Mapping[str, str] | None = None
+        self,
+        hparams: bool = True,
+        monitor: str = "val/loss",
+        mode: str = "min",
+        columns: Mapping[str, str] | None = None,
     ) -> None:
         self.hparams, self.monitor, self.mode = hparams, monitor, mode
         self.columns = dict(columns) if columns is not None else HPARAM_COLUMNS
@@ -293,7 +298,8 @@ class RunSummary(L.Callback):
     def best(self, trainer: L.Trainer) -> dict[str, Any] | None:
         """The history entry of the best checkpoint, else (no checkpoint callback) the best by ``monitor``."""
         checkpoint = trainer.checkpoint_callback
-        if isinstance(checkpoint, LightningModelCheckpoint) and checkpoint.monitor and checkpoint.best_model_score is not None:
+        scored_checkpoint = isinstance(checkpoint, LightningModelCheckpoint) and checkpoint.monitor
+        if scored_checkpoint and checkpoint.best_model_score is not None:
             score = float(checkpoint.best_model_score)
             matches = [h for h in self.history if h["metrics"].get(checkpoint.monitor) == score]
             if len(matches) > 1:  # a tie: the checkpoint's own step says which epoch it is
@@ -338,7 +344,8 @@ def run_results(trainer: L.Trainer) -> dict[str, Any]:
     current = scalar_metrics(trainer.callback_metrics, ("train/", "val/"))
 
     def short(values: Mapping[str, float], split: str) -> dict[str, float]:
-        return {key.removeprefix(f"{split}/"): value for key, value in sorted(values.items()) if key.startswith(f"{split}/")}
+        prefix = f"{split}/"
+        return {key.removeprefix(prefix): value for key, value in sorted(values.items()) if key.startswith(prefix)}
 
     results: dict[str, Any] = {
         "epochs_counted_from": 1,
@@ -377,7 +384,8 @@ def add_test(results: dict[str, Any], test: Mapping[str, float] | None, note: st
 
 def flat_metrics(results: Mapping[str, Any]) -> dict[str, Any]:
     """``train()``'s return value: ``val/*`` of the best checkpoint, ``last/val/*``, ``test/*``, ``best_checkpoint``,
-    ``best_epoch``, ``last_epoch`` (what a sweep optimises or a script compares; ``metrics.json`` is the same, nested)."""
+    ``best_epoch``, ``last_epoch`` (what a sweep optimises or a script compares; ``metrics.json`` holds the same,
+    nested)."""
     best, last, test = results["best"], results["last"], results.get("test") or {}
     flat: dict[str, Any] = {f"val/{key}": value for key, value in best["val"].items()}
     flat.update({f"last/val/{key}": value for key, value in last["val"].items()})
@@ -437,7 +445,8 @@ def run_name(config: Mapping[str, Any]) -> str:
     """A readable TensorBoard run name: backbone, data and the run dir's name, e.g. ``resnet18-digits-2026-...``."""
     data = config.get("data") or {}
     root = data.get("root")
-    dataset = Path(root).name if root else str(data.get("_target_", "data")).rsplit(".", 1)[-1].removesuffix("DataModule").lower()
+    module = str(data.get("_target_", "data")).rsplit(".", 1)[-1]
+    dataset = Path(root).name if root else module.removesuffix("DataModule").lower()
     output_dir = (config.get("paths") or {}).get("output_dir") or ""
     parts = [_lookup(config, "model.backbone.name"), dataset, Path(output_dir).name]
     return "-".join(str(part) for part in parts if part).replace(":", "_").replace(",", "_")
@@ -463,7 +472,8 @@ def summarize_run(trainer: L.Trainer, config: Mapping[str, Any], results: Mappin
         summary["hparams_logged"] = log_final_hparams(trainer, hparam_columns(config, tracker.columns), final)
     if trainer.is_global_zero:
         # In a log file (not a terminal) a wide console keeps paths and the command on one copyable line.
-        Console(width=None if sys.stdout.isatty() else 200).print(_render(summary, config, interrupted=trainer.interrupted))
+        panel = _render(summary, config, interrupted=trainer.interrupted)
+        Console(width=None if sys.stdout.isatty() else 200).print(panel)
     return summary
 
 
@@ -481,14 +491,18 @@ def _render(summary: Mapping[str, Any], config: Mapping[str, Any], interrupted: 
     table.add_row(f"best val (epoch {best['epoch']})" if best["epoch"] else "best val", _metrics_text(best["val"]))
     table.add_row(f"last val (epoch {last.get('val_epoch', last['epoch'])})", _metrics_text(last["val"]))
     test = summary.get("test")
-    table.add_row("test (best checkpoint)" if test else "test", _metrics_text(test) if test else summary.get("test_note", "not run"))
+    if test:
+        table.add_row("test (best checkpoint)", _metrics_text(test))
+    else:
+        table.add_row("test", summary.get("test_note", "not run"))
     output_dir = (config.get("paths") or {}).get("output_dir")
     if output_dir:
         table.add_row("run dir", Text(f"{output_dir}  (config, metrics.json, checkpoints/)"))
     if summary["tensorboard_dir"]:
         tb_dir = str(summary["tensorboard_dir"])
         table.add_row("TensorBoard", Text(tb_dir))
-        table.add_row("", Text(f"tensorboard --logdir_spec {shlex.quote(summary['run_name'] + ':' + tb_dir)}", style="cyan"))
+        spec = shlex.quote(f"{summary['run_name']}:{tb_dir}")
+        table.add_row("", Text(f"tensorboard --logdir_spec {spec}", style="cyan"))
     else:
         table.add_row("TensorBoard", "none (this run has no TensorBoard logger; logger=tensorboard adds one)")
     title = "Run summary" + (" - interrupted" if interrupted else "")

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from PIL import Image
 
 from image_finetune.atomic import atomic_write_text
 from image_finetune.data.base import ClassificationDataModule
