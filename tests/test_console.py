@@ -81,7 +81,7 @@ def test_epochs_are_numbered_from_1_in_lines_file_names_summary_and_metrics_json
     assert Path(best["checkpoint"]).name.startswith(f"epoch{best['epoch']:03d}-")
     assert f"best val (epoch {best['epoch']})" in result.stdout
     assert saved["last"]["epoch"] == EPOCHS and f"last val (epoch {EPOCHS})" in result.stdout
-    assert "Unfreezing the backbone after epoch 1" in result.stdout + result.stderr
+    assert "Unfreezing after epoch 1:" in result.stdout + result.stderr
     line = next(line for line in result.stdout.splitlines() if line.startswith(f"epoch {best['epoch']}/"))
     assert f"val loss {best['val']['loss']:.4f} acc {best['val']['acc']:.4f}" in line  # the same epoch's numbers
 
