@@ -4,13 +4,15 @@ import hydra
 from omegaconf import DictConfig
 
 from image_finetune.cli import user_errors
-from image_finetune.train import train
+from image_finetune.multirun import multirun_job
+from image_finetune.train import optimized_value, train
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
-def main(cfg: DictConfig) -> None:
-    with user_errors():
-        train(cfg)
+def main(cfg: DictConfig) -> float | None:
+    """Returns ``optimized_metric`` (default ``val/acc``: the best checkpoint's) for sweepers such as ``hparams_search=optuna``."""
+    with user_errors(), multirun_job():
+        return optimized_value(train(cfg), cfg.get("optimized_metric"))
 
 
 if __name__ == "__main__":

@@ -22,8 +22,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from image_finetune.atomic import atomic_write_text
 from image_finetune.errors import UserError
+from image_finetune.slurm import register_resolvers
 
 log = logging.getLogger(__name__)
+
+# Every entry script imports this module before Hydra composes: the configs use ${run_id:...} (configs/hydra).
+register_resolvers()
 
 
 def to_plain(cfg: DictConfig) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from image_finetune.callbacks import (
 from image_finetune.checkpoints import resolve_ckpt_path
 from image_finetune.cli import instantiate_group, save_json, scalar_metrics, to_plain
 from image_finetune.config_checks import check_config
+from image_finetune.errors import ConfigError
 from image_finetune.models import ImageClassifier
 from image_finetune.schedule import FinetuneSchedule
 
@@ -95,3 +96,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def _has_test_split(datamodule: L.LightningDataModule) -> bool:
     has_split = getattr(datamodule, "has_split", None)
     return has_split("test") if has_split is not None else True
+
+
+def optimized_value(metrics: dict[str, Any], name: str | None) -> float | None:
+    """The metric a sweeper optimises (``optimized_metric``, default ``val/acc``, the best checkpoint's); None when none is named."""
+    if name is None:
+        return None
+    if name not in metrics:
+        available = ", ".join(sorted(k for k, v in metrics.items() if isinstance(v, float)))
+        raise ConfigError(f"optimized_metric={name!r} is not among this run's metrics ({available})")
+    return float(metrics[name])

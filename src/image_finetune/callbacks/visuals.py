@@ -8,8 +8,8 @@ cost nothing a training epoch would notice and to be safe under DDP:
 * Anything that needs the other ranks (summing a confusion matrix, gathering mistakes) runs in
   ``on_validation_epoch_end`` on **every** rank, before rank 0 draws. A collective called from rank-0-only code (the
   progress bar, a ``rank_zero_only`` function) waits forever for ranks that never call it (Lightning #21264).
-* Images go to the first ``TensorBoardLogger``; without one (``logger=csv``) the image callbacks do nothing and
-  ``PerClassAccuracy`` still logs its scalars to every logger.
+* Images go to every logger that can show them (TensorBoard, W&B, MLflow: ``image_finetune.loggers``); without one
+  (``logger=csv``) the image callbacks do nothing and ``PerClassAccuracy`` still logs its scalars to every logger.
 * Nothing is logged during the sanity check: its numbers come from an untrained head and two batches.
 """
 
@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image, ImageDraw, ImageFont
+
+from image_finetune.loggers import image_loggers, log_image
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -189,10 +191,8 @@ def log_step(trainer: L.Trainer) -> int:
 
 
 def _add_image(trainer: L.Trainer, tag: str, image: np.ndarray) -> None:
-    """Rank 0 only, and only with a TensorBoard logger."""
-    tb = tensorboard_logger(trainer)
-    if tb is not None and trainer.is_global_zero:
-        tb.experiment.add_image(tag, image, global_step=log_step(trainer), dataformats="HWC")
+    """Rank 0 only, to every logger that can show images."""
+    log_image(trainer, tag, image, log_step(trainer))
 
 
 # ---- training images --------------------------------------------------------------------------------------------
@@ -207,7 +207,7 @@ class TrainImageGrid(L.Callback):
         self._done = False
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._done or self.max_images <= 0 or not trainer.is_global_zero or tensorboard_logger(trainer) is None:
+        if self._done or self.max_images <= 0 or not trainer.is_global_zero or not image_loggers(trainer):
             return
         self._done = True
         images, targets = batch[0][: self.max_images], batch[1][: self.max_images]
@@ -228,7 +228,7 @@ class _ValidationAccumulator(L.Callback):
     _state: dict[str, torch.Tensor] | None = None
 
     def _active(self, trainer: L.Trainer) -> bool:
-        return not trainer.sanity_checking and (not self.needs_tensorboard or tensorboard_logger(trainer) is not None)
+        return not trainer.sanity_checking and (not self.needs_tensorboard or bool(image_loggers(trainer)))
 
     def _num_classes(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int:
         return len(class_names(trainer, pl_module))
