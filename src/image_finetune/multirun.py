@@ -52,10 +52,14 @@ def summarize(sweep_dir: str | Path) -> dict[str, dict[str, float]]:
     """Write ``summary.csv`` and ``summary.md`` into the sweep dir; returns ``{metric: {mean, std, n}}``."""
     sweep_dir = Path(sweep_dir)
     rows = []
-    for job_dir in job_dirs(sweep_dir):
+    dirs = job_dirs(sweep_dir)
+    overrides = {d: _overrides(d) for d in dirs}
+    shared = set.intersection(*(set(o) for o in overrides.values())) if overrides else set()
+    for job_dir in dirs:
         metrics = json.loads((job_dir / "metrics.json").read_text())
         numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        rows.append({"job": job_dir.name, "overrides": " ".join(_overrides(job_dir)), **numbers})
+        own = " ".join(o for o in overrides[job_dir] if o not in shared or len(dirs) == 1)  # what differs per job
+        rows.append({"job": job_dir.name, "overrides": own, **numbers})
     names = sorted({k for row in rows for k in row if k not in ("job", "overrides")})
     stats: dict[str, dict[str, float]] = {}
     for name in names:

@@ -213,12 +213,21 @@ def run_study(
 
 
 # ---- inside a trial ---------------------------------------------------------------------------------------------
-def optuna_pruning(monitor: str, storage: str | None, study_name: str | None, trial_number: int | None) -> L.Callback:
-    """The trial's pruning callback (optuna-integration's), or a no-op when this run is not a trial of a sweep."""
+def optuna_pruning(
+    monitor: str,
+    storage: str | None,
+    study_name: str | None,
+    trial_number: int | None,
+    pruner: optuna.pruners.BasePruner | None = None,
+) -> L.Callback:
+    """The trial's pruning callback (optuna-integration's), or a no-op when this run is not a trial of a sweep.
+
+    ``pruner`` must be the sweep's: a loaded study does not remember its pruner.
+    """
     if trial_number is None or storage is None or study_name is None:
         return L.Callback()
     from optuna_integration import PyTorchLightningPruningCallback
 
-    study = optuna.load_study(study_name=study_name, storage=storage)
+    study = optuna.load_study(study_name=study_name, storage=storage, pruner=pruner)
     trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, int(trial_number))
     return PyTorchLightningPruningCallback(optuna.trial.Trial(study, trial_id), monitor=monitor)
