@@ -97,3 +97,13 @@ def compose_cfg(tmp_path: Path) -> Iterator[Callable[..., DictConfig]]:
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
+def digits_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ``paths.data_dir`` whose digits folder is written once per session (subprocess tests share it)."""
+    from image_finetune.data.digits import write_digits_folder
+
+    data_dir = tmp_path_factory.mktemp("data")
+    write_digits_folder(data_dir / "digits")
+    return data_dir

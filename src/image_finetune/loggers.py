@@ -53,6 +53,18 @@ def wandb_logger(run_dir: str | Path, id: str | None = None, resume: str = "allo
     return WandbLogger(id=id or run_dir_id(run_dir), resume=resume, **kwargs)
 
 
+def finish_wandb_run() -> None:
+    """End this process's W&B run, if any. Lightning's ``WandbLogger`` reuses a run already open in the process, so
+    without this every job of an in-process multirun (seeds, sweep trials) would log into the first job's run.
+    Called at the end of each job (``multirun.FinishTrackers``), not in ``finalize``: that runs after each
+    fine-tuning phase's fit, and the next phase still logs."""
+    import sys
+
+    wandb = sys.modules.get("wandb")  # never imported: nothing to finish
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+
+
 class ResumableMLFlowLogger(MLFlowLogger):
     """Lightning's ``MLFlowLogger`` that continues the MLflow run of its run dir instead of starting a new one.
 

@@ -100,6 +100,15 @@ class MultirunSummary(Callback):
                 log.info("  %-20s %.4f +- %.4f", name, stats[name]["mean"], stats[name]["std"])
 
 
+class FinishTrackers(Callback):
+    """Hydra callback: after each job, end its W&B run (see ``loggers.finish_wandb_run``)."""
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        from image_finetune.loggers import finish_wandb_run
+
+        finish_wandb_run()
+
+
 def _destroy_process_group() -> None:
     import torch.distributed as dist
 
