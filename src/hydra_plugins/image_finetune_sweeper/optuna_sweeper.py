@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from typing import Any
 
 from hydra.core.plugins import Plugins
@@ -25,6 +27,9 @@ class OptunaSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> Any:
+        if importlib.util.find_spec("optuna") is None or importlib.util.find_spec("optuna_integration") is None:
+            print("error: hparams_search=optuna needs optuna and optuna-integration: pip install -e '.[sweep]'", file=sys.stderr)
+            sys.exit(2)
         from image_finetune.sweep import run_study
 
         assert self.config is not None
