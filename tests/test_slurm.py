@@ -109,7 +109,7 @@ def test_a_job_requeued_twice_ends_bitwise_equal_to_an_uninterrupted_run(tmp_pat
         log = tmp_path / f"job{restart}.log"
         job = _launch([*common, f"paths.log_dir={tmp_path / 'logs'}"], {**slurm_env, "SLURM_RESTART_COUNT": str(restart)}, log)
         if restart < 2:  # preempt it once it has finished an epoch of its own
-            _wait_for(lambda: run_dir.is_dir() and len(_checkpoints(run_dir) - seen) > 0, job, log)
+            _wait_for(lambda seen=seen: run_dir.is_dir() and len(_checkpoints(run_dir) - seen) > 0, job, log)
             job.send_signal(signal.SIGUSR1)
         out = _finish(job, log)
         outputs.append(out)

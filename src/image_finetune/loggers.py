@@ -46,7 +46,8 @@ def run_dir_id(run_dir: str | Path) -> str:
 def wandb_logger(run_dir: str | Path, id: str | None = None, resume: str = "allow", **kwargs: Any) -> WandbLogger:
     """Lightning's ``WandbLogger`` whose run id comes from the run dir, so a resumed run continues its W&B run.
 
-    Offline (no network, nothing uploaded until ``wandb sync``): ``WANDB_MODE=offline`` or ``logger.wandb.offline=true``.
+    Offline (no network, nothing uploaded until ``wandb sync``): ``WANDB_MODE=offline`` or
+    ``logger.wandb.offline=true``.
     """
     require("wandb", "wandb", "logger=wandb")
     Path(kwargs.get("save_dir") or ".").mkdir(parents=True, exist_ok=True)
@@ -85,7 +86,8 @@ class ResumableMLFlowLogger(MLFlowLogger):
         experiment = client.get_experiment_by_name(self._experiment_name)
         if experiment is None:
             return None
-        runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{self.run_dir}'", max_results=1)
+        query = f"tags.`{RUN_DIR_TAG}` = '{self.run_dir}'"
+        runs = client.search_runs([experiment.experiment_id], filter_string=query, max_results=1)
         return runs[0].info.run_id if runs else None
 
     @property

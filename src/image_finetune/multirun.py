@@ -81,7 +81,7 @@ def summarize(sweep_dir: str | Path) -> dict[str, dict[str, float]]:
 
 
 class MultirunSummary(Callback):
-    """Hydra callback: after a multirun, the table across its jobs (``summary.csv``, ``summary.md`` in the sweep dir)."""
+    """Hydra callback: after a multirun, the table across its jobs (``summary.csv``, ``summary.md``)."""
 
     def __init__(self, metrics: list[str] | None = None) -> None:
         self.metrics = metrics  # which to print (all are written); None: val/*_best and test/*

@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 
 
 def slurm_job_id() -> str | None:
-    """``<array job>_<task>`` for array jobs (what ``scontrol requeue`` wants), else ``SLURM_JOB_ID``; None outside SLURM."""
+    """``<array job>_<task>`` for array jobs (as ``scontrol requeue`` wants it), else ``SLURM_JOB_ID``; None outside."""
     array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
     if array_job and task:
         return f"{array_job}_{task}"
@@ -67,6 +67,7 @@ def resume_if_requeued(output_dir: str) -> str | None:
 
 
 def register_resolvers() -> None:
-    """``${run_id:fallback}`` and ``${resume_if_requeued:dir}``; cached, so a pickled config (submitit) keeps its value."""
+    """``${run_id:fallback}`` and ``${resume_if_requeued:dir}``. ``run_id`` is cached: a pickled config (submitit)
+    keeps the value it had when it was submitted."""
     OmegaConf.register_new_resolver("run_id", run_id, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("resume_if_requeued", resume_if_requeued, replace=True)

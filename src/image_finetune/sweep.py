@@ -61,7 +61,8 @@ def distribution(override: Override) -> BaseDistribution:
     if isinstance(value, RangeSweep):
         start, stop, step = value.start, value.stop, value.step
         if all(isinstance(x, int) for x in (start, stop, step)):
-            return IntDistribution(int(start), int(stop) - int(step), step=int(step), log=log_scale)  # type: ignore[arg-type]
+            last = int(stop) - int(step)  # type: ignore[arg-type]
+            return IntDistribution(int(start), last, step=int(step), log=log_scale)  # type: ignore[arg-type]
         return FloatDistribution(float(start), float(stop) - float(step), step=float(step))  # type: ignore[arg-type]
     if isinstance(value, IntervalSweep):
         if isinstance(value.start, int) and isinstance(value.end, int):
@@ -71,7 +72,9 @@ def distribution(override: Override) -> BaseDistribution:
                       "(use choice(...), range(...), interval(...) or tag(log, interval(...)))")
 
 
-def search_space(params: dict[str, Any] | None, arguments: Sequence[str]) -> tuple[dict[str, BaseDistribution], list[str]]:
+def search_space(
+    params: dict[str, Any] | None, arguments: Sequence[str]
+) -> tuple[dict[str, BaseDistribution], list[str]]:
     """Distributions from ``hydra.sweeper.params`` and the command line's sweep overrides; the other command-line
     overrides are fixed for every trial."""
     parser = OverridesParser.create()
@@ -104,7 +107,9 @@ def _one_line(error: BaseException) -> str:
 
 
 def fail_abandoned(study: optuna.Study) -> int:
-    """Trials still RUNNING when a sweep starts were left by a killed sweep: mark them failed (one sweeper per study)."""
+    """Trials still RUNNING when a sweep starts were left by a killed sweep: mark them failed.
+
+    (One sweeper per study: two sweeps of one study at once would fail each other's running trials.)"""
     abandoned = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for trial in abandoned:
         study._storage.set_trial_user_attr(trial._trial_id, "error", "the sweep was killed while it ran")
@@ -145,8 +150,10 @@ def results_table(study: optuna.Study) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["trial", "state", "value", *names, "run_dir", "error"])
     for t in trials:
-        writer.writerow([t.number, t.state.name, "" if t.value is None else t.value, *(t.params.get(n, "") for n in names),
-                         t.user_attrs.get("run_dir", ""), t.user_attrs.get("error", "")])
+        value = "" if t.value is None else t.value
+        params = [t.params.get(n, "") for n in names]
+        attrs = t.user_attrs
+        writer.writerow([t.number, t.state.name, value, *params, attrs.get("run_dir", ""), attrs.get("error", "")])
     return buffer.getvalue()
 
 
@@ -179,7 +186,7 @@ def run_study(
     sweep_dir.mkdir(parents=True, exist_ok=True)
     space, fixed = search_space(params, arguments)
     if not space:
-        raise ConfigError("hparams_search: nothing to search (hydra.sweeper.params is empty and no sweep on the command line)")
+        raise ConfigError("hparams_search: nothing to search (empty hydra.sweeper.params, no sweep on the command line)")
     study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
                                 direction=direction, load_if_exists=True)
     fail_abandoned(study)
@@ -192,7 +199,7 @@ def run_study(
                      for t in trials]
         try:
             results: Sequence[JobReturn | BaseException] = launcher.launch(overrides, initial_job_idx=trials[0].number)
-        except Exception as error:  # the launcher itself failed (e.g. a SLURM job died): these trials failed
+        except Exception as error:  # noqa: BLE001 - the launcher failed (a SLURM job died): these trials failed
             results = [error] * len(trials)
         except SystemExit as error:  # a job stopped on a config error (cli.user_errors): record, then stop
             for trial in trials:
