@@ -73,8 +73,8 @@ def test_two_torchrun_nodes_train_through_the_unfreeze_in_one_run_dir(tmp_path, 
     env.update(TORCH_HOME=str(hub_dir), OMP_NUM_THREADS="1")
     port = _free_port()
     args = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
-            f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=twonodes", "train.py", "trainer=cpu", "trainer.num_nodes=2",
-            "trainer.devices=1", "trainer.strategy=ddp", f"paths.log_dir={tmp_path / 'logs'}",
+            f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=twonodes", "train.py", "trainer=ddp_sim", "trainer.devices=1",
+            "+trainer.num_nodes=2", f"paths.log_dir={tmp_path / 'logs'}",
             f"paths.data_dir={digits_data_dir}", *TINY]
     nodes = [subprocess.Popen([*args[:3], f"--node_rank={rank}", *args[3:]], cwd=REPO, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]

@@ -131,3 +131,20 @@ def test_a_job_requeued_twice_ends_bitwise_equal_to_an_uninterrupted_run(tmp_pat
     assert not different, f"{len(different)} tensors differ from the uninterrupted run, e.g. {different[:3]}"
     # TensorBoard kept one event dir: the three processes appended to it
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 3
+
+
+@pytest.mark.parametrize(("launcher", "nodes"), [("slurm", 1), ("slurm_multinode", 2)])
+def test_slurm_launcher_configs_compose(compose_cfg, launcher, nodes):
+    cfg = compose_cfg(f"hydra/launcher={launcher}", "hydra.launcher.partition=gpu")
+    assert cfg.hydra.launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (cfg.hydra.launcher.nodes, cfg.hydra.launcher.partition) == (nodes, "gpu")
+    assert cfg.hydra.launcher.signal_delay_s > 0 and cfg.hydra.launcher.max_num_timeout > 0  # time limits requeue too
+
+
+def test_sbatch_script_sends_the_signal_lightning_requeues_on():
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    script = (REPO / "scripts" / "slurm" / "train.sbatch").read_text()
+    assert "#SBATCH --signal=USR1@90" in script and "#SBATCH --requeue" in script
+    assert SLURMEnvironment().requeue_signal == signal.SIGUSR1  # what Lightning builds when it detects SLURM
+    assert "srun python train.py" in script

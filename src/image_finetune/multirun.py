@@ -9,7 +9,8 @@
   is ``-m`` (the whole sweep again, in every rank) and the run-dir pattern instead of the job's dir
   (lightning-hydra-template#393). We point both at this job: ``sys.argv`` becomes this job's overrides, and
   ``hydra.run.dir`` its output dir, so the ranks compose this job's config and share its dir. At the end of the job
-  the process group is destroyed, so the next job's ranks form a new one.
+  the process group is destroyed and the environment restored (Lightning's launcher leaves ``LOCAL_RANK`` & co. in
+  it), so the next job starts its own ranks.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import io
 import json
 import logging
 import math
+import os
 import statistics
 import sys
 from collections.abc import Iterator
@@ -123,7 +125,7 @@ def multirun_job() -> Iterator[None]:
         yield
         return
     hydra_cfg = HydraConfig.get()
-    argv, run_dir = list(sys.argv), hydra_cfg.run.dir
+    argv, run_dir, environ = list(sys.argv), hydra_cfg.run.dir, dict(os.environ)
     sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
     with read_write(hydra_cfg), open_dict(hydra_cfg):
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
@@ -134,3 +136,7 @@ def multirun_job() -> Iterator[None]:
         with read_write(hydra_cfg), open_dict(hydra_cfg):
             hydra_cfg.run.dir = run_dir
         _destroy_process_group()
+        # Lightning's launcher leaves LOCAL_RANK, WORLD_SIZE, MASTER_PORT, ... in this process's environment; with
+        # LOCAL_RANK set the next job's Trainer would take its processes as started from outside and start none.
+        os.environ.clear()
+        os.environ.update(environ)
