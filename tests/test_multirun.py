@@ -11,28 +11,41 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO
 
 from image_finetune.multirun import SUMMARY_CSV, SUMMARY_MD, summarize
 
-from conftest import REPO
-
-TINY = ["trainer.max_epochs=2", "finetune.freeze_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-        "trainer.limit_test_batches=1", "data.num_workers=0", "data.batch_size=8", "~callbacks.train_images",
-        "~callbacks.misclassified", "~callbacks.confusion_matrix"]
+TINY = [
+    "trainer.max_epochs=2",
+    "finetune.freeze_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "data.num_workers=0",
+    "data.batch_size=8",
+    "~callbacks.train_images",
+    "~callbacks.misclassified",
+    "~callbacks.confusion_matrix",
+]
 
 
 def test_summary_gives_mean_and_std_of_each_metric_across_jobs(tmp_path):
     for job, (acc, loss) in enumerate([(0.5, 1.0), (0.7, 2.0), (0.9, 3.0)]):
         (tmp_path / str(job) / ".hydra").mkdir(parents=True)
-        (tmp_path / str(job) / "metrics.json").write_text(json.dumps({"test/acc": acc, "test/loss": loss, "best_checkpoint": "x"}))
+        (tmp_path / str(job) / "metrics.json").write_text(
+            json.dumps({"test/acc": acc, "test/loss": loss, "best_checkpoint": "x"})
+        )
         (tmp_path / str(job) / ".hydra" / "overrides.yaml").write_text(f"- seed={job}\n- trainer=cpu\n")
     (tmp_path / "3").mkdir()  # a job that died: no metrics.json, left out
     stats = summarize(tmp_path)
     assert stats["test/acc"]["mean"] == pytest.approx(0.7) and stats["test/acc"]["std"] == pytest.approx(0.2)
     assert stats["test/loss"] == {"mean": 2.0, "std": 1.0, "n": 3}
     rows = list(csv.DictReader((tmp_path / SUMMARY_CSV).read_text().splitlines()))
-    assert [(r["job"], r["overrides"], r["test/acc"]) for r in rows] == [("0", "seed=0", "0.5"), ("1", "seed=1", "0.7"),
-                                                                         ("2", "seed=2", "0.9")]
+    assert [(r["job"], r["overrides"], r["test/acc"]) for r in rows] == [
+        ("0", "seed=0", "0.5"),
+        ("1", "seed=1", "0.7"),
+        ("2", "seed=2", "0.9"),
+    ]
     assert "| test/acc | 0.7000 | 0.2000 | 3 |" in (tmp_path / SUMMARY_MD).read_text()
 
 
@@ -41,11 +54,25 @@ def run(args: list[str], env: dict[str, str], timeout: int = 600) -> subprocess.
 
 
 @pytest.mark.slow
-def test_seed_multirun_with_ddp_writes_one_dir_per_job_shared_by_its_ranks_and_a_summary(tmp_path, hub_dir, digits_data_dir):
+def test_seed_multirun_with_ddp_writes_one_dir_per_job_shared_by_its_ranks_and_a_summary(
+    tmp_path, hub_dir, digits_data_dir
+):
     sweep_dir = tmp_path / "sweep"
     env = {**os.environ, "TORCH_HOME": str(hub_dir)}
-    result = run([sys.executable, "train.py", "-m", "seed=1,2", "trainer=ddp_sim", f"hydra.sweep.dir={sweep_dir}",
-                  f"paths.log_dir={tmp_path / 'logs'}", f"paths.data_dir={digits_data_dir}", *TINY], env)
+    result = run(
+        [
+            sys.executable,
+            "train.py",
+            "-m",
+            "seed=1,2",
+            "trainer=ddp_sim",
+            f"hydra.sweep.dir={sweep_dir}",
+            f"paths.log_dir={tmp_path / 'logs'}",
+            f"paths.data_dir={digits_data_dir}",
+            *TINY,
+        ],
+        env,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["0", "1"]  # no per-rank dirs
@@ -72,12 +99,34 @@ def test_two_torchrun_nodes_train_through_the_unfreeze_in_one_run_dir(tmp_path, 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_"))}
     env.update(TORCH_HOME=str(hub_dir), OMP_NUM_THREADS="1")
     port = _free_port()
-    args = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
-            f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=twonodes", "train.py", "trainer=ddp_sim", "trainer.devices=1",
-            "+trainer.num_nodes=2", f"paths.log_dir={tmp_path / 'logs'}",
-            f"paths.data_dir={digits_data_dir}", *TINY]
-    nodes = [subprocess.Popen([*args[:3], f"--node_rank={rank}", *args[3:]], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc_per_node=1",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint=127.0.0.1:{port}",
+        "--rdzv_id=twonodes",
+        "train.py",
+        "trainer=ddp_sim",
+        "trainer.devices=1",
+        "+trainer.num_nodes=2",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        f"paths.data_dir={digits_data_dir}",
+        *TINY,
+    ]
+    nodes = [
+        subprocess.Popen(
+            [*args[:3], f"--node_rank={rank}", *args[3:]],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
     for node, output in zip(nodes, outputs):
         assert node.returncode == 0, output[-4000:]

@@ -16,18 +16,28 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CONFIGS, REPO
 from omegaconf import OmegaConf
 
 from image_finetune.slurm import resume_if_requeued, run_id, slurm_job_id
 
-from conftest import CONFIGS, REPO
-
 JOB_ID = "4242"
-TINY = ["trainer=cpu", "trainer.max_epochs=5", "finetune.freeze_epochs=1", "trainer.limit_train_batches=6",
-        "trainer.limit_val_batches=1", "data.num_workers=0", "data.batch_size=8", "test=false",
-        "callbacks.model_checkpoint.save_top_k=-1",  # a checkpoint every epoch: last.ckpt is the final state
-        "~callbacks.progress_bar", "~callbacks.model_summary", "~callbacks.train_images", "~callbacks.misclassified",
-        "~callbacks.confusion_matrix"]
+TINY = [
+    "trainer=cpu",
+    "trainer.max_epochs=5",
+    "finetune.freeze_epochs=1",
+    "trainer.limit_train_batches=6",
+    "trainer.limit_val_batches=1",
+    "data.num_workers=0",
+    "data.batch_size=8",
+    "test=false",
+    "callbacks.model_checkpoint.save_top_k=-1",  # a checkpoint every epoch: last.ckpt is the final state
+    "~callbacks.progress_bar",
+    "~callbacks.model_summary",
+    "~callbacks.train_images",
+    "~callbacks.misclassified",
+    "~callbacks.confusion_matrix",
+]
 
 # What SLURM does on `scontrol requeue`: end the job (SIGTERM, then SIGKILL after KillWait) and start it again later.
 FAKE_SCONTROL = """#!/bin/sh
@@ -38,7 +48,13 @@ exit 0
 
 
 def test_run_dir_and_resume_come_from_the_job(monkeypatch, tmp_path):
-    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT", "TORCHELASTIC_RUN_ID"):
+    for name in (
+        "SLURM_JOB_ID",
+        "SLURM_ARRAY_JOB_ID",
+        "SLURM_ARRAY_TASK_ID",
+        "SLURM_RESTART_COUNT",
+        "TORCHELASTIC_RUN_ID",
+    ):
         monkeypatch.delenv(name, raising=False)
     assert run_id("2026-01-01_00-00-00") == "2026-01-01_00-00-00"
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "exp7")
@@ -64,7 +80,9 @@ def test_run_dir_and_resume_come_from_the_job(monkeypatch, tmp_path):
 def _launch(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     """Output to a file: a pipe nobody reads while we wait would fill up and stall the run."""
     with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "train.py", *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
 
 
 def _finish(process: subprocess.Popen, log: Path) -> str:
@@ -91,23 +109,36 @@ def test_a_job_requeued_twice_ends_bitwise_equal_to_an_uninterrupted_run(tmp_pat
     base_env["TORCH_HOME"] = str(hub_dir)
     reference_dir = tmp_path / "reference"
     reference_log = tmp_path / "reference.log"
-    reference = _launch([*common, f"hydra.run.dir={reference_dir}", f"paths.log_dir={tmp_path / 'ref_logs'}"], base_env,
-                        reference_log)
+    reference = _launch(
+        [*common, f"hydra.run.dir={reference_dir}", f"paths.log_dir={tmp_path / 'ref_logs'}"], base_env, reference_log
+    )
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text(FAKE_SCONTROL)
     (bin_dir / "scontrol").chmod(0o755)
     requeues = tmp_path / "scontrol.log"
-    slurm_env = {**base_env, "PATH": f"{bin_dir}:{base_env['PATH']}", "FAKE_SLURM_LOG": str(requeues),
-                 "SLURM_JOB_ID": JOB_ID, "SLURM_JOB_NAME": "train", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
-                 "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "127.0.0.1"}
+    slurm_env = {
+        **base_env,
+        "PATH": f"{bin_dir}:{base_env['PATH']}",
+        "FAKE_SLURM_LOG": str(requeues),
+        "SLURM_JOB_ID": JOB_ID,
+        "SLURM_JOB_NAME": "train",
+        "SLURM_NTASKS": "1",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "127.0.0.1",
+    }
     run_dir = tmp_path / "logs" / "train" / "runs" / f"slurm-{JOB_ID}"  # from the job id, no hydra.run.dir given
     outputs = []
     for restart in range(3):
         seen = _checkpoints(run_dir) if run_dir.exists() else set()
         log = tmp_path / f"job{restart}.log"
-        job = _launch([*common, f"paths.log_dir={tmp_path / 'logs'}"], {**slurm_env, "SLURM_RESTART_COUNT": str(restart)}, log)
+        job = _launch(
+            [*common, f"paths.log_dir={tmp_path / 'logs'}"], {**slurm_env, "SLURM_RESTART_COUNT": str(restart)}, log
+        )
         if restart < 2:  # preempt it once it has finished an epoch of its own
             _wait_for(lambda seen=seen: run_dir.is_dir() and len(_checkpoints(run_dir) - seen) > 0, job, log)
             job.send_signal(signal.SIGUSR1)
@@ -126,7 +157,11 @@ def test_a_job_requeued_twice_ends_bitwise_equal_to_an_uninterrupted_run(tmp_pat
     assert reference.returncode == 0, reference_out[-3000:]
     final = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     expected = torch.load(reference_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert (final["epoch"], final["global_step"]) == (expected["epoch"], expected["global_step"]) == (4, expected["global_step"])
+    assert (
+        (final["epoch"], final["global_step"])
+        == (expected["epoch"], expected["global_step"])
+        == (4, expected["global_step"])
+    )
     different = [k for k, v in expected["state_dict"].items() if not torch.equal(v, final["state_dict"][k])]
     assert not different, f"{len(different)} tensors differ from the uninterrupted run, e.g. {different[:3]}"
     # TensorBoard kept one event dir: the three processes wrote to it (events.out.tfevents.<time>.<host>.<pid>.<n>)

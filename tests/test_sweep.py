@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import optuna
 import pytest
 import torch
+from conftest import REPO
 from hydra.core.utils import JobReturn, JobStatus
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
@@ -21,12 +22,14 @@ from image_finetune.errors import ConfigError
 from image_finetune.sweep import TRIAL_OVERRIDE, optuna_pruning, record, results_table, search_space
 from image_finetune.train import optimized_value
 
-from conftest import REPO
-
 
 def test_search_space_reads_hydra_sweep_syntax():
-    params = {"model.optimizer.lr": "tag(log, interval(1e-4, 1e-2))", "finetune.freeze_epochs": "range(0, 3)",
-              "data.crop_scale.0": "choice(0.08, 0.6)", "model.dropout": "0.3"}
+    params = {
+        "model.optimizer.lr": "tag(log, interval(1e-4, 1e-2))",
+        "finetune.freeze_epochs": "range(0, 3)",
+        "data.crop_scale.0": "choice(0.08, 0.6)",
+        "model.dropout": "0.3",
+    }
     space, fixed = search_space(params, ["trainer=cpu", "model.label_smoothing=interval(0.0, 0.2)"])
     assert space["model.optimizer.lr"] == FloatDistribution(1e-4, 1e-2, log=True)
     assert space["finetune.freeze_epochs"] == IntDistribution(0, 2)
@@ -63,14 +66,19 @@ def test_pruning_callback_stops_a_bad_trial_of_the_stored_study(tmp_path):
     study = optuna.create_study(study_name="s", storage=storage, direction="maximize", pruner=pruner)
     trial = study.ask({"x": FloatDistribution(0, 1)})
     callback = optuna_pruning("val/acc", storage, "s", trial.number, pruner)
-    trainer = SimpleNamespace(sanity_checking=False, callback_metrics={"val/acc": torch.tensor(0.9)},
-                              _accelerator_connector=SimpleNamespace(is_distributed=False))
+    trainer = SimpleNamespace(
+        sanity_checking=False,
+        callback_metrics={"val/acc": torch.tensor(0.9)},
+        _accelerator_connector=SimpleNamespace(is_distributed=False),
+    )
     callback.on_fit_start(trainer, None)
     callback.on_validation_end(trainer, SimpleNamespace(current_epoch=0))  # good: goes on
     trainer.callback_metrics["val/acc"] = torch.tensor(0.1)
     with pytest.raises(optuna.TrialPruned):
         callback.on_validation_end(trainer, SimpleNamespace(current_epoch=1))
-    assert optuna.load_study(study_name="s", storage=storage).trials[0].intermediate_values == pytest.approx({0: 0.9, 1: 0.1})
+    assert optuna.load_study(study_name="s", storage=storage).trials[0].intermediate_values == pytest.approx(
+        {0: 0.9, 1: 0.1}
+    )
     # outside a sweep (no trial number) the configured callback does nothing
     assert type(optuna_pruning("val/acc", storage, "s", None)).__name__ == "Callback"
 
@@ -82,22 +90,42 @@ def test_optimized_metric_must_be_one_of_the_runs_metrics():
         optimized_value({"val/acc_best": 0.5}, "val/f1_best")
 
 
-TINY = ["trainer=cpu", "trainer.max_epochs=2", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-        "trainer.limit_test_batches=1", "data.num_workers=0", "data.batch_size=8", "~callbacks.progress_bar",
-        "~callbacks.model_summary", "~callbacks.train_images", "~callbacks.misclassified", "~callbacks.confusion_matrix",
-        "logger=csv"]
+TINY = [
+    "trainer=cpu",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "data.num_workers=0",
+    "data.batch_size=8",
+    "~callbacks.progress_bar",
+    "~callbacks.model_summary",
+    "~callbacks.train_images",
+    "~callbacks.misclassified",
+    "~callbacks.confusion_matrix",
+    "logger=csv",
+]
 
 
 @pytest.mark.slow
 def test_a_killed_sweep_continues_its_study_when_run_again(tmp_path, hub_dir):
     """Kill the sweep while trial 1 trains; the same command again marks it failed and runs the missing trial."""
-    command = [sys.executable, "train.py", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3",
-               "hydra.sweeper.study_name=kill_test", f"paths.log_dir={tmp_path / 'logs'}",
-               f"paths.data_dir={tmp_path / 'data'}", *TINY]
+    command = [
+        sys.executable,
+        "train.py",
+        "-m",
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.study_name=kill_test",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        f"paths.data_dir={tmp_path / 'data'}",
+        *TINY,
+    ]
     env = {**os.environ, "TORCH_HOME": str(hub_dir)}
     sweep_dir = tmp_path / "logs" / "train" / "sweeps" / "kill_test"
-    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+    first = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 300
     while not (sweep_dir / "1" / ".hydra").is_dir() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -8,11 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
+from support import FAST
 
 from image_finetune.cli import user_errors
 from image_finetune.loggers import RUN_DIR_TAG, finish_wandb_run, mlflow_logger, wandb_logger
 from image_finetune.train import train
-from support import FAST
 
 pytestmark = pytest.mark.usefixtures("pretrained")
 
@@ -46,7 +46,9 @@ def wandb_history(records: list) -> list[dict[str, object]]:
     rows = []
     for record in records:
         if record.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+            rows.append(
+                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            )
     return rows
 
 
@@ -59,8 +61,14 @@ def test_wandb_and_mlflow_get_metrics_config_and_images_and_a_resumed_run_contin
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     run_dir = tmp_path / "run"
-    common = ["data=imagefolder", f"data.root={image_folder}", "logger=[tensorboard,wandb,mlflow]", "finetune=full",
-              "test=false", *FAST]
+    common = [
+        "data=imagefolder",
+        f"data.root={image_folder}",
+        "logger=[tensorboard,wandb,mlflow]",
+        "finetune=full",
+        "test=false",
+        *FAST,
+    ]
     train(compose_cfg(*common, "trainer.max_epochs=1", output_dir=run_dir))
     finish_wandb_run()  # what the end of a job does (Hydra callback multirun.FinishTrackers)
     train(compose_cfg(*common, "trainer.max_epochs=2", "ckpt_path=last", output_dir=run_dir))
@@ -75,7 +83,11 @@ def test_wandb_and_mlflow_get_metrics_config_and_images_and_a_resumed_run_contin
     assert [row["epoch"] for row in history if "val/acc" in row] == [0, 1]
     config = [r for f in files for r in wandb_records(f) if r.WhichOneof("record_type") == "config"]
     assert any(item.key == "model" and "resnet18" in item.value_json for r in config for item in r.config.update)
-    images = {p.parent.name + "/" + p.name.split("_")[0] for d in offline for p in (d / "files" / "media" / "images").rglob("*.png")}
+    images = {
+        p.parent.name + "/" + p.name.split("_")[0]
+        for d in offline
+        for p in (d / "files" / "media" / "images").rglob("*.png")
+    }
     assert {"train/augmented", "val/confusion", "val/misclassified"} <= images
 
     # MLflow: one run for the run dir, both epochs, the flattened config as params, the images as artifacts
@@ -99,4 +111,7 @@ def test_a_missing_tracker_package_is_one_line_naming_the_extra(factory, extra, 
         factory(run_dir=tmp_path)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.strip() == f"error: logger={extra} needs the {extra} package: pip install -e '.[{extra}]' (or pip install {extra})"
+    assert (
+        err.strip()
+        == f"error: logger={extra} needs the {extra} package: pip install -e '.[{extra}]' (or pip install {extra})"
+    )

@@ -68,8 +68,10 @@ def distribution(override: Override) -> BaseDistribution:
         if isinstance(value.start, int) and isinstance(value.end, int):
             return IntDistribution(value.start, value.end, log=log_scale)
         return FloatDistribution(float(value.start), float(value.end), log=log_scale)  # type: ignore[arg-type]
-    raise ConfigError(f"hydra.sweeper.params.{override.key_or_group}={override.input_line!r} is not a sweep "
-                      "(use choice(...), range(...), interval(...) or tag(log, interval(...)))")
+    raise ConfigError(
+        f"hydra.sweeper.params.{override.key_or_group}={override.input_line!r} is not a sweep "
+        "(use choice(...), range(...), interval(...) or tag(log, interval(...)))"
+    )
 
 
 def search_space(
@@ -115,8 +117,11 @@ def fail_abandoned(study: optuna.Study) -> int:
         study._storage.set_trial_user_attr(trial._trial_id, "error", "the sweep was killed while it ran")
         study.tell(trial.number, state=TrialState.FAIL)
     if abandoned:
-        log.warning("Marked %d trial(s) left running by a killed sweep as failed: %s", len(abandoned),
-                    ", ".join(str(t.number) for t in abandoned))
+        log.warning(
+            "Marked %d trial(s) left running by a killed sweep as failed: %s",
+            len(abandoned),
+            ", ".join(str(t.number) for t in abandoned),
+        )
     return len(abandoned)
 
 
@@ -186,20 +191,24 @@ def run_study(
     sweep_dir.mkdir(parents=True, exist_ok=True)
     space, fixed = search_space(params, arguments)
     if not space:
-        raise ConfigError("hparams_search: nothing to search (empty hydra.sweeper.params, no sweep on the command line)")
-    study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner,
-                                direction=direction, load_if_exists=True)
+        raise ConfigError(
+            "hparams_search: nothing to search (empty hydra.sweeper.params, no sweep on the command line)"
+        )
+    study = optuna.create_study(
+        study_name=study_name, storage=storage, sampler=sampler, pruner=pruner, direction=direction, load_if_exists=True
+    )
     fail_abandoned(study)
     done = len(study.get_trials(deepcopy=False, states=FINISHED))
     if done:
         log.info("Study %r in %s already has %d of %d trials: continuing", study_name, storage, done, n_trials)
     while done < n_trials:
         trials = [study.ask(space) for _ in range(min(n_jobs, n_trials - done))]
-        overrides = [[*fixed, *(_as_override(k, v) for k, v in t.params.items()), f"{TRIAL_OVERRIDE}={t.number}"]
-                     for t in trials]
+        overrides = [
+            [*fixed, *(_as_override(k, v) for k, v in t.params.items()), f"{TRIAL_OVERRIDE}={t.number}"] for t in trials
+        ]
         try:
             results: Sequence[JobReturn | BaseException] = launcher.launch(overrides, initial_job_idx=trials[0].number)
-        except Exception as error:  # noqa: BLE001 - the launcher failed (a SLURM job died): these trials failed
+        except Exception as error:
             results = [error] * len(trials)
         except SystemExit as error:  # a job stopped on a config error (cli.user_errors): record, then stop
             for trial in trials:

@@ -28,7 +28,10 @@ class OptunaSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> Any:
         if importlib.util.find_spec("optuna") is None or importlib.util.find_spec("optuna_integration") is None:
-            print("error: hparams_search=optuna needs optuna and optuna-integration: pip install -e '.[sweep]'", file=sys.stderr)
+            print(
+                "error: hparams_search=optuna needs optuna and optuna-integration: pip install -e '.[sweep]'",
+                file=sys.stderr,
+            )
             sys.exit(2)
         from image_finetune.sweep import run_study
 
