@@ -50,6 +50,17 @@ def _overrides(job_dir: Path) -> list[str]:
     return list(OmegaConf.load(path)) if path.is_file() else []  # type: ignore[arg-type]
 
 
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"best": {"val": {"acc": 1}}}`` -> ``{"best/val/acc": 1}`` (metrics.json is nested)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def summarize(sweep_dir: str | Path) -> dict[str, dict[str, float]]:
     """Write ``summary.csv`` and ``summary.md`` into the sweep dir; returns ``{metric: {mean, std, n}}``."""
     sweep_dir = Path(sweep_dir)
@@ -58,7 +69,7 @@ def summarize(sweep_dir: str | Path) -> dict[str, dict[str, float]]:
     overrides = {d: _overrides(d) for d in dirs}
     shared = set.intersection(*(set(o) for o in overrides.values())) if overrides else set()
     for job_dir in dirs:
-        metrics = json.loads((job_dir / "metrics.json").read_text())
+        metrics = _flatten(json.loads((job_dir / "metrics.json").read_text()))
         numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         own = " ".join(o for o in overrides[job_dir] if o not in shared or len(dirs) == 1)  # what differs per job
         rows.append({"job": job_dir.name, "overrides": own, **numbers})
@@ -86,7 +97,7 @@ class MultirunSummary(Callback):
     """Hydra callback: after a multirun, the table across its jobs (``summary.csv``, ``summary.md``)."""
 
     def __init__(self, metrics: list[str] | None = None) -> None:
-        self.metrics = metrics  # which to print (all are written); None: val/*_best and test/*
+        self.metrics = metrics  # which to print (all are written); None: best/val/* and test/*
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -94,7 +105,7 @@ class MultirunSummary(Callback):
         if not stats:
             log.warning("No job of %s wrote metrics.json: no summary", sweep_dir)
             return
-        shown = self.metrics or [k for k in stats if k.endswith("_best") or k.startswith("test/")]
+        shown = self.metrics or [k for k in stats if k.startswith(("best/val/", "test/"))]
         n = max(int(s["n"]) for s in stats.values())
         log.info("Across %d jobs (%s):", n, sweep_dir / SUMMARY_MD)
         for name in shown:
