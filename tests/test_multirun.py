@@ -78,7 +78,7 @@ def test_seed_multirun_with_ddp_writes_one_dir_per_job_shared_by_its_ranks_and_a
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["0", "1"]  # no per-rank dirs
     assert not (tmp_path / "logs").exists()  # the second rank did not start a run dir of its own
     for job, seed in (("0", 1), ("1", 2)):
-        assert json.loads((sweep_dir / job / "metrics.json").read_text())["test/acc"] >= 0
+        assert json.loads((sweep_dir / job / "metrics.json").read_text())["test"]["acc"] >= 0
         checkpoint = torch.load(sweep_dir / job / "checkpoints" / "last.ckpt", weights_only=True)
         assert checkpoint["run_config"]["seed"] == seed
     assert output.count("epoch 1: weights identical on all 2 ranks") == 2  # both jobs ran on 2 ranks
