@@ -17,6 +17,8 @@ from typing import Any
 
 from image_finetune.errors import UserError
 
+#: ``checkpoints/last.ckpt``: the state to resume from (``ckpt_path=last``), written by ``callbacks.LastCheckpoint``.
+LAST = "last.ckpt"
 #: Only these may appear as ``_target_`` prefixes in a config read back from disk; each prefix has a type check too.
 TRUSTED_PREFIXES = ("image_finetune.", "torchvision.transforms.v2.")
 
@@ -29,7 +31,7 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | os.PathLike, key:
     """
     if ckpt_path is None:
         return None
-    path = Path(output_dir) / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path).expanduser()
+    path = Path(output_dir) / "checkpoints" / LAST if ckpt_path == "last" else Path(ckpt_path).expanduser()
     if not path.exists():
         hint = " To resume a run, pass its dir too: hydra.run.dir=<run dir> ckpt_path=last." if ckpt_path == "last" else ""
         raise UserError(f"{key}={ckpt_path!r}: no checkpoint at {path}.{hint}")

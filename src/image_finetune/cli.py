@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from image_finetune.atomic import atomic_write_text
-from image_finetune.errors import UserError
+from image_finetune.errors import RunInterrupted, UserError
 from image_finetune.slurm import register_resolvers
 
 log = logging.getLogger(__name__)
@@ -64,9 +64,13 @@ def user_errors() -> Iterator[None]:
     """Turn mistakes a user can fix into one line on stderr and exit code 2, instead of a traceback.
 
     Hydra wraps exceptions raised inside ``instantiate`` in ``InstantiationException``; we unwrap to find ours.
+    A run stopped by a signal (``RunInterrupted``) also gets one line, and its own non-zero exit code.
     """
     try:
         yield
+    except RunInterrupted as err:
+        print(f"interrupted: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
     except (UserError, InstantiationException) as err:
         user_error = _user_error(err)
         if user_error is None:

@@ -38,3 +38,15 @@ def writing(path: str | os.PathLike, key: str) -> Iterator[None]:
         if isinstance(err, (FileExistsError, NotADirectoryError)) and err.filename:
             reason = f"{err.filename} is a file, not a folder"
         raise UserError(f"{key}={str(path)!r}: cannot write there ({reason}); choose a writable {key}=PATH") from None
+
+
+class RunInterrupted(Exception):
+    """Training stopped on a signal (SIGTERM from a scheduler, ``kill``): a resumable checkpoint was saved.
+
+    Entry points print the one-line message and exit with ``exit_code`` (128 + the signal number, as a shell reports
+    a process the signal ended), so a scheduler never counts an interrupted run as a success.
+    """
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from image_finetune import finetune
@@ -20,11 +22,12 @@ from image_finetune.callbacks import (
     silence_lightning_noise,
     summarize_run,
 )
-from image_finetune.checkpoints import resolve_ckpt_path
+from image_finetune.checkpoints import LAST, resolve_ckpt_path
 from image_finetune.cli import instantiate_group, save_json, scalar_metrics, to_plain
 from image_finetune.config_checks import check_config
-from image_finetune.errors import ConfigError
+from image_finetune.errors import ConfigError, RunInterrupted
 from image_finetune.models import ImageClassifier
+from image_finetune.rundir import clean_run_dir, drop_checkpoints_after_last, run_dir_lock
 from image_finetune.schedule import FinetuneSchedule
 
 log = logging.getLogger(__name__)
@@ -59,14 +62,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit (the fine-tuning schedule's phases) and test the best checkpoint on the test split, if the data has one.
 
     ``metrics.json`` gets the labelled record (``best``, ``last``, ``test``; see ``callbacks.run_results``), the summary
-    prints it, and the return value is the same flattened (``callbacks.flat_metrics``).
+    prints it, and the return value is the same flattened (``callbacks.flat_metrics``). The run dir is locked for the
+    whole run (a second run there stops at once), and what a killed run of this dir left half-written is cleaned up
+    first; see ``rundir``.
     """
     check_config(cfg)
     silence_lightning_noise()
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.output_dir)
+    output_dir = Path(cfg.paths.output_dir)
+    with run_dir_lock(output_dir) as lock:
+        ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+        if lock is not None:  # rank 0 of the run: nobody else writes here
+            clean_run_dir(output_dir)
+            if ckpt_path is not None and Path(ckpt_path) == output_dir / "checkpoints" / LAST:
+                drop_checkpoints_after_last(output_dir / "checkpoints")
+        return _train(cfg, ckpt_path)
+
+
+def _train(cfg: DictConfig, ckpt_path: str | None) -> dict[str, Any]:
     run = build(cfg)
     trainer = run.trainer
-    finetune.fit(trainer, run.model, run.datamodule, run.schedule, ckpt_path=ckpt_path)
+    try:
+        finetune.fit(trainer, run.model, run.datamodule, run.schedule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        raise _interrupted(cfg, signal.SIGTERM) from None
     results = run_results(trainer)  # before trainer.test, which resets the trainer's metrics
 
     test: dict[str, float] | None = None
@@ -106,3 +124,16 @@ def optimized_value(metrics: dict[str, Any], name: str | None) -> float | None:
         available = ", ".join(sorted(k for k, v in metrics.items() if isinstance(v, float)))
         raise ConfigError(f"optimized_metric={name!r} is not among this run's metrics ({available})")
     return float(metrics[name])
+
+
+def _interrupted(cfg: DictConfig, signum: signal.Signals) -> RunInterrupted:
+    """SIGTERM (a scheduler's preemption or time limit, ``kill``) during training.
+
+    Lightning's signal connector notes the signal and raises ``SIGTERMException`` after the current batch; the
+    ``last_checkpoint`` callback (``save_on_exception``) has then saved ``checkpoints/last.ckpt`` with the state at
+    that batch. Lightning would let the process exit 0; we exit 128 + 15 instead, so a scheduler sees the job did not
+    finish. A requeued job resumes with the same command plus ``hydra.run.dir=<this run dir> ckpt_path=last``.
+    """
+    last = Path(cfg.paths.output_dir) / "checkpoints" / LAST
+    where = f"resume with hydra.run.dir={cfg.paths.output_dir} ckpt_path=last" if last.is_file() else "no checkpoint was saved"
+    return RunInterrupted(f"received {signum.name} during training; {where}", exit_code=128 + signum.value)

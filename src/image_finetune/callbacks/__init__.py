@@ -12,7 +12,7 @@ from image_finetune.callbacks.progress import (
     silence_lightning_noise,
     summarize_run,
 )
-from image_finetune.callbacks.reproducibility import ReseedEveryEpoch, StoreRunConfig
+from image_finetune.callbacks.reproducibility import LastCheckpoint, ReseedEveryBatch, StoreRunConfig
 from image_finetune.callbacks.visuals import (
     ConfusionMatrixImage,
     FinetunePhaseMarker,
@@ -26,10 +26,11 @@ __all__ = [
     "CompactModelSummary",
     "ConfusionMatrixImage",
     "FinetunePhaseMarker",
+    "LastCheckpoint",
     "MisclassifiedGrid",
     "ModelCheckpoint",
     "PerClassAccuracy",
-    "ReseedEveryEpoch",
+    "ReseedEveryBatch",
     "RunSummary",
     "StoreRunConfig",
     "TrainImageGrid",

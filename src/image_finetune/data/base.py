@@ -25,6 +25,8 @@ class EpochSampler(DistributedSampler):
     exactly the batches an uninterrupted one would (Lightning checkpoints hold no RNG state). It subclasses
     ``DistributedSampler`` so Lightning neither replaces nor re-wraps it; it shards across ranks itself.
     ``weights`` switches to sampling with replacement in proportion to the weights (``data.balance=true``).
+    ``skip`` leaves out the first ``skip`` samples of this rank's share of epoch ``epoch``, once: a run resumed from a
+    checkpoint saved mid-epoch (SIGTERM) goes on with the batches the interrupted run had not trained yet.
     """
 
     def __init__(
@@ -37,8 +39,10 @@ class EpochSampler(DistributedSampler):
         num_replicas: int = 1,
         rank: int = 0,
         drop_last: bool = False,
+        skip: int = 0,
     ) -> None:
         self.num_samples_total, self.seed, self.epoch, self.weights = num_samples, seed, epoch, weights
+        self._skip = (epoch, skip) if skip > 0 else None
         self.num_replicas, self.rank, self.drop_last, self.shuffle = num_replicas, rank, drop_last, True
         per_rank = num_samples / num_replicas
         self.num_samples = math.floor(per_rank) if drop_last else math.ceil(per_rank)
@@ -56,7 +60,10 @@ class EpochSampler(DistributedSampler):
             order = torch.randperm(n, generator=generator)
             order = order.repeat(math.ceil(self.total_size / n))[: self.total_size]
         seeds = torch.randint(0, 2**62, (self.total_size,), generator=generator)
-        shard = slice(self.rank, self.total_size, self.num_replicas)
+        start = 0
+        if self._skip is not None and self._skip[0] == self.epoch:
+            start, self._skip = self._skip[1], None
+        shard = slice(self.rank + start * self.num_replicas, self.total_size, self.num_replicas)
         return zip(order[shard].tolist(), seeds[shard].tolist())
 
 
@@ -79,6 +86,18 @@ def seeded_rngs(seed: int) -> Iterator[None]:
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
+
+
+def resume_position(trainer: L.Trainer) -> tuple[int, int]:
+    """``(epoch, training batches of it already done)`` where the fit loop starts: (0, 0) for a fresh fit.
+
+    Read from the loop state Lightning restored from the checkpoint before it asks for the train loader. A checkpoint
+    saved at an epoch's end resumes at the next epoch (its counters say the epoch was processed); one saved mid-epoch
+    (on SIGTERM) has started the epoch without processing it, and its batch counter says how many batches were done.
+    """
+    epochs = trainer.fit_loop.epoch_progress.current
+    mid_epoch = epochs.started > epochs.processed
+    return epochs.processed, trainer.fit_loop.epoch_loop.batch_progress.current.processed if mid_epoch else 0
 
 
 def default_num_workers() -> int:
@@ -121,6 +140,7 @@ class ClassificationDataModule(L.LightningDataModule):
         self.class_names: list[str] = []
         self.datasets: dict[str, Dataset] = {}
         self.sample_weights: torch.Tensor | None = None
+        self._resume_position: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
 
     # ---- subclasses fill these ------------------------------------------------------------------------------------
     def device_transform(self, images: torch.Tensor, train: bool) -> torch.Tensor:
@@ -149,16 +169,37 @@ class ClassificationDataModule(L.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
         )
 
+    # ---- where training resumes ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler's position (epoch, batches of it done), saved in every checkpoint; see ``train_dataloader``."""
+        if self.trainer is None:
+            return {}
+        epoch, done = resume_position(self.trainer)
+        return {"train_position": [epoch, done]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        position = state_dict.get("train_position")
+        self._resume_position = (int(position[0]), int(position[1])) if position else None
+
     def train_dataloader(self) -> DataLoader:
+        """The train loader, starting at the position the fit resumes at.
+
+        Lightning asks for it while ``configure_optimizers`` reads ``trainer.estimated_stepping_batches``, before it
+        restores the loop counters of a checkpoint, and with workers the loader starts drawing sample indices at once
+        (a resumed run used to re-train epoch 0's order). So the position comes from the checkpoint's data module
+        state, which Lightning restores before that; a fresh fit reads the trainer's (live) counters.
+        """
         trainer = self.trainer
+        resumed, self._resume_position = self._resume_position, None
+        epoch, done = resumed or (resume_position(trainer) if trainer is not None else (0, 0))
         sampler = EpochSampler(
             len(self.datasets["train"]),  # type: ignore[arg-type]
             seed=self.seed,
-            # On resume Lightning draws the first batch before it calls set_epoch; start at the epoch it will resume.
-            epoch=trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0,
+            epoch=epoch,
             weights=self.sample_weights,
             num_replicas=trainer.world_size if trainer is not None else 1,
             rank=trainer.global_rank if trainer is not None else 0,
+            skip=done * self.batch_size,
         )
         return self._loader("train", sampler)
 
