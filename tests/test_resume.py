@@ -229,7 +229,7 @@ def test_resuming_from_last_removes_checkpoints_the_killed_run_wrote_after_it(tm
 
     def save(name: str, step: int, tracked: tuple[str, ...] = ()) -> Path:
         state = {"best_model_path": tracked[0] if tracked else "", "best_k_models": {p: torch.tensor(0.5) for p in tracked}}
-        torch.save({"global_step": step, "callbacks": {"ModelCheckpoint{}": state}}, ckpts / name)
+        torch.save({"state_dict": {}, "global_step": step, "callbacks": {"ModelCheckpoint{}": state}}, ckpts / name)
         return ckpts / name
 
     old_best = save("epoch001-acc0.5000.ckpt", 20)
@@ -241,21 +241,6 @@ def test_resuming_from_last_removes_checkpoints_the_killed_run_wrote_after_it(tm
 
 
 # ---- messages ---------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("content", ["random", "truncated"])
-def test_a_broken_ckpt_path_is_one_line(compose_cfg, tmp_path, content):
-    path = tmp_path / "broken.ckpt"
-    if content == "random":
-        path.write_bytes(os.urandom(4096))
-    else:
-        buffer = io.BytesIO()
-        torch.save({"state_dict": {"w": torch.zeros(1000)}, "loops": {}}, buffer)
-        path.write_bytes(buffer.getvalue()[:2000])
-    with pytest.raises(UserError) as info:
-        train(compose_cfg(f"ckpt_path={path}", *FAST))
-    message = str(info.value)
-    assert "\n" not in message and str(path) in message and "not a" in message, message
-
-
 def test_a_full_disk_names_the_checkpoint_and_keeps_the_previous_one(tmp_path, monkeypatch):
     target = tmp_path / "checkpoints" / "last.ckpt"
     io_ = AtomicCheckpointIO()
