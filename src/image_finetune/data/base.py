@@ -89,11 +89,11 @@ def seeded_rngs(seed: int) -> Iterator[None]:
 
 
 def resume_position(trainer: L.Trainer) -> tuple[int, int]:
-    """``(epoch, training batches of it already done)`` where the fit loop starts: (0, 0) for a fresh fit.
+    """``(epoch, training batches of it already done)`` by the trainer's live loop counters: where a fit would go on.
 
-    Read from the loop state Lightning restored from the checkpoint before it asks for the train loader. A checkpoint
-    saved at an epoch's end resumes at the next epoch (its counters say the epoch was processed); one saved mid-epoch
-    (on SIGTERM) has started the epoch without processing it, and its batch counter says how many batches were done.
+    Read when a checkpoint is saved (``state_dict``) and for a fit that restores nothing. At an epoch's end the epoch
+    counts as processed, so the position is the next epoch; mid-epoch (a SIGTERM checkpoint) the epoch has started
+    without being processed, and the batch counter says how many of its batches were done.
     """
     epochs = trainer.fit_loop.epoch_progress.current
     mid_epoch = epochs.started > epochs.processed
