@@ -72,9 +72,12 @@ def test_a_run_stopped_by_sigterm_mid_epoch_resumes_to_the_uninterrupted_weights
     train(full)
     expected = weights(tmp_path / "full" / "checkpoints" / "last.ckpt")
 
-    class SendSigterm(L.Callback):  # stands in for a scheduler: the signal arrives during a training batch
+    class SendSigterm(L.Callback):  # stands in for a scheduler: one signal, during a training batch
+        sent = False
+
         def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
-            if trainer.current_epoch == 1 and trainer.fit_loop.epoch_loop.batch_idx == 1:
+            if not SendSigterm.sent and trainer.current_epoch == 1 and trainer.fit_loop.epoch_loop.batch_idx == 1:
+                SendSigterm.sent = True
                 os.kill(os.getpid(), signal.SIGTERM)
 
     real_build = build
