@@ -42,7 +42,7 @@ def assert_bitwise_equal(got: dict[str, torch.Tensor], expected: dict[str, torch
 
 # ---- last.ckpt ----------------------------------------------------------------------------------------------------
 def test_last_ckpt_is_the_final_epoch_even_when_an_earlier_epoch_was_best(compose_cfg, pretrained, image_folder, monkeypatch):
-    """With the default callbacks (save_top_k 1) and val/acc falling every epoch, the best checkpoint is epoch 0 and
+    """With the default callbacks (save_top_k 1) and val/acc falling every epoch, the best checkpoint is the first epoch (epoch001, counted from 1) and
     `last.ckpt` must still hold the end of the final epoch (Lightning 2.6's save_last keeps a copy of the best)."""
     real_log_dict = ImageClassifier.log_dict
 
@@ -56,10 +56,10 @@ def test_last_ckpt_is_the_final_epoch_even_when_an_earlier_epoch_was_best(compos
     run = build(cfg)
     finetune.fit(run.trainer, run.model, run.datamodule, run.schedule)
     ckpts = Path(cfg.paths.output_dir) / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch000-acc0.9000.ckpt", "last.ckpt", "phase1.ckpt"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch001-acc0.9000.ckpt", "last.ckpt", "phase1.ckpt"]
     assert finetune.resume_epoch(ckpts / "last.ckpt") == 3
     assert_bitwise_equal(weights(ckpts / "last.ckpt"), run.model.state_dict(), "last.ckpt vs the trained model")
-    assert Path(run.trainer.checkpoint_callback.best_model_path).name == "epoch000-acc0.9000.ckpt"
+    assert Path(run.trainer.checkpoint_callback.best_model_path).name == "epoch001-acc0.9000.ckpt"
 
 
 # ---- exact resume ---------------------------------------------------------------------------------------------------
