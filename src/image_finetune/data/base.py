@@ -51,7 +51,8 @@ class EpochSampler(DistributedSampler):
     def __len__(self) -> int:
         return self.num_samples
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's sample indices and per-sample seeds for the current epoch, as int64 tensors (CPU)."""
         generator = torch.Generator().manual_seed(hash((self.seed, self.epoch)) & 0x7FFF_FFFF_FFFF_FFFF)
         n = self.num_samples_total
         if self.weights is not None:
@@ -64,7 +65,11 @@ class EpochSampler(DistributedSampler):
         if self._skip is not None and self._skip[0] == self.epoch:
             start, self._skip = self._skip[1], None
         shard = slice(self.rank + start * self.num_replicas, self.total_size, self.num_replicas)
-        return zip(order[shard].tolist(), seeds[shard].tolist())
+        return order[shard], seeds[shard]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        order, seeds = self.draw()
+        return zip(order.tolist(), seeds.tolist())
 
 
 @contextlib.contextmanager
@@ -181,18 +186,18 @@ class ClassificationDataModule(L.LightningDataModule):
         position = state_dict.get("train_position")
         self._resume_position = (int(position[0]), int(position[1])) if position else None
 
-    def train_dataloader(self) -> DataLoader:
-        """The train loader, starting at the position the fit resumes at.
+    def train_sampler(self) -> EpochSampler:
+        """This rank's training order, starting at the position the fit resumes at (see ``EpochSampler``).
 
-        Lightning asks for it while ``configure_optimizers`` reads ``trainer.estimated_stepping_batches``, before it
-        restores the loop counters of a checkpoint, and with workers the loader starts drawing sample indices at once
-        (a resumed run used to re-train epoch 0's order). So the position comes from the checkpoint's data module
-        state, which Lightning restores before that; a fresh fit reads the trainer's (live) counters.
+        Lightning asks for the train loader while ``configure_optimizers`` reads ``trainer.estimated_stepping_batches``,
+        before it restores the loop counters of a checkpoint, and with workers the loader starts drawing sample indices
+        at once (a resumed run used to re-train epoch 0's order). So the position comes from the checkpoint's data
+        module state, which Lightning restores before that; a fresh fit reads the trainer's (live) counters.
         """
         trainer = self.trainer
         resumed, self._resume_position = self._resume_position, None
         epoch, done = resumed or (resume_position(trainer) if trainer is not None else (0, 0))
-        sampler = EpochSampler(
+        return EpochSampler(
             len(self.datasets["train"]),  # type: ignore[arg-type]
             seed=self.seed,
             epoch=epoch,
@@ -201,7 +206,9 @@ class ClassificationDataModule(L.LightningDataModule):
             rank=trainer.global_rank if trainer is not None else 0,
             skip=done * self.batch_size,
         )
-        return self._loader("train", sampler)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.train_sampler())
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")

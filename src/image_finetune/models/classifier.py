@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.classification import MulticlassAccuracy
 
 from image_finetune.checkpoints import read_checkpoint
 from image_finetune.errors import ConfigError, UserError
 from image_finetune.models.backbones import build_backbone
+from image_finetune.models.metrics import SyncFreeMacroF1, SyncFreeTopKAccuracy
 from image_finetune.models.stages import stage_names, stage_of, torchvision_stages
 from image_finetune.schedule import stage_lr_ratios
 
@@ -68,12 +69,13 @@ class ClassifierNet(nn.Module):
 
 def _metrics(num_classes: int, split: str) -> MetricCollection:
     # validate_args=False: the inputs are our own logits and labels, and the checks cost a GPU->CPU sync every step.
+    # F1 and top-5 from models/metrics.py: torchmetrics' own would sync the GPU with the host on every step.
     metrics: dict[str, Any] = {
         "acc": MulticlassAccuracy(num_classes, average="micro", validate_args=False),
-        "f1": MulticlassF1Score(num_classes, average="macro", validate_args=False),
+        "f1": SyncFreeMacroF1(num_classes),
     }
     if num_classes > 5:
-        metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro", validate_args=False)
+        metrics["top5"] = SyncFreeTopKAccuracy(num_classes, top_k=5)
     # compute_groups=False: torchmetrics merges metrics whose states are equal after the first batch, so a first
     # batch that is all correct would make top-5 share top-1's state (and report top-1) for the rest of the epoch.
     return MetricCollection(metrics, prefix=f"{split}/", compute_groups=False)
@@ -155,7 +157,8 @@ class ImageClassifier(L.LightningModule):
             b.module, b.num_features, num_classes, self.hparams.dropout, b.mean, b.std, self.hparams.upsample_to
         )
         self.metrics = nn.ModuleDict({f"{split}_metrics": _metrics(num_classes, split) for split in SPLITS})
-        self.losses = nn.ModuleDict({f"{split}_loss": MeanMetric() for split in SPLITS})
+        # nan_strategy="disable": the NaN check reads a flag back from the GPU every step; a NaN loss shows as NaN.
+        self.losses = nn.ModuleDict({f"{split}_loss": MeanMetric(nan_strategy="disable") for split in SPLITS})
 
     @property
     def class_names(self) -> list[str]:
@@ -243,7 +246,9 @@ class ImageClassifier(L.LightningModule):
         self.metrics[f"{split}_metrics"].update(logits.detach(), targets)
         self.losses[f"{split}_loss"].update(loss.detach(), weight=targets.shape[0])
         if split == "train":
-            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=targets.shape[0])
+            # Not on the progress bar: Lightning turns progress-bar values into Python numbers after every batch, a
+            # GPU->host sync per step; loggers read it only every trainer.log_every_n_steps.
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False, batch_size=targets.shape[0])
         return {"loss": loss, "logits": logits.detach()}
 
     def _log_epoch_metrics(self, split: str) -> None:
