@@ -2,6 +2,12 @@
 
     python benchmarks/train_throughput.py experiment=cifar10 trainer.max_epochs=2 trainer.limit_train_batches=100
     python benchmarks/train_throughput.py experiment=cifar10 compile=true ...
+    python benchmarks/train_throughput.py --baseline --modes eager compiled --repeats 2 experiment=cifar10 ...
+
+``--baseline`` also trains a plain PyTorch loop (``plain_loop``) on the same model, precision, memory format, batch,
+data and augmentation, alternated with the template in this process (template, plain, template, plain, ... for each
+of ``--modes``), and prints template/plain per phase (frozen, unfrozen): the ratio is measured in one run, on one
+machine, under the same load.
 
 On a machine without internet, ``--fake-data`` writes CIFAR-10-shaped batches of random pixels and ``--fake-weights``
 seeds the torch hub cache with randomly initialised weights under the official file names (shared/GUIDE.md s.7):
@@ -20,13 +26,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import statistics
+from collections.abc import Iterator
+
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 
-from image_finetune.cli import compose_config
 from image_finetune import finetune
+from image_finetune.cli import compose_config
+from image_finetune.data.cifar10 import TensorImageDataset, random_crop_flip
 from image_finetune.train import build
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -118,40 +131,202 @@ def main() -> None:
     parser.add_argument("--fake-data", action="store_true", help="random CIFAR-10-shaped data (no download)")
     parser.add_argument("--fake-weights", action="store_true", help="random weights under the official file name")
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--baseline", action="store_true", help="also time a plain PyTorch loop; print template/plain")
+    parser.add_argument("--modes", nargs="+", choices=["eager", "compiled"], help="compile settings to run (default: the config's)")
+    parser.add_argument("--repeats", type=int, default=1, help="alternated template/plain rounds per mode (medians reported)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args, overrides = parser.parse_known_args()
 
     # Removed at the end: fake CIFAR, seeded weights and the run's checkpoints come to over 1 GB for ResNet-50.
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
-        result = measure(Path(tmp), args.warmup, overrides, args.fake_data, args.fake_weights)
+        if args.baseline or args.modes:
+            result = compare(Path(tmp), args.warmup, overrides, args.fake_data, args.fake_weights, args.modes, args.repeats, args.baseline)
+        else:
+            result = measure(Path(tmp), args.warmup, overrides, args.fake_data, args.fake_weights)
     text = json.dumps(result, indent=2)
     print(text)
+    if "table" in result:
+        print("\n".join(result["table"]))
     if args.json:
         args.json.write_text(text)
 
 
+def _prepare(scratch: Path, overrides: list[str], fake_data: bool, fake_weights: bool) -> list[str]:
+    """Fake data/weights once per process; returns the overrides that point the config at them."""
+    if fake_data and not (scratch / "cifar").exists():
+        write_fake_cifar(scratch / "cifar")
+    if fake_data:
+        overrides = [*overrides, f"data.data_dir={scratch / 'cifar'}"]
+    if fake_weights:
+        cfg = compose_config(CONFIGS, "train", overrides, scratch / "probe")
+        seed_fake_weights(scratch / "torch_home", cfg.model.backbone.name, cfg.model.backbone.weights)
+    return overrides
+
+
 def measure(scratch: Path, warmup: int, overrides: list[str], fake_data: bool, fake_weights: bool) -> dict[str, Any]:
     """Fit the composed run (both phases) with a ``Throughput`` meter; the results as JSON-ready data."""
-    if fake_data:
-        write_fake_cifar(scratch / "cifar")
-        overrides = [*overrides, f"data.data_dir={scratch / 'cifar'}"]
-    cfg = compose_config(CONFIGS, "train", [*overrides, "test=false", "logger=csv"], scratch / "run")
-    if fake_weights:
-        seed_fake_weights(scratch / "torch_home", cfg.model.backbone.name, cfg.model.backbone.weights)
+    overrides = _prepare(scratch, overrides, fake_data, fake_weights)
+    result, _, _ = _template(scratch / "run", warmup, overrides)
+    return result
 
+
+def _template(run_dir: Path, warmup: int, overrides: list[str]) -> tuple[dict[str, Any], Any, DictConfig]:
+    cfg = compose_config(CONFIGS, "train", [*overrides, "test=false", "logger=csv"], run_dir)
+    _reset_peak_memory()
     run = build(cfg)
     meter = Throughput(warmup)
     run.trainer.callbacks.append(meter)
     started = time.perf_counter()
     finetune.fit(run.trainer, run.model, run.datamodule, run.schedule)
-    return {
+    result = {
         "overrides": overrides,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
         "phases": meter.phases,
         "total_seconds": time.perf_counter() - started,
         "final_val_acc": float(run.trainer.callback_metrics.get("val/acc", float("nan"))),
+        "peak_gpu_memory_gib": _peak_memory_gib(),
     }
+    return result, run, cfg
+
+
+def compare(
+    scratch: Path, warmup: int, overrides: list[str], fake_data: bool, fake_weights: bool, modes: list[str] | None, repeats: int,
+    baseline: bool,
+) -> dict[str, Any]:
+    """Template (and, with ``baseline``, the plain loop right after it) for each mode, ``repeats`` alternated rounds."""
+    overrides = _prepare(scratch, overrides, fake_data, fake_weights)
+    if not modes:
+        modes = ["compiled" if compose_config(CONFIGS, "train", overrides, scratch / "probe").compile else "eager"]
+    rounds: list[dict[str, Any]] = []
+    for r in range(repeats):
+        for mode in modes:
+            mode_overrides = [*overrides, f"compile={mode == 'compiled'}"]
+            template, run, cfg = _template(scratch / f"run_{mode}_{r}", warmup, mode_overrides)
+            entry = {"round": r, "mode": mode, "template": template}
+            if baseline:
+                steps = [(p["backbone_frozen"], p["steps_timed"]) for p in template["phases"]]
+                run.model.cpu()  # the plain loop's own model takes its place on the device
+                entry["plain"] = plain_loop(cfg, run, steps, warmup, compiled=mode == "compiled")
+            rounds.append(entry)
+            del run
+    return {"modes": modes, "repeats": repeats, "rounds": rounds, **({"table": ratio_table(rounds)} if baseline else {})}
+
+
+def ratio_table(rounds: list[dict[str, Any]]) -> list[str]:
+    """Markdown: per mode and phase, median img/s of template and plain loop and the median of per-round ratios."""
+    lines = ["| mode | phase | template img/s | plain img/s | template/plain |", "| --- | --- | ---: | ---: | ---: |"]
+    keys = dict.fromkeys((e["mode"], p["backbone_frozen"]) for e in rounds for p in e["template"]["phases"])
+    for mode, frozen in keys:
+        pairs = [
+            (t["images_per_s"], p["images_per_s"])
+            for e in rounds if e["mode"] == mode
+            for t, p in zip(e["template"]["phases"], e["plain"]["phases"]) if t["backbone_frozen"] == frozen
+        ]  # fmt: skip
+        if not pairs:
+            continue
+        ratio = statistics.median(t / p for t, p in pairs)
+        phase = "frozen" if frozen else "unfrozen"
+        lines.append(
+            f"| {mode} | {phase} | {statistics.median(t for t, _ in pairs):,.1f} | {statistics.median(p for _, p in pairs):,.1f} "
+            f"| ratio {ratio:.3f} |"
+        )
+    return lines
+
+
+# ---- the plain loop ---------------------------------------------------------------------------------------------------
+def plain_loop(cfg: DictConfig, run: Any, phases: list[tuple[bool, int]], warmup: int, compiled: bool) -> dict[str, Any]:
+    """What a hand-written PyTorch loop does with the same model, precision, memory format, batch, data and augmentation.
+
+    A fresh model from the same config (same weights), frozen exactly as the template freezes it, AdamW with the
+    same groups and schedule, autocast for the config's precision, and data as the template's data module serves it.
+    For in-memory CIFAR the loop indexes the uint8 training set on the device itself (what a hand-written loop
+    does); for other data it iterates the data module's own training loader. No validation, logging or callbacks.
+    """
+    trainer = run.trainer
+    device = trainer.strategy.root_device
+    datamodule = run.datamodule
+    model = instantiate(cfg.model, class_names=datamodule.class_names).to(device)
+    net = model.net
+    if cfg.channels_last:
+        net.to(memory_format=torch.channels_last)
+    precision = str(cfg.trainer.precision)
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler(device.type) if dtype is torch.float16 else None
+    smoothing = float(cfg.model.label_smoothing)
+    optimizer = model.optimizer_factory(model.param_groups())
+    total = sum(steps + warmup for _, steps in phases)
+    scheduler = model.scheduler_factory(optimizer, total_steps=total) if model.scheduler_factory is not None else None
+    batches = _plain_batches(datamodule, device)
+    _reset_peak_memory()
+    results = []
+    for frozen, steps in phases:
+        model.backbone_frozen = frozen
+        model._apply_freeze()  # the same parameters and layers frozen as in the template's phase
+        model.train()
+        forward = net
+        if compiled:
+            torch._dynamo.reset()
+            forward = torch.compile(net)
+        _sync()
+        started = None
+        images_seen = 0
+        for step in range(warmup + steps):
+            if step == warmup:
+                _sync()
+                started = time.perf_counter()
+            images, labels = next(batches)
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = F.cross_entropy(forward(images), labels, label_smoothing=smoothing)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if scheduler is not None:
+                scheduler.step()
+            if started is not None:
+                images_seen += labels.shape[0]
+        _sync()
+        elapsed = time.perf_counter() - started if started is not None else 0.0
+        results.append(
+            {"backbone_frozen": frozen, "steps_timed": steps, "seconds_timed": elapsed,
+             "images_per_s": images_seen / elapsed if elapsed > 0 else float("nan")}
+        )  # fmt: skip
+    return {"phases": results, "peak_gpu_memory_gib": _peak_memory_gib()}
+
+
+def _plain_batches(datamodule: Any, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless training batches (float images in [0, 1], labels) on ``device``, augmented as the template's."""
+    train = datamodule.datasets["train"]
+    batch_size = datamodule.batch_size
+    if isinstance(train, TensorImageDataset):
+        images, labels = train.images.to(device), train.labels.to(device)
+        n = len(labels)
+        while True:
+            order = torch.randperm(n, device=device)
+            seeds = torch.randint(0, 2**62, (n,), device=device)
+            for start in range(0, n - batch_size + 1, batch_size):
+                index = order[start : start + batch_size]
+                yield random_crop_flip(images[index], seeds[start : start + batch_size]).float().div_(255), labels[index]
+    while True:
+        for images, labels in datamodule.train_dataloader():
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            yield datamodule.device_transform(images.float().div_(255), train=True), labels
+
+
+def _reset_peak_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_memory_gib() -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
 if __name__ == "__main__":

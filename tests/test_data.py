@@ -135,14 +135,44 @@ def test_cifar_sizes_that_cannot_work_are_config_errors(cifar_root):
         dm.setup("fit")
 
 
-def test_cifar_device_augmentation_crops_and_flips_within_the_padding():
-    torch.manual_seed(0)
-    images = torch.rand(64, 3, 32, 32)
-    out = random_crop_flip(images)
-    assert out.shape == images.shape
-    assert not torch.equal(out, images)
-    unchanged = [torch.equal(out[i], images[i]) or torch.equal(out[i], images[i].flip(-1)) for i in range(64)]
-    assert 0 < sum(unchanged) < 64  # some samples drew offset (4, 4): no shift
+def test_cifar_device_augmentation_is_the_reflect_pad_crop_flip_each_sample_seed_names():
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    seeds = torch.randint(0, 2**62, (64,), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    out = random_crop_flip(images, seeds)
+    torch.manual_seed(2)
+    assert torch.equal(random_crop_flip(images, seeds), out)  # the seeds decide, not the global RNG
+    padded = torch.nn.functional.pad(images.float(), (4,) * 4, mode="reflect").to(torch.uint8)
+    for i, seed in enumerate(seeds.tolist()):
+        dy, dx, flip = seed % 9, (seed // 9) % 9, (seed // 81) % 2
+        expected = padded[i, :, dy : dy + 32, dx : dx + 32]
+        assert torch.equal(out[i], expected.flip(-1) if flip else expected), i
+    assert len({(s % 9, (s // 9) % 9, (s // 81) % 2) for s in seeds.tolist()}) > 20  # offsets and flips really vary
+
+
+def test_cifar_training_batches_live_on_the_device_and_depend_on_seed_and_epoch_only(cifar_root):
+    """Resident batches: the same (seed, epoch) gives the same batches (exact resume), another epoch others; no
+    worker, no collation, the labels travel with their images."""
+    dm = CIFAR10DataModule(cifar_root, batch_size=8, num_workers=0, val_size=20)
+    dm.setup("fit")
+
+    def epoch_batches(epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)  # what Lightning calls at each epoch start
+        torch.manual_seed(epoch + 100)  # the global RNG must not matter
+        return list(loader)
+
+    first, again, other = epoch_batches(3), epoch_batches(3), epoch_batches(4)
+    assert len(first) == 80 // 8 and all(images.dtype == torch.uint8 and images.shape == (8, 3, 32, 32) for images, _ in first)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(first, other))
+    train = dm.datasets["train"]
+    order, seeds = dm.train_sampler().draw()  # epoch 0 (no trainer)
+    images, labels = next(iter(dm.train_dataloader()))
+    assert torch.equal(labels, train.labels[order[:8]])
+    assert torch.equal(images, random_crop_flip(train.images[order[:8]], seeds[:8]))
+    val = list(dm.val_dataloader())  # in order, all 20, last batch partial
+    assert torch.equal(torch.cat([images for images, _ in val]), dm.datasets["val"].images)
 
 
 @pytest.mark.parametrize(
