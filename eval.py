@@ -4,12 +4,13 @@ import hydra
 from omegaconf import DictConfig
 
 from image_finetune.cli import user_errors
-from image_finetune.evaluate import evaluate
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> None:
     with user_errors():
+        from image_finetune.evaluate import evaluate  # heavy (torch, Lightning): only once a run starts
+
         evaluate(cfg)
 
 

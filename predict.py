@@ -4,12 +4,13 @@ import hydra
 from omegaconf import DictConfig
 
 from image_finetune.cli import user_errors
-from image_finetune.predict import predict
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="predict")
 def main(cfg: DictConfig) -> None:
     with user_errors():
+        from image_finetune.predict import predict  # heavy (torch, Lightning): only once a run starts
+
         predict(cfg)
 
 

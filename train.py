@@ -4,14 +4,17 @@ import hydra
 from omegaconf import DictConfig
 
 from image_finetune.cli import user_errors
+from image_finetune.config_checks import check_config
 from image_finetune.multirun import multirun_job
-from image_finetune.train import optimized_value, train
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Returns ``optimized_metric`` (default ``val/acc``: the best checkpoint's) for sweepers such as ``hparams_search=optuna``."""
     with user_errors(), multirun_job():
+        check_config(cfg)  # before the heavy imports: a wrong value costs a second, not the ~6 s of importing Lightning
+        from image_finetune.train import optimized_value, train  # torch, Lightning, torchvision: only once a run starts
+
         return optimized_value(train(cfg), cfg.get("optimized_metric"))
 
 

@@ -76,6 +76,8 @@ class ResidentBatches:
     crosses to the device once.
     """
 
+    batch_sampler = None  # Lightning inspects loaders as if they were DataLoaders: the order is ``sampler``'s alone
+
     def __init__(
         self,
         images: torch.Tensor,

@@ -1,0 +1,63 @@
+"""Starting is quick: ``--help``, ``--cfg job`` and a config error never import torch or Lightning (issue 13).
+
+Not a timing test (the machine's load decides the seconds): it checks the cause of slowness, the heavy imports.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "lightning", "torchvision", "torchmetrics")
+
+# Runs an entry script as ``python <script> ARGS`` would, then reports which heavy modules got imported.
+PROBE = """
+import runpy, sys
+script, sys.argv = sys.argv[1], sys.argv[1:]
+code = 0
+try:
+    runpy.run_path(script, run_name="__main__")
+except SystemExit as exit:
+    code = exit.code
+print("HEAVY", ",".join(m for m in {heavy!r} if m in sys.modules), "EXIT", code)
+"""
+
+
+def probe(script: str, *args: str) -> tuple[list[str], str, str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE.format(heavy=HEAVY), script, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    last = result.stdout.strip().splitlines()[-1].split()
+    assert last[0] == "HEAVY", result.stdout[-2000:] + result.stderr[-2000:]
+    heavy = last[1].split(",") if last[1] != "EXIT" else []
+    return heavy, last[-1], result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["train.py", "eval.py", "predict.py", "export.py"])
+def test_entry_scripts_help_imports_neither_torch_nor_lightning(script):
+    heavy, code, _ = probe(script, "--help")
+    assert (heavy, code) == ([], "0")
+
+
+@pytest.mark.slow
+def test_train_cfg_job_and_a_config_error_import_neither_torch_nor_lightning():
+    assert probe("train.py", "--cfg", "job")[:2] == ([], "0")
+    heavy, code, stderr = probe("train.py", "data.batch_size=0")
+    assert (heavy, code) == ([], "2")
+    assert stderr.strip().splitlines() == [
+        "error: data.batch_size=0 must be a positive number of images per batch (per device), e.g. data.batch_size=64"
+    ]
+
+
+def test_the_one_line_error_helper_is_import_light():
+    code = "import sys, image_finetune.cli, image_finetune.config_checks; print(sorted(m for m in %r if m in sys.modules))" % (HEAVY,)
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.strip() == "[]"
