@@ -105,14 +105,25 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def write_fake_cifar(root: Path, train: int = 50_000, test: int = 10_000) -> None:
-    """CIFAR-10's on-disk format with random pixels, and an integrity check that accepts it."""
+def write_fake_cifar(root: Path, train: int = 50_000, test: int = 10_000, learnable: bool = False) -> None:
+    """CIFAR-10's on-disk format with random pixels, and an integrity check that accepts it.
+
+    ``learnable``: each class gets its own mean colour under the noise, so a working pipeline learns it quickly (an
+    end-to-end check of data, augmentation and training on a new machine, not a measure of accuracy on CIFAR).
+    """
     batches = root / "cifar-10-batches-py"
     batches.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
+    colours = rng.integers(40, 216, (10, 3))
     for name, n in [*((f"data_batch_{i}", train // 5) for i in range(1, 6)), ("test_batch", test)]:
+        labels = np.arange(n) % 10
+        if learnable:
+            pixels = colours[labels][:, :, None] + rng.integers(-40, 41, (n, 3, 1024))
+            data = np.clip(pixels, 0, 255).astype(np.uint8).reshape(n, 3072)
+        else:
+            data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
         with open(batches / name, "wb") as f:
-            pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": (np.arange(n) % 10).tolist()}, f)
+            pickle.dump({"data": data, "labels": labels.tolist()}, f)
     with open(batches / "batches.meta", "wb") as f:
         pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
     torchvision.datasets.cifar.check_integrity = lambda *args, **kwargs: True
@@ -151,10 +162,10 @@ def main() -> None:
         args.json.write_text(text)
 
 
-def _prepare(scratch: Path, overrides: list[str], fake_data: bool, fake_weights: bool) -> list[str]:
+def _prepare(scratch: Path, overrides: list[str], fake_data: bool, fake_weights: bool, fake_train: int = 50_000) -> list[str]:
     """Fake data/weights once per process; returns the overrides that point the config at them."""
     if fake_data and not (scratch / "cifar").exists():
-        write_fake_cifar(scratch / "cifar")
+        write_fake_cifar(scratch / "cifar", fake_train, max(100, fake_train // 5))
     if fake_data:
         overrides = [*overrides, f"data.data_dir={scratch / 'cifar'}"]
     if fake_weights:
@@ -192,10 +203,10 @@ def _template(run_dir: Path, warmup: int, overrides: list[str]) -> tuple[dict[st
 
 def compare(
     scratch: Path, warmup: int, overrides: list[str], fake_data: bool, fake_weights: bool, modes: list[str] | None, repeats: int,
-    baseline: bool,
+    baseline: bool, fake_train: int = 50_000,
 ) -> dict[str, Any]:
     """Template (and, with ``baseline``, the plain loop right after it) for each mode, ``repeats`` alternated rounds."""
-    overrides = _prepare(scratch, overrides, fake_data, fake_weights)
+    overrides = _prepare(scratch, overrides, fake_data, fake_weights, fake_train)
     if not modes:
         modes = ["compiled" if compose_config(CONFIGS, "train", overrides, scratch / "probe").compile else "eager"]
     rounds: list[dict[str, Any]] = []
