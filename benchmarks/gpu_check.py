@@ -158,7 +158,7 @@ def part_throughput(settings: dict[str, Any], device: str, mode: str) -> dict[st
 
     overrides = [
         *settings["model"], "trainer.max_epochs=2", "finetune.freeze_epochs=1", f"trainer.limit_train_batches={settings['steps']}",
-        "trainer.limit_val_batches=1", "trainer.num_sanity_val_steps=0",
+        "trainer.limit_val_batches=1", "++trainer.num_sanity_val_steps=0",
     ]  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
         rounds = 2 if mode == "eager" else 1
