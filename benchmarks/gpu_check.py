@@ -46,7 +46,7 @@ TINY = {
         "experiment=cifar10", "trainer=cpu", "trainer.precision=32-true", "channels_last=false", "model.backbone.name=resnet18",
         "model.backbone.weights=IMAGENET1K_V1", "model.upsample_to=null", "data.batch_size=16", "data.val_size=64",
     ],
-    "fake_train": 320, "steps": 4, "warmup": 1, "epochs": 2, "jpegs": 64, "jpeg_batch": 16, "workers": [0, 1],
+    "fake_train": 160, "steps": 3, "warmup": 1, "epochs": 2, "jpegs": 64, "jpeg_batch": 16, "workers": [0, 1],
 }  # fmt: skip
 
 
