@@ -236,7 +236,7 @@ def part_decode(settings: dict[str, Any], device: str) -> dict[str, Any]:
     from torchvision.io import read_file
     from torchvision.transforms import v2
 
-    from image_finetune.data.decode import ImageLoader
+    from image_finetune.data.files import ImageLoader
     from image_finetune.data.device_decode import decode_crop_batch
     from image_finetune.data.files import ImageFileDataset
 
