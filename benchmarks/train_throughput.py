@@ -272,7 +272,7 @@ def plain_loop(cfg: DictConfig, run: Any, phases: list[tuple[bool, int]], warmup
     _reset_peak_memory()
     results = []
     for frozen, steps in phases:
-        model.backbone_frozen = frozen
+        model.trainable_stages = 0 if frozen else None  # as finetune.fit sets it for a frozen / unfrozen phase
         model._apply_freeze()  # the same parameters and layers frozen as in the template's phase
         model.train()
         forward = net
