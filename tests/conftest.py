@@ -35,6 +35,57 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
     monkeypatch.setattr(torchvision.datasets.utils, "download_url", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # for subprocesses
+    try:
+        from huggingface_hub import constants  # timm's hub client (the optional `timm` extra)
+    except ImportError:
+        return
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: set the constant for this process.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+#: A tiny timm model (99k parameters, BatchNormAct2d norm layers) with real pretrained weights on the hub.
+TIMM_MODEL = "test_efficientnet.r160_in1k"
+
+
+def seed_hf_cache(cache: Path, model_name: str = TIMM_MODEL) -> Path:
+    """Write randomly initialised weights of ``model_name`` where timm's hub loader finds them offline.
+
+    The layout is huggingface_hub's cache (what ``hf_hub_download`` reads with ``HF_HUB_OFFLINE=1``):
+    ``models--timm--<name>/refs/main`` holds a commit id, ``snapshots/<commit>/model.safetensors`` the weights
+    (timm asks for ``model.safetensors`` first, see ``timm.models._hub.load_state_dict_from_hf``).
+    """
+    import timm
+    from safetensors.torch import save_file
+
+    repo = timm.create_model(model_name, pretrained=False).pretrained_cfg["hf_hub_id"]
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    commit = "0" * 40
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / "main").write_text(commit)
+    snapshot = folder / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    state = timm.create_model(model_name, pretrained=False).state_dict()  # with its classifier, as published
+    save_file({k: v.contiguous() for k, v in state.items()}, str(snapshot / "model.safetensors"))
+    return cache
+
+
+@pytest.fixture(scope="session")
+def hf_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Hugging Face hub cache holding random weights of ``TIMM_MODEL`` under its real repo and file name."""
+    pytest.importorskip("timm")
+    return seed_hf_cache(tmp_path_factory.mktemp("hf_hub_cache"))
+
+
+@pytest.fixture
+def timm_pretrained(hf_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Make ``timm_backbone(TIMM_MODEL, weights="DEFAULT")`` find the seeded file, through timm's real loading code."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(hf_cache))
+    return hf_cache
 
 
 @pytest.fixture(scope="session")

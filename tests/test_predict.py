@@ -163,13 +163,18 @@ def test_missing_input_is_a_user_error(trained, compose_cfg, tmp_path):
 @pytest.mark.parametrize(
     ("data", "resize_crop"),
     [
-        ({"_target_": "image_finetune.data.DigitsDataModule", "image_size": 32}, (37, 32)),  # its class default: 0.875
+        ({"_target_": "image_finetune.data.DigitsDataModule", "image_size": 32}, (37, 32)),  # the backbone's ratio: 0.875
         ({"_target_": "image_finetune.data.ImageFolderDataModule", "image_size": 224, "crop_ratio": 1.0}, (224, 224)),
         ({"_target_": "image_finetune.data.CIFAR10DataModule", "image_size": 32}, (32, 32)),  # no crop: resized whole
     ],
 )
-def test_preprocessing_follows_the_data_module_that_trained(data, resize_crop):
-    prep = Preprocessing.from_data_config(data, mean=(0.5,) * 3, std=(0.25,) * 3)
-    assert (prep.resize, prep.size) == resize_crop
-    again = Preprocessing.from_dict(prep.as_dict())  # what an export's JSON gives back: the same transform
+def test_preprocessing_follows_the_data_module_that_trained(data, resize_crop, tmp_path):
+    """The data module applies the backbone's preprocessing at its own size; that is what checkpoints store."""
+    from hydra.utils import instantiate
+
+    backbone = Preprocessing(224, 0.875, mean=(0.5,) * 3, std=(0.25,) * 3)
+    location = {"data_dir": tmp_path} if "CIFAR" in data["_target_"] else {"root": tmp_path}
+    prep = instantiate({**data, **location}, preprocessing=backbone).preprocessing
+    assert (prep.resize, prep.size) == resize_crop and (prep.mean, prep.std) == (backbone.mean, backbone.std)
+    again = Preprocessing.from_dict(prep.as_dict())  # what an export's JSON and a checkpoint's hparams give back
     assert (again.resize, again.size, again.mean, again.std) == (prep.resize, prep.size, prep.mean, prep.std)

@@ -30,7 +30,6 @@ from image_finetune.cli import instantiate_group, save_json, scalar_metrics, wri
 from image_finetune.data.base import ClassificationDataModule
 from image_finetune.data.files import ImageFileDataset
 from image_finetune.data.imagefolder import ImageFolderDataModule
-from image_finetune.data.transforms import eval_transform
 from image_finetune.errors import ConfigError, DataError, UserError
 from image_finetune.inference import prediction_cells, prediction_header, top_k_predictions
 from image_finetune.models import ImageClassifier
@@ -133,7 +132,7 @@ def _all_images(datamodule: ClassificationDataModule) -> Dataset:
         raise ConfigError(f"split=all needs an image-folder data module (data=imagefolder), not {type(datamodule).__name__}")
     samples = sorted(sample for items in datamodule.splits.values() for sample in items)
     loader = datamodule.datasets["train"].loader  # type: ignore[attr-defined]
-    return ImageFileDataset(samples, eval_transform(datamodule.image_size, datamodule.crop_ratio), loader)
+    return ImageFileDataset(samples, datamodule.preprocessing.transform, loader)
 
 
 def sample_ids(dataset: Dataset) -> list[str]:
@@ -212,7 +211,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     assert ckpt_path is not None
     model = ImageClassifier.from_checkpoint(ckpt_path)
     data_from_command_line = cfg.get("data") is not None
-    datamodule = instantiate(data_config(cfg, ckpt_path))
+    # The checkpoint's own preprocessing (stored values), whatever the data config says or lacks.
+    datamodule = instantiate(data_config(cfg, ckpt_path), _partial_=True)(preprocessing=model.preprocessing)
     datamodule.prepare_data()
     datamodule.setup("test")
     split, dataset = select_split(datamodule, cfg.get("split") or "test", data_from_command_line)

@@ -4,128 +4,35 @@
     classifier = Classifier.from_checkpoint("logs/train/runs/<run>/checkpoints/last.ckpt")
     classifier.predict(["cat.jpg", pil_image], top_k=3)   # -> [Prediction(labels=(...), probabilities=(...)), ...]
 
-``Preprocessing`` is the one definition of "file -> network input" that ``predict.py``, this API and the exported
-models' JSON share, and it is built from the same ``decode_rgb`` + ``eval_transform`` as the eval split of the data
-module, so a file gets the same probabilities from ``eval.py``, ``predict.py``, this API and the exports.
+``Preprocessing`` (``data/preprocessing.py``) is the one definition of "file -> network input" that the eval split of
+the data module, ``predict.py``, this API and the exported models' JSON share; a checkpoint stores it as plain values
+(the backbone's, at the data's size), so a file gets the same probabilities from ``eval.py``, ``predict.py``, this API
+and the exports, with no code or config of the training run needed.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 from torch import nn
-from torchvision.transforms import v2
 
-from image_finetune.checkpoints import run_config
-from image_finetune.data.decode import decode_rgb, to_rgb, to_uint8_tensor
-from image_finetune.data.imagefolder import ImageFolderDataModule
+from image_finetune.data.preprocessing import INPUT_DESCRIPTION, Preprocessing
 from image_finetune.data.scan import failure_reason
-from image_finetune.data.transforms import eval_transform
 from image_finetune.errors import ConfigError, DataError, UserError
-from image_finetune.models import ClassifierNet, ImageClassifier, build_backbone
+from image_finetune.models import ClassifierNet, ImageClassifier
 from image_finetune.models.classifier import check_weights_fit
+from image_finetune.models.registry import architecture, rebuild_backbone
+
+__all__ = ["INPUT_DESCRIPTION", "Classifier", "Prediction", "Preprocessing", "read_sidecar", "sidecar_path"]
 
 ImageInput = str | os.PathLike | Image.Image
-INPUT_DESCRIPTION = "float32 RGB in [0, 1], NCHW; mean/std are applied inside the model"
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """Decode, resize the short side to ``resize``, centre-crop ``size``: the eval transform of the training data.
-
-    ``mean``/``std`` are recorded for exports' JSON only: the network normalises its input itself.
-    """
-
-    size: int
-    crop_ratio: float
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    @classmethod
-    def from_data_config(
-        cls,
-        data: Mapping[str, Any],
-        mean: Sequence[float],
-        std: Sequence[float],
-        *,
-        image_size: int | None = None,
-        crop_ratio: float | None = None,
-    ) -> Preprocessing:
-        """From a run config's ``data`` group; ``image_size``/``crop_ratio`` override it."""
-        size = image_size or data.get("image_size")
-        if not size:
-            raise ConfigError("the checkpoint stores no data.image_size (no run config): pass image_size=N (and crop_ratio=R)")
-        ratio = crop_ratio or _crop_ratio(data)
-        if not 0 < ratio <= 1:
-            raise ConfigError(f"crop_ratio={ratio} must be in (0, 1]: the centre crop is that fraction of the resized image")
-        return cls(int(size), float(ratio), tuple(float(m) for m in mean), tuple(float(s) for s in std))
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Preprocessing:
-        """Inverse of ``as_dict`` (an export's JSON)."""
-        return cls(int(d["crop"]), d["crop"] / d["resize"], tuple(d["mean"]), tuple(d["std"]))
-
-    @property
-    def resize(self) -> int:
-        """Short side before the crop, computed exactly as ``eval_transform`` does."""
-        return round(self.size / self.crop_ratio)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "resize": self.resize,
-            "crop": self.size,
-            "interpolation": "bilinear, antialiased",
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "input": INPUT_DESCRIPTION,
-        }
-
-    @cached_property
-    def transform(self) -> v2.Compose:
-        return eval_transform(self.size, self.crop_ratio)
-
-    def load(self, image: ImageInput) -> torch.Tensor:
-        """uint8 CHW, resized and cropped; raises the decoder's exception for an unreadable file.
-
-        Files decode as in training (JPEGs at reduced scale, EXIF orientation, transparency on white); a PIL image is
-        converted the same way, on a copy, so the caller's image is left as it was.
-        """
-        if isinstance(image, Image.Image):
-            rgb = to_rgb(image.copy())
-        else:
-            rgb = decode_rgb(image, min_size=self.resize)
-        # channels_last as in ImageFileDataset: eval and predict then run the very same (and the faster) resize kernel.
-        return self.transform(to_uint8_tensor(rgb, channels_last=True)).contiguous()
-
-    def __call__(self, image: ImageInput) -> torch.Tensor:
-        """float32 CHW in [0, 1]: what the network takes."""
-        return to_float(self.load(image))
-
-
-def _crop_ratio(data: Mapping[str, Any]) -> float:
-    """The ratio the data module cropped with: the config's value, else its class's default (digits leaves it out).
-
-    A data module without the option (CIFAR-10: whole 32x32 images; the network upsamples) gets 1: resize, no crop.
-    """
-    if data.get("crop_ratio") is not None:
-        return float(data["crop_ratio"])
-    module_name, _, class_name = str(data.get("_target_") or "").rpartition(".")
-    try:
-        module = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError, ValueError):  # no or vanished data module: the image-folder default is likeliest
-        module = ImageFolderDataModule
-    parameter = inspect.signature(module).parameters.get("crop_ratio")
-    return 1.0 if parameter is None else float(parameter.default)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -200,13 +107,16 @@ class Classifier:
         preprocessing: Preprocessing,
         *,
         architecture: str,
+        backbone: Mapping[str, Any] | None = None,
         device: str | torch.device = "auto",
     ) -> None:
+        """``backbone``: the builder config that rebuilds ``net``'s backbone (default: torchvision's ``architecture``)."""
         self.device = resolve_device(device)
         self.net = net.to(self.device).eval()
         self.class_names = list(class_names)
         self.preprocessing = preprocessing
         self.architecture = architecture
+        self.backbone = dict(backbone or {"name": architecture})
 
     @classmethod
     def from_checkpoint(
@@ -217,23 +127,38 @@ class Classifier:
         image_size: int | None = None,
         crop_ratio: float | None = None,
     ) -> Classifier:
-        """Load a training checkpoint safely (``weights_only=True``, no download); preprocessing from its run config."""
+        """Load a training checkpoint safely (``weights_only=True``, no download, allow-listed backbone builders only).
+
+        Preprocessing comes from the checkpoint's stored values; ``image_size``/``crop_ratio`` override them (and are
+        needed only for checkpoints written before the preprocessing was stored).
+        """
         model = ImageClassifier.from_checkpoint(path)
         net = model.net
         assert net is not None  # from_checkpoint always builds the head
-        data = run_config(str(Path(path).expanduser())).get("data") or {}
-        mean, std = net.mean.flatten().tolist(), net.std.flatten().tolist()
-        preprocessing = Preprocessing.from_data_config(data, mean, std, image_size=image_size, crop_ratio=crop_ratio)
-        return cls(net, model.class_names, preprocessing, architecture=model.hparams.backbone["name"], device=device)
+        stored = model.hparams.get("preprocessing")
+        if stored:
+            preprocessing = Preprocessing.from_dict(stored).override(size=image_size, crop_ratio=crop_ratio)
+        elif image_size:
+            mean, std = net.mean.flatten().tolist(), net.std.flatten().tolist()
+            preprocessing = Preprocessing(image_size, crop_ratio or Preprocessing.crop_ratio, tuple(mean), tuple(std))
+        else:
+            raise ConfigError(f"{path} stores no preprocessing (an older checkpoint): pass image_size=N (and crop_ratio=R)")
+        backbone = model.hparams.backbone
+        return cls(net, model.class_names, preprocessing, architecture=backbone["name"], backbone=backbone, device=device)
 
     @classmethod
     def from_safetensors(cls, path: str | os.PathLike, device: str | torch.device = "auto") -> Classifier:
-        """Load weights written by ``export.py format=safetensors``; the architecture comes from the JSON beside them."""
+        """Load weights written by ``export.py format=safetensors``; the architecture comes from the JSON beside them.
+
+        The JSON's ``architecture`` is the name the backbone builder (its ``backbone`` entry, allow-listed) is called
+        with; the weights are then checked against that network.
+        """
         from safetensors.torch import load_file  # an optional dependency (the ``export`` extra)
 
         path = Path(path).expanduser()
         meta = read_sidecar(path)
-        backbone = build_backbone(meta["architecture"], None)
+        config = {**(meta.get("backbone") or {}), "name": meta["architecture"]}
+        backbone = rebuild_backbone(config, source=str(sidecar_path(path)))
         names = meta["class_names"]
         preprocessing = Preprocessing.from_dict(meta["preprocessing"])
         net = ClassifierNet(
@@ -243,7 +168,7 @@ class Classifier:
         expected = f"{meta['architecture']}, {len(names)} classes, as {sidecar_path(path)} says"
         check_weights_fit(net, state, source=str(path), expected=expected)
         net.load_state_dict(state)
-        return cls(net, names, preprocessing, architecture=meta["architecture"], device=device)
+        return cls(net, names, preprocessing, architecture=meta["architecture"], backbone=config, device=device)
 
     def preprocess(self, image: ImageInput) -> torch.Tensor:
         """float32 CHW in [0, 1], as the network (and an exported model) takes it."""
@@ -273,13 +198,15 @@ class Classifier:
             raise DataError(f"{item}: {failure_reason(e)}") from e
 
     def metadata(self) -> dict[str, Any]:
-        """What an exported model needs beside its weights: architecture, class names, preprocessing.
+        """What an exported model needs beside its weights: architecture (and its builder), class names, preprocessing.
 
         ``upsample_to`` is the network's own business (its input is still ``preprocessing.crop``), recorded so that
         safetensors weights rebuild the same network.
         """
         return {
             "architecture": self.architecture,
+            # the builder (and its other arguments) that ``architecture`` is built with; no weights
+            "backbone": {k: v for k, v in architecture(self.backbone).items() if k != "name"},
             "class_names": self.class_names,
             "preprocessing": self.preprocessing.as_dict(),
             "upsample_to": getattr(self.net, "upsample_to", None),

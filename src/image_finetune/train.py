@@ -45,12 +45,16 @@ class Run:
 
 
 def build(cfg: DictConfig) -> Run:
-    """Seed, then instantiate data, model, callbacks, loggers and trainer, and read the schedule, from the config."""
+    """Seed, then instantiate model, data, callbacks, loggers and trainer, and read the schedule, from the config.
+
+    The model comes first because its backbone owns the preprocessing (input size, crop, mean/std, interpolation)
+    that the data module applies (``data.image_size`` may still override the size).
+    """
     L.seed_everything(cfg.seed, workers=True)
     plain = to_plain(cfg)
     schedule = FinetuneSchedule.from_config(plain["finetune"])
-    datamodule: L.LightningDataModule = instantiate(cfg.data)
     model: ImageClassifier = instantiate(cfg.model)
+    datamodule: L.LightningDataModule = instantiate(cfg.data, _partial_=True)(preprocessing=model.backbone.preprocessing)
     callbacks = [*instantiate_group(cfg.get("callbacks")), StoreRunConfig(plain)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")) or False)
     for logger in trainer.loggers:

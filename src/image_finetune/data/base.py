@@ -126,6 +126,9 @@ class ClassificationDataModule(L.LightningDataModule):
       transforms with ``seeded_rngs(sample_seed)`` (``SeededDataset`` does this for any dataset) so that a resumed
       run sees exactly the batches an uninterrupted one would. Val/test datasets get plain indices.
     - Optionally override ``device_transform`` for batched augmentation on the device.
+    - Set ``self.preprocessing`` (a ``data.preprocessing.Preprocessing``) if the eval split turns files into the
+      network's input: start from the backbone's (``train`` passes it to the constructor as ``preprocessing=``) and
+      override its size if the data needs to. The model stores it in checkpoints; eval/predict/exports repeat it.
     """
 
     def __init__(
@@ -143,6 +146,7 @@ class ClassificationDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.class_names: list[str] = []
+        self.preprocessing: Any = None
         self.datasets: dict[str, Dataset] = {}
         self.sample_weights: torch.Tensor | None = None
         self._resume_position: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint

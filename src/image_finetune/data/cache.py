@@ -44,11 +44,12 @@ class ResizedCache:
     does not depend on whether the cache was warm.
     """
 
-    def __init__(self, cache_dir: str | Path, short_side: int) -> None:
+    def __init__(self, cache_dir: str | Path, short_side: int, interpolation: str = "bilinear") -> None:
         if short_side < 1:
             raise ValueError(f"short_side must be a positive number of pixels, got {short_side}")
         self.cache_dir = Path(cache_dir).expanduser()
         self.short_side = short_side
+        self.interpolation = interpolation  # the backbone's resize kernel (timm's are mostly bicubic)
         self._write_failed = False
         self._read_failed = False
 
@@ -59,7 +60,9 @@ class ResizedCache:
         """Cache path of `path` without its suffix (.jpg, .png or the .orig marker, chosen when the entry is written)."""
         real = os.path.realpath(path)
         st = os.stat(real)
-        fields = (FORMAT_VERSION, real, st.st_size, st.st_mtime_ns, self.short_side)
+        fields: tuple[object, ...] = (FORMAT_VERSION, real, st.st_size, st.st_mtime_ns, self.short_side)
+        if self.interpolation != "bilinear":  # bilinear entries keep the keys they had before kernels were a choice
+            fields += (self.interpolation,)
         key = hashlib.sha256("\0".join(map(str, fields)).encode()).hexdigest()[:32]
         return self.cache_dir / key[:2] / key
 
@@ -95,7 +98,7 @@ class ResizedCache:
         it back (so this epoch sees the stored pixels, not the pre-encoding ones) costs ~1 ms at 256 px.
         """
         decoded = decode_rgb(path, min_size=self.short_side)
-        pixels = shrink(decoded, self.short_side)
+        pixels = shrink(decoded, self.short_side, self.interpolation)
         if pixels is decoded and stored_short_side(path) <= self.short_side:
             # Not larger than the copy would be (not even before a reduced-scale JPEG decode): read the original.
             self._store(b"", stem.with_suffix(".orig"))
@@ -138,13 +141,14 @@ def _decode_entry(data: bytes, suffix: str) -> np.ndarray:
         return np.array(im.convert("RGB"))
 
 
-def shrink(pixels: np.ndarray, short_side: int) -> np.ndarray:
+def shrink(pixels: np.ndarray, short_side: int, interpolation: str = "bilinear") -> np.ndarray:
     """Resize HxWx3 pixels so the short side is `short_side` (never upscaling), with the eval transform's resize.
 
-    The same kernel (torchvision's antialiased bilinear on uint8) as ``eval_transform``'s ``Resize``, so a cached copy
-    differs from what evaluation computes from the original only by the JPEG re-encoding.
+    The same kernel (torchvision's antialiased ``interpolation`` on uint8) as ``eval_transform``'s ``Resize``, so a
+    cached copy differs from what evaluation computes from the original only by the JPEG re-encoding.
     """
     if min(pixels.shape[:2]) <= short_side:
         return pixels
-    resized = F.resize(to_uint8_tensor(pixels, channels_last=True), [short_side], antialias=True)
+    mode = F.InterpolationMode(interpolation)
+    resized = F.resize(to_uint8_tensor(pixels, channels_last=True), [short_side], interpolation=mode, antialias=True)
     return resized.permute(1, 2, 0).contiguous().numpy()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10
 
 from image_finetune.data.base import ClassificationDataModule, EpochSampler
+from image_finetune.data.preprocessing import Preprocessing
 from image_finetune.errors import ConfigError
 
 CIFAR_SIZE = 32
@@ -133,8 +134,11 @@ class CIFAR10DataModule(ClassificationDataModule):
         download: bool = True,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
+        preprocessing: Preprocessing | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers, seed, pin_memory, persistent_workers)
+        # Whole 32x32 images (resized, never cropped) with the backbone's mean/std: what eval, predict, exports repeat.
+        self.preprocessing = (Preprocessing.coerce(preprocessing) or Preprocessing()).override(size=CIFAR_SIZE, crop_ratio=1.0)
         if image_size != CIFAR_SIZE:
             raise ConfigError(
                 f"data.image_size={image_size}: CIFAR-10 images are {CIFAR_SIZE}x{CIFAR_SIZE} and are served as they are. To "

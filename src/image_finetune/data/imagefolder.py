@@ -16,9 +16,9 @@ import os
 import random
 import statistics
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -27,8 +27,9 @@ from image_finetune.data.base import ClassificationDataModule
 from image_finetune.data.cache import ResizedCache
 from image_finetune.data.decode import stored_short_side
 from image_finetune.data.files import ImageFileDataset, ImageLoader
+from image_finetune.data.preprocessing import Preprocessing
 from image_finetune.data.scan import FolderScan, scan_image_folder, summarize, write_scan_report
-from image_finetune.data.transforms import eval_transform, train_transform
+from image_finetune.data.transforms import train_transform
 from image_finetune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -58,14 +59,14 @@ class ImageFolderDataModule(ClassificationDataModule):
     def __init__(
         self,
         root: str | os.PathLike,
-        image_size: int = 224,
+        image_size: int | None = None,
         batch_size: int = 64,
         num_workers: int | None = None,
         val_fraction: float = 0.15,
         test_fraction: TestFraction = "auto",
         seed: int = 42,
         crop_scale: Sequence[float] = (0.08, 1.0),
-        crop_ratio: float = 0.875,
+        crop_ratio: float | None = None,
         hflip: bool = True,
         balance: bool = False,
         cache: CacheMode = "auto",
@@ -74,7 +75,9 @@ class ImageFolderDataModule(ClassificationDataModule):
         report_path: str | os.PathLike | None = None,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
+        preprocessing: Preprocessing | Mapping[str, Any] | None = None,
     ) -> None:
+        """``preprocessing`` is the backbone's (``train`` hands it over); ``image_size``/``crop_ratio`` override it."""
         super().__init__(batch_size, num_workers, seed, pin_memory, persistent_workers)
         if isinstance(test_fraction, str) and test_fraction != "auto":
             raise ConfigError(f"data.test_fraction={test_fraction!r}: use auto or a fraction in [0, 1), e.g. 0.15 (0: no test split)")
@@ -86,13 +89,14 @@ class ImageFolderDataModule(ClassificationDataModule):
                 f"data.cache={cache!r}: use auto (keep resized copies when the images are large), resized (always) "
                 "or null (read the original files every epoch)"
             )
+        self.preprocessing = (Preprocessing.coerce(preprocessing) or Preprocessing()).override(size=image_size, crop_ratio=crop_ratio)
+        self.image_size, self.crop_ratio = self.preprocessing.size, self.preprocessing.crop_ratio
         self.save_hyperparameters(
-            {"root": str(root), "image_size": image_size, "val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed}
+            {"root": str(root), "image_size": self.image_size, "val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed}
         )
         self.root = Path(root).expanduser()
-        self.image_size = image_size
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
-        self.crop_scale, self.crop_ratio, self.hflip = tuple(crop_scale), crop_ratio, hflip
+        self.crop_scale, self.hflip = tuple(crop_scale), hflip
         self.balance = balance
         # Scan results and resized images are keyed by source path, so one cache dir serves every dataset.
         self.cache_dir = Path(cache_dir or Path.home() / ".cache" / "image_finetune").expanduser()
@@ -222,12 +226,13 @@ class ImageFolderDataModule(ClassificationDataModule):
         short_side = round(self.image_size / self.crop_ratio)
         original = ImageLoader(min_size=short_side)
         cache = self._resized_cache(short_side, verbose)
+        interpolation = self.preprocessing.interpolation
         # The cache serves the splits read every epoch. The test split is read from the original files, so its
         # numbers are exactly what eval.py, predict.py and the exported models compute.
         loaders = {"train": ImageLoader(min_size=short_side, cache=cache) if cache else original}
         loaders["val"] = loaders["train"]
-        train_tf = train_transform(self.image_size, self.crop_scale, self.hflip)
-        eval_tf = eval_transform(self.image_size, self.crop_ratio)
+        train_tf = train_transform(self.image_size, self.crop_scale, self.hflip, interpolation)
+        eval_tf = self.preprocessing.transform
         self.datasets = {
             split: ImageFileDataset(items, train_tf if split == "train" else eval_tf, loaders.get(split, original))
             for split, items in self.splits.items()
@@ -239,7 +244,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         """The cache for ``data.cache``; ``auto`` decides from the headers of a seeded sample of training images."""
         if self.cache is None:
             return None
-        cache = ResizedCache(self.cache_dir / "resized", short_side)
+        cache = ResizedCache(self.cache_dir / "resized", short_side, self.preprocessing.interpolation)
         if self.cache == "resized":
             return cache
         large, median = auto_cache_pays([path for path, _ in self.splits["train"]], short_side, self.seed)

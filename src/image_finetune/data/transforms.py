@@ -6,15 +6,22 @@ from collections.abc import Sequence
 
 from torchvision.transforms import v2
 
+#: Resize kernels a backbone's preprocessing may name (torchvision's weights and timm's configs use the first two).
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
-def train_transform(size: int, crop_scale: Sequence[float] = (0.08, 1.0), hflip: bool = True) -> v2.Compose:
+
+def train_transform(
+    size: int, crop_scale: Sequence[float] = (0.08, 1.0), hflip: bool = True, interpolation: str = "bilinear"
+) -> v2.Compose:
     """Inception-style random resized crop (+ horizontal flip), the standard ImageNet fine-tuning augmentation."""
-    steps: list[v2.Transform] = [v2.RandomResizedCrop(size, scale=tuple(crop_scale), antialias=True)]
+    mode = v2.InterpolationMode(interpolation)
+    steps: list[v2.Transform] = [v2.RandomResizedCrop(size, scale=tuple(crop_scale), interpolation=mode, antialias=True)]
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
     return v2.Compose(steps)
 
 
-def eval_transform(size: int, crop_ratio: float = 0.875) -> v2.Compose:
+def eval_transform(size: int, crop_ratio: float = 0.875, interpolation: str = "bilinear") -> v2.Compose:
     """Resize the short side to ``size / crop_ratio`` and centre-crop ``size``: what the pretrained weights were scored with."""
-    return v2.Compose([v2.Resize(round(size / crop_ratio), antialias=True), v2.CenterCrop(size)])
+    mode = v2.InterpolationMode(interpolation)
+    return v2.Compose([v2.Resize(round(size / crop_ratio), interpolation=mode, antialias=True), v2.CenterCrop(size)])

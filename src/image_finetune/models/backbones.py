@@ -1,4 +1,7 @@
-"""Turn a torchvision model name and a weights name into a headless feature extractor.
+"""``Backbone``: a headless feature extractor and what the pipeline must know about it; the torchvision builder.
+
+``model.backbone`` in the config is a ``_target_`` that returns a ``Backbone``: ``torchvision_backbone`` here,
+``timm_backbone`` in ``timm_backbone.py``, or your own (add it to ``registry.BUILDERS`` so its checkpoints reload).
 
 Any classification model that ``torchvision.models.get_model`` knows works: its last ``nn.Linear`` (``fc`` in ResNets,
 ``classifier[-1]`` in EfficientNets, ``heads.head`` in ViTs) is the ImageNet classifier, and we replace it with
@@ -10,8 +13,10 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.error import URLError
 
 import torch
@@ -19,13 +24,16 @@ import torchvision
 from torch import nn
 from torchvision.models import WeightsEnum
 
+from image_finetune.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from image_finetune.errors import ConfigError
+from image_finetune.models.stages import Stages, torchvision_stages
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-_NO_WEIGHTS = {None, "", "none", "null", "random"}
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Backbone", "build_backbone", "torchvision_backbone"]
+
+_NO_WEIGHTS = {None, "", "none", "null", "random", "false"}
+TORCHVISION_BUILDER = "image_finetune.models.backbones.torchvision_backbone"
 
 
 @dataclass(frozen=True)
@@ -33,11 +41,42 @@ class Backbone:
     """A feature extractor plus what the rest of the pipeline must know about it."""
 
     module: nn.Module
+    """The network without its classifier: images (normalised) in, ``num_features`` pooled features out."""
     num_features: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    preprocessing: Preprocessing
+    """What its pretrained weights expect: input size, crop ratio, mean/std, interpolation."""
     pretrained: bool
     """True when pretrained weights were actually loaded (False for ``weights=null`` or the offline fallback)."""
+    stages: Stages = ()
+    """Parameter-name prefixes of ``module``, grouped from input (stem) to output; each parameter in exactly one."""
+    config: Mapping[str, Any] = field(default_factory=dict)
+    """The builder call that made it, as plain values (``_target_`` + arguments): stored in checkpoints, it rebuilds
+    the architecture through ``registry.rebuild_backbone`` (which only calls the builders it lists)."""
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self.preprocessing.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self.preprocessing.std
+
+
+def no_weights(weights: object) -> bool:
+    """``null``, ``none``, ``random``, ``false`` and the empty string all mean random initialisation."""
+    return weights is None or weights is False or str(weights).strip().lower() in _NO_WEIGHTS
+
+
+def looks_like_path(weights: str) -> bool:
+    return os.sep in weights or weights.endswith((".pth", ".pt", ".bin", ".safetensors")) or weights.startswith("~")
+
+
+def local_weights_file(weights: str) -> Path:
+    """``model.backbone.weights=PATH``: the file, or a one-line error."""
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"model.backbone.weights={weights!r}: no such file. Give a path to a state_dict (.pth, .safetensors).")
+    return path
 
 
 def classification_models() -> list[str]:
@@ -57,15 +96,11 @@ def _check_name(name: str) -> None:
 
 def resolve_weights(name: str, weights: str | None) -> WeightsEnum | Path | None:
     """Map the config value to a torchvision weights enum, a local file, or None (random init)."""
-    if weights is None or str(weights).strip().lower() in _NO_WEIGHTS:
+    if no_weights(weights):
         return None
     weights = str(weights)
-    looks_like_path = os.sep in weights or weights.endswith((".pth", ".pt", ".bin")) or weights.startswith("~")
-    if looks_like_path:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"model.backbone.weights={weights!r}: no such file. Give a path to a state_dict (.pth).")
-        return path
+    if looks_like_path(weights):
+        return local_weights_file(weights)
     enum = torchvision.models.get_model_weights(name)
     try:
         return enum[weights]
@@ -108,9 +143,29 @@ def _load_local(model: nn.Module, path: Path, classifier: str) -> None:
         )
 
 
-def build_backbone(name: str, weights: str | None = "DEFAULT", *, allow_random_init: bool = False) -> Backbone:
-    """Build a headless torchvision model.
+def _preprocessing(name: str, weights: WeightsEnum | None) -> Preprocessing:
+    """The weights' own eval transform (the model's default weights' for a local file or random init)."""
+    if weights is None:
+        try:
+            weights = torchvision.models.get_model_weights(name).DEFAULT
+        except (ValueError, AttributeError, KeyError):  # a model without published weights
+            return Preprocessing()
+    preset = weights.transforms()
+    crop, resize = getattr(preset, "crop_size", [224])[0], getattr(preset, "resize_size", [256])[0]
+    interpolation = getattr(preset, "interpolation", None)
+    return Preprocessing(
+        size=crop,
+        crop_ratio=min(1.0, crop / resize),
+        mean=tuple(getattr(preset, "mean", IMAGENET_MEAN)),
+        std=tuple(getattr(preset, "std", IMAGENET_STD)),
+        interpolation=getattr(interpolation, "value", "bilinear"),
+    )
 
+
+def torchvision_backbone(name: str, weights: str | None = "DEFAULT", *, allow_random_init: bool = False) -> Backbone:
+    """Build a headless torchvision model (``model=torchvision``; any ``torchvision.models.get_model`` name).
+
+    ``weights``: a weights name of the model (``DEFAULT``, ``IMAGENET1K_V1``, ...), a path to a state_dict, or null.
     ``allow_random_init`` is for the offline demo only: when pretrained weights cannot be downloaded it trains from
     random initialisation with a loud warning instead of stopping. Everywhere else a missing download is an error that
     says where to put the file, because silently fine-tuning random weights wastes a user's GPU day.
@@ -131,12 +186,26 @@ def build_backbone(name: str, weights: str | None = "DEFAULT", *, allow_random_i
         if not allow_random_init:
             raise ConfigError(message) from err
         log.warning("!" * 80 + "\n%s\nTRAINING FROM RANDOM INITIALISATION INSTEAD.\n" + "!" * 80, message)
-        model, enum = torchvision.models.get_model(name, weights=None), None
+        model = torchvision.models.get_model(name, weights=None)
         resolved = None
     classifier, num_features = _replace_classifier(model)
     if isinstance(resolved, Path):
         _load_local(model, resolved, classifier)
-    preset = enum.transforms() if enum is not None else None
-    mean = tuple(getattr(preset, "mean", IMAGENET_MEAN))
-    std = tuple(getattr(preset, "std", IMAGENET_STD))
-    return Backbone(model, num_features, mean, std, pretrained=resolved is not None)  # type: ignore[arg-type]
+    config = {
+        "_target_": TORCHVISION_BUILDER,
+        "name": name,
+        "weights": None if no_weights(weights) else str(weights),
+        "allow_random_init": bool(allow_random_init),
+    }
+    return Backbone(
+        model,
+        num_features,
+        _preprocessing(name, enum),
+        pretrained=resolved is not None,
+        stages=torchvision_stages(model),
+        config=config,
+    )
+
+
+#: The name this builder had before backbones became Hydra targets.
+build_backbone = torchvision_backbone

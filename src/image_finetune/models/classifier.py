@@ -17,9 +17,12 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from image_finetune.checkpoints import read_checkpoint
+from image_finetune.data.preprocessing import Preprocessing
 from image_finetune.errors import ConfigError, UserError
-from image_finetune.models.backbones import build_backbone
+from image_finetune.models.backbones import Backbone
 from image_finetune.models.metrics import SyncFreeMacroF1, SyncFreeTopKAccuracy
+from image_finetune.models.norms import is_norm_layer
+from image_finetune.models.registry import build_backbone_from_config, rebuild_backbone
 from image_finetune.models.stages import stage_names, stage_of, torchvision_stages
 from image_finetune.schedule import stage_lr_ratios
 
@@ -82,11 +85,12 @@ def _metrics(num_classes: int, split: str) -> MetricCollection:
 
 
 class ImageClassifier(L.LightningModule):
-    """Fine-tunes a torchvision backbone with a new dropout + linear head.
+    """Fine-tunes a backbone (``model.backbone``: any builder returning a ``Backbone``) with a new dropout + linear head.
 
-    ``class_names`` may be left out: the head is then sized in ``setup`` from the data module's classes, so no
-    config ever hard-codes ``num_classes``. The names are stored in the checkpoint's hparams so that a checkpoint
-    alone is enough to predict.
+    ``class_names`` and ``preprocessing`` may be left out: they are then taken in ``setup`` from the data module (its
+    classes; the backbone's preprocessing as the data module applied it, e.g. at its ``image_size``), so no config ever
+    hard-codes ``num_classes``. Both are stored in the checkpoint's hparams as plain values, with the backbone's builder
+    config, so that a checkpoint alone is enough to rebuild the network and predict.
 
     Of the fine-tuning schedule the model knows only what it acts on: ``trainable_stages`` (how many of the backbone's
     last stages train in this fit, set by ``finetune.fit``), ``train_bn``, and each stage's LR (``backbone_lr_ratio``
@@ -95,7 +99,7 @@ class ImageClassifier(L.LightningModule):
 
     def __init__(
         self,
-        backbone: Mapping[str, Any],
+        backbone: Backbone | Mapping[str, Any],
         class_names: Sequence[str] | None = None,
         train_bn: bool = True,
         backbone_lr_ratio: float = 0.1,
@@ -109,20 +113,21 @@ class ImageClassifier(L.LightningModule):
         upsample_to: int | None = None,
         compile: bool = False,
         channels_last: bool = False,
+        preprocessing: Preprocessing | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         stage_lr_ratios(1, backbone_lr_ratio, lr_spread)  # a bad value fails here, with the key's name
-        backbone = dict(backbone)
-        self._backbone = build_backbone(
-            backbone["name"], backbone.get("weights"), allow_random_init=bool(backbone.get("allow_random_init", False))
-        )
+        # Hydra instantiates model.backbone's _target_; a plain mapping (tests, old configs) goes through the allow-list
+        self._backbone = backbone if isinstance(backbone, Backbone) else build_backbone_from_config(backbone)
+        prep = Preprocessing.coerce(preprocessing)
         # Stem first, last stage last (see models/stages.py): the unit of discriminative LRs and gradual unfreezing.
-        self.stages = getattr(self._backbone, "stages", ()) or torchvision_stages(self._backbone.module)
+        self.stages = self._backbone.stages or torchvision_stages(self._backbone.module)
         # Plain containers only: checkpoints must load with torch.load(weights_only=True).
         self.save_hyperparameters(
             {
-                "backbone": backbone,
+                "backbone": dict(self._backbone.config),
                 "class_names": list(class_names) if class_names is not None else None,
+                "preprocessing": prep.as_dict() if prep is not None else None,
                 "train_bn": train_bn,
                 "backbone_lr_ratio": backbone_lr_ratio,
                 "lr_spread": lr_spread,
@@ -164,19 +169,33 @@ class ImageClassifier(L.LightningModule):
     def class_names(self) -> list[str]:
         return list(self.hparams.class_names or [])
 
+    @property
+    def backbone(self) -> Backbone:
+        return self._backbone
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """What the network's inputs are made with: the stored values once known, else the backbone's own."""
+        stored = self.hparams.get("preprocessing")
+        return Preprocessing.from_dict(stored) if stored else self._backbone.preprocessing
+
     def setup(self, stage: str) -> None:
         """Size the head from the data (once), then prepare this fit's network: freeze state, memory format, compile.
 
         Runs at the start of every ``fit``, before Lightning moves the model or wraps it in DDP; see ``finetune.py``
         for why each fine-tuning phase is its own ``fit``.
         """
+        datamodule = getattr(self.trainer, "datamodule", None)
         if self.net is None:
-            datamodule = self.trainer.datamodule
             names = list(getattr(datamodule, "class_names", None) or [])
             if not names:
                 raise ConfigError("model.class_names is not set and the data module exposes no class_names")
             self.hparams["class_names"] = names
             self._build_head(len(names))
+        if not self.hparams.get("preprocessing"):
+            # The data module's (the backbone's at data.image_size): what eval, predict and exports must repeat.
+            data_prep = Preprocessing.coerce(getattr(datamodule, "preprocessing", None))
+            self.hparams["preprocessing"] = (data_prep or self._backbone.preprocessing).as_dict()
         assert self.net is not None
         if self.hparams.channels_last:
             self.net.to(memory_format=torch.channels_last)
@@ -203,7 +222,8 @@ class ImageClassifier(L.LightningModule):
         """Apply ``trainable_stages`` (set by ``finetune.fit`` before each fit) to the parameters and layer modes.
 
         Frozen weights get ``requires_grad=False``, so autograd computes no gradient for them and the optimizer (which
-        holds every group from the start) skips them. With ``train_bn`` the BatchNorm layers keep training.
+        holds every group from the start) skips them. With ``train_bn`` the norm layers (BatchNorm of torchvision and
+        timm, GroupNorm, LayerNorm: ``norms.is_norm_layer``) keep training.
         """
         assert self.net is not None
         first = self._first_trainable_stage()
@@ -347,15 +367,18 @@ class ImageClassifier(L.LightningModule):
         hparams = dict(checkpoint.get("hyper_parameters") or {})
         if "backbone" not in hparams or not hparams.get("class_names"):
             raise UserError(f"{path} is not a checkpoint of image_finetune.ImageClassifier (no backbone/class_names hparams)")
-        backbone = {**hparams["backbone"], "weights": None}
+        # An allow-listed builder, no weights (they come from the checkpoint): nothing read from disk chooses code.
+        backbone = rebuild_backbone(hparams["backbone"], source=str(path))
         model = cls(
             backbone=backbone,
             class_names=hparams["class_names"],
+            preprocessing=hparams.get("preprocessing"),
             dropout=hparams.get("dropout", 0.0),
             upsample_to=hparams.get("upsample_to"),
             channels_last=hparams.get("channels_last", False),
         )
         model.hparams["pretrained"] = hparams.get("pretrained")
+        model.hparams["backbone"] = dict(hparams["backbone"])  # as trained (its weights name), not as rebuilt
         check_weights_fit(model, checkpoint["state_dict"], source=str(path), expected=f"{_describe(hparams)}, as its hparams say")
         model.load_state_dict(checkpoint["state_dict"])
         return model.to(map_location).eval()
@@ -401,4 +424,5 @@ def check_weights_fit(module: nn.Module, state_dict: Mapping[str, torch.Tensor],
 
 
 def _is_batchnorm(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+    """Any norm layer, of torch or timm (the name stays: ``train_bn`` is fastai's)."""
+    return is_norm_layer(module)
