@@ -5,8 +5,8 @@
 
 Everything it needs is in ``model.onnx.json``, written beside the model: the class names and the preprocessing.
 The preprocessing repeats the project's eval transform: decode (JPEGs at reduced scale, as training decodes them;
-EXIF orientation applied; transparency composited on white), resize the short side to ``resize`` (bilinear,
-antialiased), centre-crop ``crop`` x ``crop``, scale to [0, 1]. Mean/std are applied inside the model.
+EXIF orientation applied; transparency composited on white), resize the short side to ``resize`` (with the JSON's
+``interpolation``, antialiased), centre-crop ``crop`` x ``crop``, scale to [0, 1]. Mean/std are applied inside the model.
 
 Pillow's bilinear resize and torchvision's (which the project uses) round differently, so a pixel may differ by a
 grey level or so and probabilities by a little (the project's tests measure it: see tests/test_export.py). 16-bit
@@ -39,12 +39,16 @@ def load_rgb(path: str | Path, min_size: int) -> Image.Image:
     return im.convert("RGB")
 
 
-def preprocess(path: str | Path, resize: int, crop: int) -> np.ndarray:
+RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+
+
+def preprocess(path: str | Path, resize: int, crop: int, interpolation: str = "bilinear") -> np.ndarray:
     """float32 CHW in [0, 1]: short side to ``resize`` (sizes rounded as torchvision does), centre crop ``crop``."""
     im = load_rgb(path, resize)
     w, h = im.size
     long_side = int(resize * max(w, h) / min(w, h))
-    im = im.resize((resize, long_side) if w <= h else (long_side, resize), Image.BILINEAR)  # antialiased when shrinking
+    resample = RESAMPLE[interpolation.split(",")[0]]  # antialiased when shrinking, as torchvision's
+    im = im.resize((resize, long_side) if w <= h else (long_side, resize), resample)
     w, h = im.size
     top, left = round((h - crop) / 2), round((w - crop) / 2)  # Python rounding, as torchvision's CenterCrop
     im = im.crop((left, top, left + crop, top + crop))
@@ -74,7 +78,8 @@ def classify(model_path: str | Path, image_paths: list[str], top_k: int = 5) -> 
     meta = json.loads(Path(f"{model_path}.json").read_text())
     prep, names = meta["preprocessing"], meta["class_names"]
     session = onnxruntime.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    batch = np.stack([preprocess(p, prep["resize"], prep["crop"]) for p in image_paths])
+    interpolation = prep.get("interpolation", "bilinear")
+    batch = np.stack([preprocess(p, prep["resize"], prep["crop"], interpolation) for p in image_paths])
     logits = session.run([meta["output_name"]], {meta["input_name"]: batch})[0]
     exp = np.exp(logits - logits.max(axis=1, keepdims=True))
     probabilities = exp / exp.sum(axis=1, keepdims=True)

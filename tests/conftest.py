@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from image_finetune.cli import compose_config
 
-from support import make_image_folder
+from support import TIMM_MODEL, make_image_folder, seed_hf_cache
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 REPO = Path(__file__).resolve().parents[1]
@@ -42,33 +42,6 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
         return
     # huggingface_hub reads HF_HUB_OFFLINE once, at import: set the constant for this process.
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-
-
-#: A tiny timm model (99k parameters, BatchNormAct2d norm layers) with real pretrained weights on the hub.
-TIMM_MODEL = "test_efficientnet.r160_in1k"
-
-
-def seed_hf_cache(cache: Path, model_name: str = TIMM_MODEL) -> Path:
-    """Write randomly initialised weights of ``model_name`` where timm's hub loader finds them offline.
-
-    The layout is huggingface_hub's cache (what ``hf_hub_download`` reads with ``HF_HUB_OFFLINE=1``):
-    ``models--timm--<name>/refs/main`` holds a commit id, ``snapshots/<commit>/model.safetensors`` the weights
-    (timm asks for ``model.safetensors`` first, see ``timm.models._hub.load_state_dict_from_hf``).
-    """
-    import timm
-    from safetensors.torch import save_file
-
-    repo = timm.create_model(model_name, pretrained=False).pretrained_cfg["hf_hub_id"]
-    folder = cache / f"models--{repo.replace('/', '--')}"
-    commit = "0" * 40
-    (folder / "refs").mkdir(parents=True, exist_ok=True)
-    (folder / "refs" / "main").write_text(commit)
-    snapshot = folder / "snapshots" / commit
-    snapshot.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    state = timm.create_model(model_name, pretrained=False).state_dict()  # with its classifier, as published
-    save_file({k: v.contiguous() for k, v in state.items()}, str(snapshot / "model.safetensors"))
-    return cache
 
 
 @pytest.fixture(scope="session")

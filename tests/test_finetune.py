@@ -14,10 +14,21 @@ import torch
 from omegaconf import DictConfig
 
 from image_finetune import finetune
+from image_finetune.models.norms import is_norm_layer
 from image_finetune.train import Run, build, train
-from support import FAST, make_image_folder
+from support import FAST, TIMM_MODEL, make_image_folder
 
 pytestmark = pytest.mark.usefixtures("pretrained")
+
+
+@pytest.fixture(params=["torchvision", "timm"])
+def backbone(request: pytest.FixtureRequest) -> tuple[str, ...]:
+    """The config overrides of each zoo's backbone: ResNet-18, and a tiny timm EfficientNet (BatchNormAct2d layers),
+    both with seeded "pretrained" weights loaded through the zoo's own code."""
+    if request.param == "torchvision":
+        return ()
+    request.getfixturevalue("timm_pretrained")
+    return ("model=timm", f"model.backbone.name={TIMM_MODEL}")
 
 
 def folder_cfg(compose_cfg: Callable[..., DictConfig], root: Path, *overrides: str, output_dir: Path | None = None) -> DictConfig:
@@ -38,9 +49,7 @@ class RecordPhases(L.Callback):
         self.backbone_grads: dict[int, bool] = {}
 
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        non_bn = [
-            p for m in pl_module.net.backbone.modules() if not isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters(recurse=False)
-        ]
+        non_bn = [p for m in pl_module.net.backbone.modules() if not is_norm_layer(m) for p in m.parameters(recurse=False)]
         epoch = trainer.current_epoch
         self.requires_grad[epoch] = any(p.requires_grad for p in non_bn)
         self.backbone_grads[epoch] = any(p.grad is not None for p in non_bn)
@@ -66,16 +75,16 @@ def run_frozen_phase(cfg: DictConfig) -> tuple[dict[str, torch.Tensor], dict[str
     return before, snapshot(run.model.net.backbone), recorder, run.model
 
 
-def test_frozen_backbone_is_bitwise_unchanged_without_train_bn(compose_cfg, image_folder):
-    before, after, recorder, _ = run_frozen_phase(folder_cfg(compose_cfg, image_folder, *FROZEN, "finetune.train_bn=false"))
+def test_frozen_backbone_is_bitwise_unchanged_without_train_bn(compose_cfg, image_folder, backbone):
+    before, after, recorder, _ = run_frozen_phase(folder_cfg(compose_cfg, image_folder, *backbone, *FROZEN, "finetune.train_bn=false"))
     assert before.keys() == after.keys()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed == [], f"frozen backbone tensors changed: {changed[:5]}"
     assert recorder.requires_grad == {0: False} and recorder.backbone_grads == {0: False}
 
 
-def test_train_bn_trains_only_batchnorm_while_frozen(compose_cfg, image_folder):
-    before, after, recorder, model = run_frozen_phase(folder_cfg(compose_cfg, image_folder, *FROZEN, "finetune.train_bn=true"))
+def test_train_bn_trains_only_batchnorm_while_frozen(compose_cfg, image_folder, backbone):
+    before, after, recorder, model = run_frozen_phase(folder_cfg(compose_cfg, image_folder, *backbone, *FROZEN, "finetune.train_bn=true"))
     bn_prefixes = tuple(f"{n}." for n, m in model.net.backbone.named_modules() if isinstance(m, torch.nn.BatchNorm2d))
     bn_keys = [k for k in before if k.startswith(bn_prefixes)]
     other_keys = [k for k in before if not k.startswith(bn_prefixes)]
@@ -210,7 +219,7 @@ def test_a_warm_resized_cache_trains_exactly_as_the_run_that_filled_it(compose_c
         torch.testing.assert_close(weights[1][key], weights[0][key], rtol=0, atol=1e-6, msg=key)
 
 
-def test_compile_gets_a_fresh_graph_after_the_unfreeze(compose_cfg, image_folder, monkeypatch):
+def test_compile_gets_a_fresh_graph_after_the_unfreeze(compose_cfg, image_folder, monkeypatch, backbone):
     """With compile=true the unfrozen phase must produce backbone gradients (no stale frozen graph)."""
     compiled: list[torch.nn.Module] = []
     real_compile = torch.compile

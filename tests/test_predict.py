@@ -174,7 +174,7 @@ def test_preprocessing_follows_the_data_module_that_trained(data, resize_crop, t
 
     backbone = Preprocessing(224, 0.875, mean=(0.5,) * 3, std=(0.25,) * 3)
     location = {"data_dir": tmp_path} if "CIFAR" in data["_target_"] else {"root": tmp_path}
-    prep = instantiate({**data, **location}, preprocessing=backbone).preprocessing
+    prep = instantiate({**data, **location}, _partial_=True)(preprocessing=backbone).preprocessing  # as train.build does
     assert (prep.resize, prep.size) == resize_crop and (prep.mean, prep.std) == (backbone.mean, backbone.std)
     again = Preprocessing.from_dict(prep.as_dict())  # what an export's JSON and a checkpoint's hparams give back
     assert (again.resize, again.size, again.mean, again.std) == (prep.resize, prep.size, prep.mean, prep.std)

@@ -136,13 +136,12 @@ class Classifier:
         net = model.net
         assert net is not None  # from_checkpoint always builds the head
         stored = model.hparams.get("preprocessing")
-        if stored:
-            preprocessing = Preprocessing.from_dict(stored).override(size=image_size, crop_ratio=crop_ratio)
-        elif image_size:
-            mean, std = net.mean.flatten().tolist(), net.std.flatten().tolist()
-            preprocessing = Preprocessing(image_size, crop_ratio or Preprocessing.crop_ratio, tuple(mean), tuple(std))
-        else:
+        if not stored and not image_size:
             raise ConfigError(f"{path} stores no preprocessing (an older checkpoint): pass image_size=N (and crop_ratio=R)")
+        # mean/std as the network applies them (its float32 buffers), so the export JSON says exactly what runs
+        applied = {"mean": net.mean.flatten().tolist(), "std": net.std.flatten().tolist()}
+        base = Preprocessing.from_dict({**stored, **applied}) if stored else Preprocessing(image_size, **applied)  # type: ignore[arg-type]
+        preprocessing = base.override(size=image_size, crop_ratio=crop_ratio)
         backbone = model.hparams.backbone
         return cls(net, model.class_names, preprocessing, architecture=backbone["name"], backbone=backbone, device=device)
 

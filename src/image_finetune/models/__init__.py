@@ -1,7 +1,10 @@
-"""Backbones (torchvision, timm, or yours: any builder returning a ``Backbone``) and the Lightning module that fine-tunes them."""
+"""Backbones (torchvision, timm, or yours: any builder returning a ``Backbone``) and the Lightning module that fine-tunes them.
+
+(timm's builder is ``image_finetune.models.timm_backbone.timm_backbone``; it is not re-exported here, where its name
+would hide the module of the same name from Hydra's ``_target_`` lookup.)
+"""
 
 from image_finetune.models.backbones import Backbone, build_backbone, torchvision_backbone
 from image_finetune.models.classifier import ClassifierNet, ImageClassifier
-from image_finetune.models.timm_backbone import timm_backbone
 
-__all__ = ["Backbone", "ClassifierNet", "ImageClassifier", "build_backbone", "timm_backbone", "torchvision_backbone"]
+__all__ = ["Backbone", "ClassifierNet", "ImageClassifier", "build_backbone", "torchvision_backbone"]
