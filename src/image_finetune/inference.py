@@ -110,7 +110,7 @@ class Classifier:
         backbone: Mapping[str, Any] | None = None,
         device: str | torch.device = "auto",
     ) -> None:
-        """``backbone``: the builder config that rebuilds ``net``'s backbone (default: torchvision's ``architecture``)."""
+        """``backbone``: the builder config that rebuilds ``net``'s backbone (default: torchvision ``architecture``)."""
         self.device = resolve_device(device)
         self.net = net.to(self.device).eval()
         self.class_names = list(class_names)
@@ -137,13 +137,16 @@ class Classifier:
         assert net is not None  # from_checkpoint always builds the head
         stored = model.hparams.get("preprocessing")
         if not stored and not image_size:
-            raise ConfigError(f"{path} stores no preprocessing (an older checkpoint): pass image_size=N (and crop_ratio=R)")
+            raise ConfigError(
+                f"{path} stores no preprocessing (an older checkpoint): pass image_size=N (and crop_ratio=R)"
+            )
         # mean/std as the network applies them (its float32 buffers), so the export JSON says exactly what runs
         applied = {"mean": net.mean.flatten().tolist(), "std": net.std.flatten().tolist()}
-        base = Preprocessing.from_dict({**stored, **applied}) if stored else Preprocessing(image_size, **applied)  # type: ignore[arg-type]
+        base = Preprocessing.from_dict({**stored, **applied}) if stored else Preprocessing(image_size, **applied)
         preprocessing = base.override(size=image_size, crop_ratio=crop_ratio)
         backbone = model.hparams.backbone
-        return cls(net, model.class_names, preprocessing, architecture=backbone["name"], backbone=backbone, device=device)
+        name = backbone["name"]
+        return cls(net, model.class_names, preprocessing, architecture=name, backbone=backbone, device=device)
 
     @classmethod
     def from_safetensors(cls, path: str | os.PathLike, device: str | torch.device = "auto") -> Classifier:

@@ -138,7 +138,8 @@ class CIFAR10DataModule(ClassificationDataModule):
     ) -> None:
         super().__init__(batch_size, num_workers, seed, pin_memory, persistent_workers)
         # Whole 32x32 images (resized, never cropped) with the backbone's mean/std: what eval, predict, exports repeat.
-        self.preprocessing = (Preprocessing.coerce(preprocessing) or Preprocessing()).override(size=CIFAR_SIZE, crop_ratio=1.0)
+        backbone_preprocessing = Preprocessing.coerce(preprocessing) or Preprocessing()
+        self.preprocessing = backbone_preprocessing.override(size=CIFAR_SIZE, crop_ratio=1.0)
         if image_size != CIFAR_SIZE:
             raise ConfigError(
                 f"data.image_size={image_size}: CIFAR-10 images are {CIFAR_SIZE}x{CIFAR_SIZE} and are served as they are. To "

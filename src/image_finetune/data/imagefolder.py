@@ -89,10 +89,12 @@ class ImageFolderDataModule(ClassificationDataModule):
                 f"data.cache={cache!r}: use auto (keep resized copies when the images are large), resized (always) "
                 "or null (read the original files every epoch)"
             )
-        self.preprocessing = (Preprocessing.coerce(preprocessing) or Preprocessing()).override(size=image_size, crop_ratio=crop_ratio)
+        backbone_preprocessing = Preprocessing.coerce(preprocessing) or Preprocessing()
+        self.preprocessing = backbone_preprocessing.override(size=image_size, crop_ratio=crop_ratio)
         self.image_size, self.crop_ratio = self.preprocessing.size, self.preprocessing.crop_ratio
         self.save_hyperparameters(
-            {"root": str(root), "image_size": self.image_size, "val_fraction": val_fraction, "test_fraction": test_fraction, "seed": seed}
+            {"root": str(root), "image_size": self.image_size, "val_fraction": val_fraction, "test_fraction": test_fraction,
+             "seed": seed}  # fmt: skip
         )
         self.root = Path(root).expanduser()
         self.val_fraction, self.test_fraction = val_fraction, test_fraction

@@ -87,7 +87,7 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Preprocessing:
-        """Inverse of ``as_dict``; also reads JSONs written before ``crop_ratio`` and ``interpolation`` were recorded."""
+        """Inverse of ``as_dict``; also reads JSONs written before ``crop_ratio`` and ``interpolation`` were stored."""
         crop = int(d["crop"])
         ratio = d.get("crop_ratio") or crop / d["resize"]
         return cls(crop, ratio, tuple(d["mean"]), tuple(d["std"]), d.get("interpolation") or "bilinear")

@@ -75,7 +75,9 @@ def local_weights_file(weights: str) -> Path:
     """``model.backbone.weights=PATH``: the file, or a one-line error."""
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise ConfigError(f"model.backbone.weights={weights!r}: no such file. Give a path to a state_dict (.pth, .safetensors).")
+        raise ConfigError(
+            f"model.backbone.weights={weights!r}: no such file. Give a path to a state_dict (.pth, .safetensors)."
+        )
     return path
 
 

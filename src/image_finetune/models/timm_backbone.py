@@ -135,7 +135,8 @@ def _does_not_fit(name: str, weights: object, err: BaseException) -> ConfigError
 
 def _offline(timm: Any, name: str, err: BaseException, allow_random_init: bool) -> nn.Module:
     """The weights could not be had: a one-line error naming where they go, or (offline demo only) random init."""
-    message = f"could not load pretrained weights for timm's {name} ({str(err).splitlines()[0][:200]}). " + _where(timm, name)
+    reason = str(err).splitlines()[0][:200]
+    message = f"could not load pretrained weights for timm's {name} ({reason}). " + _where(timm, name)
     if not allow_random_init:
         raise ConfigError(message) from err
     log.warning("!" * 80 + "\n%s\nTRAINING FROM RANDOM INITIALISATION INSTEAD.\n" + "!" * 80, message)
@@ -152,18 +153,20 @@ def _where(timm: Any, name: str) -> str:
         repo, _, revision = hub_id.partition("@")
         folder = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
         where = (
-            f"If this machine is offline, download https://huggingface.co/{repo} elsewhere (hf download {repo}) and copy "
-            f"its cache folder to {folder} (snapshots/<commit>/model.safetensors and refs/{revision or 'main'}; or set "
+            f"If this machine is offline, download https://huggingface.co/{repo} elsewhere (hf download {repo}) and "
+            f"copy its cache folder to {folder} (snapshots/<commit>/model.safetensors and refs/{revision or 'main'}; or set "
             "HF_HUB_CACHE), then run with HF_HUB_OFFLINE=1"
         )
     else:
         where = f"If this machine is offline, download {cfg.get('url')} elsewhere"
-    return f"{where}; or pass model.backbone.weights=/path/to/model.safetensors (timm's pretrained_cfg_overlay file), " \
-        "or model.backbone.weights=null to train from random initialisation."  # fmt: skip
+    return (
+        f"{where}; or pass model.backbone.weights=/path/to/model.safetensors (timm's pretrained_cfg_overlay file), "
+        "or model.backbone.weights=null to train from random initialisation."
+    )
 
 
 def timm_preprocessing(timm: Any, model: nn.Module) -> Preprocessing:
-    """What the weights were evaluated with, from timm's own resolver (input size, crop_pct, mean/std, interpolation)."""
+    """What the weights were evaluated with, from timm's resolver (input size, crop_pct, mean/std, interpolation)."""
     cfg = timm.data.resolve_data_config({}, model=model)
     interpolation = cfg.get("interpolation", "bilinear")
     if interpolation not in ("bilinear", "bicubic", "nearest"):  # e.g. "random" (training-time) or "lanczos"
