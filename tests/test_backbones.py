@@ -124,6 +124,35 @@ def test_norm_layers_of_torchvision_and_timm_are_recognised():
     assert not list(FrozenBatchNorm2d(4).parameters())  # nothing to train or freeze: no need to recognise it
 
 
+@pytest.mark.parametrize("name", ["test_convnext.r160_in1k", "test_efficientnet_gn.r160_in1k"])  # LayerNorm2d, GroupNormAct
+def test_train_bn_keeps_every_norm_layer_of_a_frozen_backbone_training(name):
+    model = ImageClassifier(backbone=timm_backbone(name, None), class_names=["a", "b"])
+    model.backbone_frozen = True
+    model._apply_freeze()
+    model.train()
+    modules = [m for m in model.net.backbone.modules() if list(m.parameters(recurse=False))]
+    norms = [m for m in modules if is_norm_layer(m)]
+    assert norms and len(norms) < len(modules)
+    for m in modules:
+        assert all(p.requires_grad == is_norm_layer(m) for p in m.parameters(recurse=False)), type(m).__name__
+        assert m.training == is_norm_layer(m), type(m).__name__
+
+
+def test_the_data_module_applies_the_backbones_preprocessing_unless_the_data_sets_its_size(compose_cfg, timm_pretrained):
+    from torchvision.transforms import InterpolationMode
+
+    from image_finetune.train import build
+
+    folder = make_image_folder(Path(compose_cfg().paths.data_dir) / "images")
+    run = build(compose_cfg(*TIMM, "data=imagefolder", f"data.root={folder}", "data.num_workers=0"))
+    assert run.datamodule.preprocessing == run.model.backbone.preprocessing  # 160 px, crop 0.95, bicubic
+    run = build(compose_cfg(*TIMM, "data=imagefolder", f"data.root={folder}", "data.num_workers=0", "data.image_size=32"))
+    assert run.datamodule.preprocessing == run.model.backbone.preprocessing.override(size=32)
+    run.datamodule.setup("fit")
+    train_crop, val_resize = run.datamodule.datasets["train"].transform.transforms[0], run.datamodule.datasets["val"].transform.transforms[0]
+    assert train_crop.interpolation == val_resize.interpolation == InterpolationMode.BICUBIC
+
+
 def test_preprocessing_values_round_trip_and_bad_values_are_one_line_errors():
     prep = Preprocessing(160, 0.95, (0.5,) * 3, (0.5,) * 3, "bicubic")
     assert Preprocessing.from_dict(json.loads(json.dumps(prep.as_dict()))) == prep
