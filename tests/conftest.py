@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from image_finetune.cli import compose_config
 
-from support import TIMM_MODEL, make_image_folder, seed_hf_cache
+from support import make_image_folder, seed_hf_cache
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 REPO = Path(__file__).resolve().parents[1]
