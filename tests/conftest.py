@@ -18,10 +18,9 @@ import torch
 import torchvision
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
+from support import make_image_folder, seed_hf_cache
 
 from image_finetune.cli import compose_config
-
-from support import make_image_folder, seed_hf_cache
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 REPO = Path(__file__).resolve().parents[1]

@@ -19,6 +19,7 @@ import torch
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from safetensors.torch import load_file
+from support import TIMM_MODEL, make_image_folder, seed_hf_cache
 from torch import nn
 
 from image_finetune.data.preprocessing import Preprocessing
@@ -26,9 +27,8 @@ from image_finetune.errors import ConfigError, UserError
 from image_finetune.export import load_exported
 from image_finetune.inference import Classifier, sidecar_path
 from image_finetune.models import Backbone, ImageClassifier, torchvision_backbone
-from image_finetune.models.timm_backbone import timm_backbone
 from image_finetune.models.norms import is_norm_layer
-from support import TIMM_MODEL, make_image_folder, seed_hf_cache
+from image_finetune.models.timm_backbone import timm_backbone
 
 timm = pytest.importorskip("timm")
 
@@ -125,7 +125,8 @@ def test_norm_layers_of_torchvision_and_timm_are_recognised():
     assert not list(FrozenBatchNorm2d(4).parameters())  # nothing to train or freeze: no need to recognise it
 
 
-@pytest.mark.parametrize("name", ["test_convnext.r160_in1k", "test_efficientnet_gn.r160_in1k"])  # LayerNorm2d, GroupNormAct
+# LayerNorm2d, GroupNormAct
+@pytest.mark.parametrize("name", ["test_convnext.r160_in1k", "test_efficientnet_gn.r160_in1k"])
 def test_train_bn_keeps_every_norm_layer_of_a_frozen_backbone_training(name):
     model = ImageClassifier(backbone=timm_backbone(name, None), class_names=["a", "b"])
     model.backbone_frozen = True
@@ -139,7 +140,9 @@ def test_train_bn_keeps_every_norm_layer_of_a_frozen_backbone_training(name):
         assert m.training == is_norm_layer(m), type(m).__name__
 
 
-def test_the_data_module_applies_the_backbones_preprocessing_unless_the_data_sets_its_size(compose_cfg, timm_pretrained):
+def test_the_data_module_applies_the_backbones_preprocessing_unless_the_data_sets_its_size(
+    compose_cfg, timm_pretrained
+):
     from torchvision.transforms import InterpolationMode
 
     from image_finetune.train import build
@@ -147,7 +150,8 @@ def test_the_data_module_applies_the_backbones_preprocessing_unless_the_data_set
     folder = make_image_folder(Path(compose_cfg().paths.data_dir) / "images")
     run = build(compose_cfg(*TIMM, "data=imagefolder", f"data.root={folder}", "data.num_workers=0"))
     assert run.datamodule.preprocessing == run.model.backbone.preprocessing  # 160 px, crop 0.95, bicubic
-    run = build(compose_cfg(*TIMM, "data=imagefolder", f"data.root={folder}", "data.num_workers=0", "data.image_size=32"))
+    common = (*TIMM, "data=imagefolder", f"data.root={folder}", "data.num_workers=0")
+    run = build(compose_cfg(*common, "data.image_size=32"))
     assert run.datamodule.preprocessing == run.model.backbone.preprocessing.override(size=32)
     run.datamodule.setup("fit")
     datasets = run.datamodule.datasets
@@ -219,8 +223,8 @@ def test_timm_model_trains_offline_and_eval_predict_export_and_the_api_use_its_c
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     trained = json.loads((run_dir / "metrics.json").read_text())
     assert evaluated["test/acc"] == pytest.approx(trained["test/acc"], abs=1e-6)
-    script("predict.py", f"input={images / 'class_1'}", "num_workers=0", "device=cpu", f"hydra.run.dir={tmp_path / 'pred'}")
-    assert len((tmp_path / "pred" / "predictions.csv").read_text().splitlines()) == 1 + 12
+    script("predict.py", f"input={images / 'class_1'}", "num_workers=0", "device=cpu", f"hydra.run.dir={tmp_path}/p")
+    assert len((tmp_path / "p" / "predictions.csv").read_text().splitlines()) == 1 + 12
     script("export.py", "format=onnx", f"hydra.run.dir={tmp_path / 'export'}")  # verify=true: within 1e-4
 
     classifier = Classifier.from_checkpoint(ckpt, device="cpu")

@@ -15,13 +15,14 @@ def train_transform(
 ) -> v2.Compose:
     """Inception-style random resized crop (+ horizontal flip), the standard ImageNet fine-tuning augmentation."""
     mode = v2.InterpolationMode(interpolation)
-    steps: list[v2.Transform] = [v2.RandomResizedCrop(size, scale=tuple(crop_scale), interpolation=mode, antialias=True)]
+    crop = v2.RandomResizedCrop(size, scale=tuple(crop_scale), interpolation=mode, antialias=True)
+    steps: list[v2.Transform] = [crop]
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
     return v2.Compose(steps)
 
 
 def eval_transform(size: int, crop_ratio: float = 0.875, interpolation: str = "bilinear") -> v2.Compose:
-    """Resize the short side to ``size / crop_ratio`` and centre-crop ``size``: what the pretrained weights were scored with."""
+    """Resize the short side to ``size / crop_ratio``, centre-crop ``size``: how the pretrained weights were scored."""
     mode = v2.InterpolationMode(interpolation)
     return v2.Compose([v2.Resize(round(size / crop_ratio), interpolation=mode, antialias=True), v2.CenterCrop(size)])

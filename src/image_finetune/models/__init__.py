@@ -1,4 +1,4 @@
-"""Backbones (torchvision, timm, or yours: any builder returning a ``Backbone``) and the LightningModule fine-tuning them.
+"""Backbones (torchvision, timm, or yours: any builder returning a ``Backbone``) and the module fine-tuning them.
 
 (timm's builder is ``image_finetune.models.timm_backbone.timm_backbone``; it is not re-exported here, where its name
 would hide the module of the same name from Hydra's ``_target_`` lookup.)

@@ -79,7 +79,9 @@ def timm_backbone(name: str, weights: str | bool | None = "DEFAULT", *, allow_ra
             model = _offline(timm, name, err, allow_random_init)
             source = None
         else:
-            raise _does_not_fit(name, weights, err) if isinstance(source, Path) else err
+            if isinstance(source, Path):
+                raise _does_not_fit(name, weights, err) from None
+            raise
     except OSError as err:  # not in the Hugging Face cache and no network (huggingface_hub's errors are OSErrors)
         if source != "registry":
             raise
@@ -154,8 +156,8 @@ def _where(timm: Any, name: str) -> str:
         folder = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
         where = (
             f"If this machine is offline, download https://huggingface.co/{repo} elsewhere (hf download {repo}) and "
-            f"copy its cache folder to {folder} (snapshots/<commit>/model.safetensors and refs/{revision or 'main'}; or set "
-            "HF_HUB_CACHE), then run with HF_HUB_OFFLINE=1"
+            f"copy its cache folder to {folder} (snapshots/<commit>/model.safetensors and refs/{revision or 'main'}; "
+            "or set HF_HUB_CACHE), then run with HF_HUB_OFFLINE=1"
         )
     else:
         where = f"If this machine is offline, download {cfg.get('url')} elsewhere"
