@@ -49,7 +49,8 @@ class RecordPhases(L.Callback):
         self.backbone_grads: dict[int, bool] = {}
 
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        non_bn = [p for m in pl_module.net.backbone.modules() if not is_norm_layer(m) for p in m.parameters(recurse=False)]
+        modules = pl_module.net.backbone.modules()
+        non_bn = [p for m in modules if not is_norm_layer(m) for p in m.parameters(recurse=False)]
         epoch = trainer.current_epoch
         self.requires_grad[epoch] = any(p.requires_grad for p in non_bn)
         self.backbone_grads[epoch] = any(p.grad is not None for p in non_bn)
@@ -219,7 +220,7 @@ def test_a_warm_resized_cache_trains_exactly_as_the_run_that_filled_it(compose_c
         torch.testing.assert_close(weights[1][key], weights[0][key], rtol=0, atol=1e-6, msg=key)
 
 
-def test_compile_gets_a_fresh_graph_after_the_unfreeze(compose_cfg, image_folder, monkeypatch, backbone):
+def test_compile_gets_a_fresh_graph_after_the_unfreeze(compose_cfg, image_folder, monkeypatch):
     """With compile=true the unfrozen phase must produce backbone gradients (no stale frozen graph)."""
     compiled: list[torch.nn.Module] = []
     real_compile = torch.compile
