@@ -62,6 +62,7 @@ def data_config(cfg: DictConfig, ckpt_path: str) -> DictConfig:
         data = OmegaConf.create(stored)
     if "cache" in data:
         data.cache = None
+    data.pop("augment", None)  # training augmentation: evaluation never uses it, and its targets are not ours to build
     return data
 
 

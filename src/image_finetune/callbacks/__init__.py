@@ -1,6 +1,7 @@
 """Callbacks that make runs reproducible, self-describing, safe under DDP, and visible (TensorBoard, console)."""
 
 from image_finetune.callbacks.ddp import CheckWeightsInSync
+from image_finetune.callbacks.ema import EMAWeights
 from image_finetune.callbacks.progress import (
     CompactModelSummary,
     ModelCheckpoint,
@@ -25,6 +26,7 @@ __all__ = [
     "CheckWeightsInSync",
     "CompactModelSummary",
     "ConfusionMatrixImage",
+    "EMAWeights",
     "FinetunePhaseMarker",
     "LastCheckpoint",
     "MisclassifiedGrid",

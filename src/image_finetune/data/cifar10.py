@@ -7,6 +7,7 @@ and exported models see exactly what training saw.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -20,6 +21,7 @@ from torchvision.datasets import CIFAR10
 
 from image_finetune.data.base import ClassificationDataModule, EpochSampler
 from image_finetune.data.preprocessing import Preprocessing
+from image_finetune.data.transforms import Augmentation
 from image_finetune.errors import ConfigError
 
 CIFAR_SIZE = 32
@@ -39,12 +41,12 @@ class TensorImageDataset(Dataset):
         return self.images[index], self.labels[index]
 
 
-def random_crop_flip(images: torch.Tensor, seeds: torch.Tensor, padding: int = 4) -> torch.Tensor:
+def random_crop_flip(images: torch.Tensor, seeds: torch.Tensor, padding: int = 4, flip: bool = True) -> torch.Tensor:
     """The classic CIFAR augmentation (reflect-pad, random crop back to size, horizontal flip), batched on the device.
 
     Each sample's crop offset and flip come from its own seed (``EpochSampler``'s per-sample seeds), not from a global
     RNG: an epoch's batches are a function of ``(seed, epoch)`` alone, so a resumed run sees exactly the batches of an
-    uninterrupted one. The padding never materialises: reflected source rows/columns are computed and the whole
+    uninterrupted one. ``padding=0`` only flips, ``flip=False`` only crops. The padding never materialises: reflected source rows/columns are computed and the whole
     augmentation is one gather, on any dtype (uint8 here, 4x less memory traffic than float).
     """
     n, _, h, w = images.shape
@@ -53,10 +55,10 @@ def random_crop_flip(images: torch.Tensor, seeds: torch.Tensor, padding: int = 4
     seeds = seeds.to(device)
     dy = (seeds % span - padding).view(n, 1, 1)
     dx = ((seeds // span) % span - padding).view(n, 1, 1)
-    flip = ((seeds // span**2) % 2).bool().view(n, 1, 1)
+    mirror = ((seeds // span**2) % 2).bool().view(n, 1, 1) & flip
     out_cols = torch.arange(w, device=device).view(1, 1, w)
     rows = _reflect(torch.arange(h, device=device).view(1, h, 1) + dy, h)
-    cols = _reflect(torch.where(flip, w - 1 - out_cols, out_cols) + dx, w)
+    cols = _reflect(torch.where(mirror, w - 1 - out_cols, out_cols) + dx, w)
     batch = torch.arange(n, device=device).view(n, 1, 1)
     return images[batch, :, rows, cols].permute(0, 3, 1, 2).contiguous()
 
@@ -132,6 +134,7 @@ class CIFAR10DataModule(ClassificationDataModule):
         val_size: int = 5000,
         seed: int = 42,
         download: bool = True,
+        augment: Augmentation | None = None,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
         preprocessing: Preprocessing | Mapping[str, Any] | None = None,
@@ -150,6 +153,13 @@ class CIFAR10DataModule(ClassificationDataModule):
         self.data_dir = Path(data_dir).expanduser()
         self.image_size, self.val_size, self.download = image_size, val_size, download
         self._on_device: dict[tuple[str, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        augment = augment or Augmentation()
+        if augment.ops or augment.crop_scale is not None:
+            raise ConfigError(
+                f"augment={augment.name}: CIFAR-10 is augmented on the device with a padded random crop and a flip, not with "
+                "the image-folder presets. Use augment=default (crop + flip) or augment=none"
+            )
+        self.device_crop, self.device_flip = augment.random_crop, augment.hflip
 
     def prepare_data(self) -> None:
         for train in (True, False):
@@ -193,7 +203,10 @@ class CIFAR10DataModule(ClassificationDataModule):
 
     def train_dataloader(self) -> Any:
         drop_last = len(self.datasets["train"]) > self.batch_size  # type: ignore[arg-type]
-        resident = self._resident("train", sampler=self.train_sampler(), augment=random_crop_flip, drop_last=drop_last)
+        augment = None
+        if self.device_crop or self.device_flip:
+            augment = functools.partial(random_crop_flip, padding=4 if self.device_crop else 0, flip=self.device_flip)
+        resident = self._resident("train", sampler=self.train_sampler(), augment=augment, drop_last=drop_last)
         return resident if resident is not None else super().train_dataloader()
 
     def val_dataloader(self) -> Any:

@@ -29,7 +29,7 @@ from image_finetune.data.decode import stored_short_side
 from image_finetune.data.files import ImageFileDataset, ImageLoader
 from image_finetune.data.preprocessing import Preprocessing
 from image_finetune.data.scan import FolderScan, scan_image_folder, summarize, write_scan_report
-from image_finetune.data.transforms import train_transform
+from image_finetune.data.transforms import Augmentation, train_transform
 from image_finetune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         crop_scale: Sequence[float] = (0.08, 1.0),
         crop_ratio: float | None = None,
         hflip: bool = True,
+        augment: Augmentation | None = None,
         balance: bool = False,
         cache: CacheMode = "auto",
         cache_dir: str | os.PathLike | None = None,
@@ -99,6 +100,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         self.root = Path(root).expanduser()
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.crop_scale, self.hflip = tuple(crop_scale), hflip
+        self.augment = augment  # the preset (augment=...); None: random resized crop at crop_scale + hflip
         self.balance = balance
         # Scan results and resized images are keyed by source path, so one cache dir serves every dataset.
         self.cache_dir = Path(cache_dir or Path.home() / ".cache" / "image_finetune").expanduser()
@@ -233,7 +235,9 @@ class ImageFolderDataModule(ClassificationDataModule):
         # numbers are exactly what eval.py, predict.py and the exported models compute.
         loaders = {"train": ImageLoader(min_size=short_side, cache=cache) if cache else original}
         loaders["val"] = loaders["train"]
-        train_tf = train_transform(self.image_size, self.crop_scale, self.hflip, interpolation)
+        train_tf = train_transform(
+            self.image_size, self.crop_scale, self.hflip, self.augment, self.crop_ratio, interpolation
+        )
         eval_tf = self.preprocessing.transform
         self.datasets = {
             split: ImageFileDataset(items, train_tf if split == "train" else eval_tf, loaders.get(split, original))

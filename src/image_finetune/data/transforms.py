@@ -2,23 +2,69 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
+import torch
 from torchvision.transforms import v2
+
+from image_finetune.errors import ConfigError
 
 #: Resize kernels a backbone's preprocessing may name (torchvision's weights and timm's configs use the first two).
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
+@dataclass(frozen=True)
+class Augmentation:
+    """A training augmentation preset (``configs/augment/*.yaml``, chosen with ``augment=none|light|default|strong``).
+
+    It names how strongly to augment; the data says what its images allow: ``data.crop_scale`` is the default crop
+    scale and ``data.hflip=false`` (digits: a mirrored 2 is not a 2) vetoes every preset's flip. Everything runs in
+    the workers, on the uint8 image, seeded per sample by ``EpochSampler``'s ``(index, sample_seed)``.
+    """
+
+    name: str = "default"
+    random_crop: bool = True
+    """False: the eval crop (resize + centre crop), so training sees whole, unmoved images."""
+    crop_scale: tuple[float, float] | None = None
+    """Area fraction range of the random resized crop; None: the data config's ``data.crop_scale``."""
+    hflip: bool = True
+    """Random horizontal flip, where the data allows it (``data.hflip``)."""
+    ops: Sequence[Callable[[torch.Tensor], torch.Tensor]] = ()
+    """v2 transforms applied to the uint8 crop after crop and flip (TrivialAugmentWide, RandomErasing, ...)."""
+
+    def __post_init__(self) -> None:
+        if self.crop_scale is not None:
+            lo, hi = (float(s) for s in self.crop_scale)
+            if not 0 < lo <= hi <= 1:
+                raise ConfigError(f"data.augment.crop_scale={[lo, hi]} must be [min, max] with 0 < min <= max <= 1")
+            object.__setattr__(self, "crop_scale", (lo, hi))
+        object.__setattr__(self, "ops", tuple(self.ops))
+
+
 def train_transform(
-    size: int, crop_scale: Sequence[float] = (0.08, 1.0), hflip: bool = True, interpolation: str = "bilinear"
+    size: int,
+    crop_scale: Sequence[float] = (0.08, 1.0),
+    hflip: bool = True,
+    augment: Augmentation | None = None,
+    crop_ratio: float = 0.875,
+    interpolation: str = "bilinear",
 ) -> v2.Compose:
-    """Inception-style random resized crop (+ horizontal flip), the standard ImageNet fine-tuning augmentation."""
-    mode = v2.InterpolationMode(interpolation)
-    crop = v2.RandomResizedCrop(size, scale=tuple(crop_scale), interpolation=mode, antialias=True)
-    steps: list[v2.Transform] = [crop]
-    if hflip:
+    """The training transform: ``augment``'s preset (None: random resized crop at ``crop_scale`` + flip, the default).
+
+    ``hflip=False`` means the data must never be mirrored, whatever the preset says.
+    """
+    augment = augment or Augmentation()
+    if augment.random_crop:
+        scale = augment.crop_scale or tuple(crop_scale)
+        steps: list[Callable[[torch.Tensor], torch.Tensor]] = [
+            v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode(interpolation), antialias=True)
+        ]
+    else:
+        steps = list(eval_transform(size, crop_ratio, interpolation).transforms)
+    if augment.hflip and hflip:
         steps.append(v2.RandomHorizontalFlip())
+    steps.extend(augment.ops)
     return v2.Compose(steps)
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
+from torchvision.transforms import v2
 
 from image_finetune.checkpoints import read_checkpoint
 from image_finetune.data.preprocessing import Preprocessing
@@ -70,6 +71,25 @@ class ClassifierNet(nn.Module):
         return self.head(self.backbone((images - self.mean) / self.std))
 
 
+def batch_mixing(num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, prob: float = 1.0) -> v2.Transform | None:
+    """MixUp and/or CutMix (one of them per batch, chosen at random) applied to a batch with probability ``prob``.
+
+    Works on the device, on the float batch, and returns soft targets (rows sum to one). Random numbers come from the
+    global generator, which ``ReseedEveryEpoch`` reseeds per epoch, so a resumed run mixes exactly as an
+    uninterrupted one. None when both alphas are 0 (off).
+    """
+    if mixup_alpha < 0 or cutmix_alpha < 0 or not 0 <= prob <= 1:
+        raise ConfigError(
+            f"model.mixup: mixup_alpha={mixup_alpha} and cutmix_alpha={cutmix_alpha} must be >= 0 (0 = off) and prob={prob} in [0, 1]"
+        )
+    mixers = [
+        mixer(alpha=alpha, num_classes=num_classes) for mixer, alpha in ((v2.MixUp, mixup_alpha), (v2.CutMix, cutmix_alpha)) if alpha > 0
+    ]
+    if not mixers or prob == 0:
+        return None
+    return v2.RandomApply([v2.RandomChoice(mixers)], p=prob)
+
+
 def _metrics(num_classes: int, split: str) -> MetricCollection:
     # validate_args=False: the inputs are our own logits and labels, and the checks cost a GPU->CPU sync every step.
     # F1 and top-5 from models/metrics.py: torchmetrics' own would sync the GPU with the host on every step.
@@ -110,6 +130,7 @@ class ImageClassifier(L.LightningModule):
         scheduler_monitor: str = "val/loss",
         dropout: float = 0.2,
         label_smoothing: float = 0.0,
+        mixup: Mapping[str, float] | None = None,
         upsample_to: int | None = None,
         compile: bool = False,
         channels_last: bool = False,
@@ -133,6 +154,7 @@ class ImageClassifier(L.LightningModule):
                 "lr_spread": lr_spread,
                 "dropout": dropout,
                 "label_smoothing": label_smoothing,
+                "mixup": dict(mixup or {}),
                 "upsample_to": upsample_to,
                 "compile": compile,
                 "channels_last": channels_last,
@@ -145,6 +167,7 @@ class ImageClassifier(L.LightningModule):
         self.optimizer_factory = optimizer or torch.optim.AdamW
         self.scheduler_factory = scheduler
         self.net: ClassifierNet | None = None
+        self.mixing: v2.Transform | None = None
         self.metrics = nn.ModuleDict()
         self.losses = nn.ModuleDict()
         self.trainable_stages: int | None = None
@@ -161,6 +184,11 @@ class ImageClassifier(L.LightningModule):
         self.net = ClassifierNet(
             b.module, b.num_features, num_classes, self.hparams.dropout, b.mean, b.std, self.hparams.upsample_to
         )
+        mixup = dict(self.hparams.mixup)
+        unknown = sorted(set(mixup) - set(inspect.signature(batch_mixing).parameters) - {"num_classes"})
+        if unknown:
+            raise ConfigError(f"model.mixup has unknown keys {unknown}: use mixup_alpha, cutmix_alpha and prob")
+        self.mixing = batch_mixing(num_classes, **mixup)
         self.metrics = nn.ModuleDict({f"{split}_metrics": _metrics(num_classes, split) for split in SPLITS})
         # nan_strategy="disable": the NaN check reads a flag back from the GPU every step; a NaN loss shows as NaN.
         self.losses = nn.ModuleDict({f"{split}_loss": MeanMetric(nan_strategy="disable") for split in SPLITS})
@@ -179,6 +207,17 @@ class ImageClassifier(L.LightningModule):
         stored = self.hparams.get("preprocessing")
         return Preprocessing.from_dict(stored) if stored else self._backbone.preprocessing
 
+    def configure_model(self) -> None:
+        """Size the head from the data module's classes (once). Lightning's hook for creating layers: callbacks that
+        copy the model in their ``setup`` (``EMAWeights``) call it, as ``setup`` does, so the copy has the head."""
+        if self.net is not None:
+            return
+        names = list(getattr(getattr(self.trainer, "datamodule", None), "class_names", None) or [])
+        if not names:
+            raise ConfigError("model.class_names is not set and the data module exposes no class_names")
+        self.hparams["class_names"] = names
+        self._build_head(len(names))
+
     def setup(self, stage: str) -> None:
         """Size the head from the data (once), then prepare this fit's network: freeze state, memory format, compile.
 
@@ -186,12 +225,7 @@ class ImageClassifier(L.LightningModule):
         for why each fine-tuning phase is its own ``fit``.
         """
         datamodule = getattr(self.trainer, "datamodule", None)
-        if self.net is None:
-            names = list(getattr(datamodule, "class_names", None) or [])
-            if not names:
-                raise ConfigError("model.class_names is not set and the data module exposes no class_names")
-            self.hparams["class_names"] = names
-            self._build_head(len(names))
+        self.configure_model()
         if not self.hparams.get("preprocessing"):
             # The data module's (the backbone's at data.image_size): what eval, predict and exports must repeat.
             data_prep = Preprocessing.coerce(getattr(datamodule, "preprocessing", None))
@@ -262,8 +296,11 @@ class ImageClassifier(L.LightningModule):
         logits = self(images)
         # Label smoothing regularises training; val/test report the plain cross-entropy so runs stay comparable.
         smoothing = self.hparams.label_smoothing if split == "train" else 0.0
+        # targets: class indices, or class probabilities after mixup/cutmix (training only)
         loss = F.cross_entropy(logits, targets, label_smoothing=smoothing)
-        self.metrics[f"{split}_metrics"].update(logits.detach(), targets)
+        # A mixed image counts as its dominant class (the larger share) for the train metrics.
+        labels = targets.argmax(dim=-1) if targets.is_floating_point() else targets
+        self.metrics[f"{split}_metrics"].update(logits.detach(), labels)
         self.losses[f"{split}_loss"].update(loss.detach(), weight=targets.shape[0])
         if split == "train":
             # Not on the progress bar: Lightning turns progress-bar values into Python numbers after every batch, a
@@ -287,6 +324,8 @@ class ImageClassifier(L.LightningModule):
         loss.reset()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        if self.mixing is not None:  # after TrainImageGrid has drawn the batch: the grid shows the unmixed images
+            batch = self.mixing(*batch)
         return self._shared_step(batch, "train")
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
