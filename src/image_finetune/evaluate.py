@@ -13,10 +13,12 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchmetrics.functional.classification import (
+    multiclass_accuracy,
     multiclass_confusion_matrix,
     multiclass_f1_score,
     multiclass_precision,
@@ -31,8 +33,9 @@ from image_finetune.data.base import ClassificationDataModule
 from image_finetune.data.files import ImageFileDataset
 from image_finetune.data.imagefolder import ImageFolderDataModule
 from image_finetune.errors import ConfigError, DataError, UserError
-from image_finetune.inference import prediction_cells, prediction_header, top_k_predictions
+from image_finetune.inference import prediction_cells, prediction_header, to_float, top_k_predictions
 from image_finetune.models import ImageClassifier
+from image_finetune.tta import TTA
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,7 @@ def data_config(cfg: DictConfig, ckpt_path: str) -> DictConfig:
         stored = run_config(ckpt_path).get("data")
         if not stored:
             raise UserError(f"{ckpt_path} holds no run config: name the data, e.g. data=imagefolder data.root=DIR")
+        stored.pop("augment", None)  # training augmentation (augment=...): evaluation never uses it
         check_stored_targets(stored, source=f"{ckpt_path}: data", root_type=ClassificationDataModule)
         for key, value in (("report_path", None), ("cache_dir", cfg.paths.get("cache_dir"))):
             if key in stored:
@@ -62,7 +66,7 @@ def data_config(cfg: DictConfig, ckpt_path: str) -> DictConfig:
         data = OmegaConf.create(stored)
     if "cache" in data:
         data.cache = None
-    data.pop("augment", None)  # training augmentation: evaluation never uses it, and its targets are not ours to build
+    data.pop("augment", None)
     return data
 
 
@@ -200,6 +204,50 @@ def plot_confusion_matrix(confusion: torch.Tensor, class_names: Sequence[str], p
     return path
 
 
+def tta_dataset(dataset: Dataset, tta: TTA) -> Dataset:
+    """``dataset`` loading the square ``tta`` cuts its views from (image files; in-memory data is scaled on the device)."""
+    if isinstance(dataset, (Subset, Relabelled)):
+        inner = tta_dataset(dataset.dataset, tta)
+        return Subset(inner, dataset.indices) if isinstance(dataset, Subset) else Relabelled(inner, dataset.mapping)
+    if tta.input_size == tta.size or not isinstance(dataset, ImageFileDataset):
+        return dataset
+    return ImageFileDataset(dataset.samples, eval_transform(tta.input_size, 1.0), dataset.loader)
+
+
+def tta_metrics(
+    model: ImageClassifier, datamodule: ClassificationDataModule, dataset: Dataset, tta: TTA, trainer: L.Trainer
+) -> dict[str, float]:
+    """The ``test/...`` metrics with ``tta``, keyed ``tta/test/...``: accuracy, macro F1, top-5 (> 5 classes) and the
+    cross-entropy of the averaged probabilities, defined as the plain ones are (``ImageClassifier``'s metrics)."""
+    loader = DataLoader(tta_dataset(dataset, tta), batch_size=datamodule.batch_size, num_workers=datamodule.num_workers)
+    device = trainer.strategy.root_device
+    model.to(device).eval()
+    probabilities, targets = [], []
+    with torch.inference_mode(), trainer.precision_plugin.forward_context():
+        for images, labels in loader:
+            probabilities.append(tta.probabilities(model, to_float(images.to(device))).cpu())
+            targets.append(torch.as_tensor(labels))
+    probs, target = torch.cat(probabilities), torch.cat(targets)
+    n = len(model.class_names)
+    metrics = {
+        "tta/test/acc": multiclass_accuracy(probs, target, n, average="micro"),
+        "tta/test/f1": multiclass_f1_score(probs, target, n, average="macro"),
+        "tta/test/loss": F.nll_loss(probs.clamp_min(1e-12).log(), target),
+    }
+    if n > 5:
+        metrics["tta/test/top5"] = multiclass_accuracy(probs, target, n, top_k=5, average="micro")
+    return {key: value.item() for key, value in metrics.items()}
+
+
+def log_side_by_side(plain: dict[str, float], with_tta: dict[str, float], mode: str) -> None:
+    """One line per metric: the plain score and the TTA score."""
+    lines = [f"{'metric':<12} {'plain':>10} {'tta=' + mode:>16}"]
+    for key, value in with_tta.items():
+        name = key.removeprefix("tta/")
+        lines.append(f"{name:<12} {plain.get(name, float('nan')):>10.4f} {value:>16.4f}")
+    log.info("test-time augmentation:\n%s", "\n".join(lines))
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Run ``trainer.test`` on the checkpoint; write ``metrics.json`` and the per-class report in the run dir.
 
@@ -219,6 +267,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     split, dataset = select_split(datamodule, cfg.get("split") or "test", data_from_command_line)
     source = f"data.root={str(datamodule.root)!r}" if isinstance(datamodule, ImageFolderDataModule) else "the data"
     datamodule.datasets["test"] = match_classes(dataset, datamodule.class_names, model.class_names, source)
+    tta = TTA.parse(cfg.get("tta"), int(datamodule.image_size), float(getattr(datamodule, "crop_ratio", 1.0)))
     collector = CollectLogits()
     trainer: L.Trainer = instantiate(cfg.trainer, logger=instantiate_group(cfg.get("logger")) or False, callbacks=[collector])
     if trainer.world_size > 1:
@@ -228,10 +277,18 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     tested = scalar_metrics(trainer.callback_metrics, ("test/",))
     metrics = {f"{split}/{key.removeprefix('test/')}": value for key, value in tested.items()}
     logits, targets = torch.cat(collector.logits), torch.cat(collector.targets)
+    if tta is not None:
+        tested = Subset(datamodule.datasets["test"], range(len(targets)))  # the images the plain pass saw (limit_test_batches)
+        with_tta = tta_metrics(model, datamodule, tested, tta, trainer)
+        log_side_by_side(metrics, with_tta, tta.mode)
+        metrics.update(with_tta)
     out_dir = Path(cfg.paths.output_dir)
     ids = sample_ids(datamodule.datasets["test"])[: len(targets)]  # limit_test_batches may stop early
     per_class = write_report(out_dir, logits, targets, ids, model.class_names, cfg.get("top_k", 5))
-    summary = {**metrics, "checkpoint": ckpt_path, "split": split, "num_samples": len(targets), "per_class": per_class}
+    summary = {
+        **metrics, "tta": tta.mode if tta else None, "checkpoint": ckpt_path, "split": split, "num_samples": len(targets),
+        "per_class": per_class,
+    }  # fmt: skip
     save_json(summary, out_dir / "metrics.json")
     log.info("evaluated %d images (%s split); report in %s", len(targets), split, out_dir)
     return metrics

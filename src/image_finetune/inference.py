@@ -31,6 +31,7 @@ from image_finetune.models.classifier import check_weights_fit
 from image_finetune.models.registry import architecture, rebuild_backbone
 
 __all__ = ["INPUT_DESCRIPTION", "Classifier", "Prediction", "Preprocessing", "read_sidecar", "sidecar_path"]
+from image_finetune.tta import TTA
 
 ImageInput = str | os.PathLike | Image.Image
 
@@ -109,6 +110,7 @@ class Classifier:
         architecture: str,
         backbone: Mapping[str, Any] | None = None,
         device: str | torch.device = "auto",
+        tta: str | None = None,
     ) -> None:
         """``backbone``: the builder config that rebuilds ``net``'s backbone (default: torchvision ``architecture``)."""
         self.device = resolve_device(device)
@@ -117,6 +119,11 @@ class Classifier:
         self.preprocessing = preprocessing
         self.architecture = architecture
         self.backbone = dict(backbone or {"name": architecture})
+        self.tta = TTA.parse(tta, preprocessing.size, preprocessing.crop_ratio)
+        # What the images are loaded as: the plain preprocessing, or the larger square five_crop cuts its views from.
+        self.input_preprocessing = preprocessing
+        if self.tta is not None and self.tta.input_size != preprocessing.size:
+            self.input_preprocessing = preprocessing.override(size=self.tta.input_size, crop_ratio=1.0)
 
     @classmethod
     def from_checkpoint(
@@ -126,11 +133,14 @@ class Classifier:
         *,
         image_size: int | None = None,
         crop_ratio: float | None = None,
+        tta: str | None = None,
     ) -> Classifier:
         """Load a training checkpoint safely (``weights_only=True``, no download, allow-listed backbone builders only).
 
         Preprocessing comes from the checkpoint's stored values; ``image_size``/``crop_ratio`` override them (and are
         needed only for checkpoints written before the preprocessing was stored).
+
+        ``tta`` (``flip`` or ``five_crop``) averages the probabilities over views of each image (``tta.py``).
         """
         model = ImageClassifier.from_checkpoint(path)
         net = model.net
@@ -146,7 +156,7 @@ class Classifier:
         preprocessing = base.override(size=image_size, crop_ratio=crop_ratio)
         backbone = model.hparams.backbone
         name = backbone["name"]
-        return cls(net, model.class_names, preprocessing, architecture=name, backbone=backbone, device=device)
+        return cls(net, model.class_names, preprocessing, architecture=name, backbone=backbone, device=device, tta=tta)
 
     @classmethod
     def from_safetensors(cls, path: str | os.PathLike, device: str | torch.device = "auto") -> Classifier:
@@ -178,8 +188,13 @@ class Classifier:
 
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """Softmax over the classes for an NCHW batch (uint8, or float in [0, 1]); float32, on the CPU."""
+        """Softmax over the classes for an NCHW batch (uint8, or float in [0, 1]); float32, on the CPU.
+
+        With ``tta`` the batch is what ``input_preprocessing`` loads, and the result the mean over its views.
+        """
         images = to_float(images.to(self.device, non_blocking=True))
+        if self.tta is not None:
+            return self.tta.probabilities(self.net, images).cpu()
         return self.net(images).float().softmax(dim=-1).cpu()
 
     def predict(self, images: ImageInput | Sequence[ImageInput], top_k: int = 5, batch_size: int = 32) -> list[Prediction]:
@@ -195,7 +210,7 @@ class Classifier:
 
     def _load(self, item: ImageInput) -> torch.Tensor:
         try:
-            return self.preprocessing.load(item)
+            return self.input_preprocessing.load(item)
         except Exception as e:  # any decoder error: say which file and why, in the scan's vocabulary
             raise DataError(f"{item}: {failure_reason(e)}") from e
 

@@ -112,7 +112,7 @@ def classify_files(
     """A row per input, in input order. Files decode in ``num_workers`` DataLoader workers."""
     rows: list[Row] = [Row(path, reason=reason) for path, reason in inputs]
     todo = [i for i, (_, reason) in enumerate(inputs) if reason is None]
-    dataset = ImageFiles([inputs[i][0] for i in todo], classifier.preprocessing)
+    dataset = ImageFiles([inputs[i][0] for i in todo], classifier.input_preprocessing)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -154,7 +154,7 @@ def predict(cfg: DictConfig) -> Path:
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
     assert ckpt_path is not None
     classifier = Classifier.from_checkpoint(
-        ckpt_path, cfg.device, image_size=cfg.get("image_size"), crop_ratio=cfg.get("crop_ratio")
+        ckpt_path, cfg.device, image_size=cfg.get("image_size"), crop_ratio=cfg.get("crop_ratio"), tta=cfg.get("tta")
     )
     inputs = list_inputs(cfg.input)
     if not inputs:

@@ -128,6 +128,28 @@ def _replace_classifier(model: nn.Module) -> tuple[str, int]:
     return qualname, linear.in_features
 
 
+def stochastic_depth_kwargs(name: str, drop_path_rate: float | None) -> dict[str, float]:
+    """``{"stochastic_depth_prob": rate}`` when a rate is set (None: the architecture's default, no kwarg)."""
+    if drop_path_rate is None:
+        return {}
+    if not 0 <= drop_path_rate < 1:
+        raise ConfigError(f"model.backbone.drop_path_rate={drop_path_rate} must be in [0, 1), or null for the architecture's default")
+    return {"stochastic_depth_prob": drop_path_rate}
+
+
+def _get_model(name: str, weights: WeightsEnum | None, kwargs: dict[str, float]) -> nn.Module:
+    """``get_model``; a model that takes no stochastic depth is a config error (builders pass **kwargs on blindly)."""
+    try:
+        return torchvision.models.get_model(name, weights=weights, **kwargs)
+    except TypeError as err:
+        if "stochastic_depth_prob" not in str(err):
+            raise
+        raise ConfigError(
+            f"model.backbone.drop_path_rate={kwargs['stochastic_depth_prob']}: {name} has no stochastic depth (torchvision's "
+            "EfficientNet, ConvNeXt, Swin and MaxViT have). Set model.backbone.drop_path_rate=null"
+        ) from None
+
+
 def _hub_file(weights: WeightsEnum) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
 
@@ -164,19 +186,24 @@ def _preprocessing(name: str, weights: WeightsEnum | None) -> Preprocessing:
     )
 
 
-def torchvision_backbone(name: str, weights: str | None = "DEFAULT", *, allow_random_init: bool = False) -> Backbone:
+def torchvision_backbone(
+    name: str, weights: str | None = "DEFAULT", *, allow_random_init: bool = False, drop_path_rate: float | None = None
+) -> Backbone:
     """Build a headless torchvision model (``model=torchvision``; any ``torchvision.models.get_model`` name).
 
     ``weights``: a weights name of the model (``DEFAULT``, ``IMAGENET1K_V1``, ...), a path to a state_dict, or null.
     ``allow_random_init`` is for the offline demo only: when pretrained weights cannot be downloaded it trains from
     random initialisation with a loud warning instead of stopping. Everywhere else a missing download is an error that
     says where to put the file, because silently fine-tuning random weights wastes a user's GPU day.
+    ``drop_path_rate`` is torchvision's ``stochastic_depth_prob`` (EfficientNet, ConvNeXt, Swin, MaxViT); None keeps
+    the architecture's own default.
     """
     _check_name(name)
     resolved = resolve_weights(name, weights)
     enum = resolved if isinstance(resolved, WeightsEnum) else None
+    kwargs = stochastic_depth_kwargs(name, drop_path_rate)
     try:
-        model = torchvision.models.get_model(name, weights=enum)
+        model = _get_model(name, enum, kwargs)
     except (URLError, OSError, RuntimeError) as err:
         assert enum is not None  # without weights nothing is downloaded
         target = _hub_file(enum)
@@ -188,7 +215,7 @@ def torchvision_backbone(name: str, weights: str | None = "DEFAULT", *, allow_ra
         if not allow_random_init:
             raise ConfigError(message) from err
         log.warning("!" * 80 + "\n%s\nTRAINING FROM RANDOM INITIALISATION INSTEAD.\n" + "!" * 80, message)
-        model = torchvision.models.get_model(name, weights=None)
+        model = _get_model(name, None, kwargs)
         resolved = None
     classifier, num_features = _replace_classifier(model)
     if isinstance(resolved, Path):
@@ -198,6 +225,7 @@ def torchvision_backbone(name: str, weights: str | None = "DEFAULT", *, allow_ra
         "name": name,
         "weights": None if no_weights(weights) else str(weights),
         "allow_random_init": bool(allow_random_init),
+        "drop_path_rate": drop_path_rate,
     }
     return Backbone(
         model,

@@ -37,12 +37,19 @@ def _import_timm() -> Any:
     return timm
 
 
-def timm_backbone(name: str, weights: str | bool | None = "DEFAULT", *, allow_random_init: bool = False) -> Backbone:
+def timm_backbone(
+    name: str,
+    weights: str | bool | None = "DEFAULT",
+    *,
+    allow_random_init: bool = False,
+    drop_path_rate: float | None = None,
+) -> Backbone:
     """Build a headless timm model.
 
     ``weights``: ``DEFAULT`` (or true) for the pretrained weights of the name's tag (``resnet50.a1_in1k``; the tag
     picks them), a path to a ``.safetensors``/``.pth`` state dict of that architecture, or null for random init.
-    ``allow_random_init`` is the offline demo's loud fallback, as for torchvision.
+    ``allow_random_init`` is the offline demo's loud fallback, as for torchvision. ``drop_path_rate``: timm's
+    stochastic depth (None keeps the model's default).
     """
     timm = _import_timm()
     if not timm.is_model(name):
@@ -53,6 +60,8 @@ def timm_backbone(name: str, weights: str | bool | None = "DEFAULT", *, allow_ra
             "e.g. resnet50.a1_in1k, convnext_nano.in12k, efficientnet_b0.ra_in1k."
         )
     kwargs: dict[str, Any] = {"num_classes": 0}
+    extra = {} if drop_path_rate is None else {"drop_path_rate": float(drop_path_rate)}
+    kwargs.update(extra)
     if no_weights(weights):
         source = None
     elif isinstance(weights, str) and looks_like_path(weights):
@@ -76,7 +85,7 @@ def timm_backbone(name: str, weights: str | bool | None = "DEFAULT", *, allow_ra
             tags = timm.list_pretrained(f"{name.split('.')[0]}.*")[:5]
             raise ConfigError(f"model.backbone.name={name!r}: {err} Pretrained tags: {tags or 'none'}.") from None
         if source == "registry" and _looks_offline(err):
-            model = _offline(timm, name, err, allow_random_init)
+            model = _offline(timm, name, err, allow_random_init, extra)
             source = None
         else:
             if isinstance(source, Path):
@@ -85,13 +94,14 @@ def timm_backbone(name: str, weights: str | bool | None = "DEFAULT", *, allow_ra
     except OSError as err:  # not in the Hugging Face cache and no network (huggingface_hub's errors are OSErrors)
         if source != "registry":
             raise
-        model = _offline(timm, name, err, allow_random_init)
+        model = _offline(timm, name, err, allow_random_init, extra)
         source = None
     config = {
         "_target_": TIMM_BUILDER,
         "name": name,
         "weights": None if no_weights(weights) else str(weights),
         "allow_random_init": bool(allow_random_init),
+        "drop_path_rate": drop_path_rate,
     }
     return Backbone(
         model,
@@ -135,14 +145,14 @@ def _does_not_fit(name: str, weights: object, err: BaseException) -> ConfigError
     )
 
 
-def _offline(timm: Any, name: str, err: BaseException, allow_random_init: bool) -> nn.Module:
+def _offline(timm: Any, name: str, err: BaseException, allow_random_init: bool, extra: dict[str, Any]) -> nn.Module:
     """The weights could not be had: a one-line error naming where they go, or (offline demo only) random init."""
     reason = str(err).splitlines()[0][:200]
     message = f"could not load pretrained weights for timm's {name} ({reason}). " + _where(timm, name)
     if not allow_random_init:
         raise ConfigError(message) from err
     log.warning("!" * 80 + "\n%s\nTRAINING FROM RANDOM INITIALISATION INSTEAD.\n" + "!" * 80, message)
-    return timm.create_model(name, pretrained=False, num_classes=0)
+    return timm.create_model(name, pretrained=False, num_classes=0, **extra)
 
 
 def _where(timm: Any, name: str) -> str:
