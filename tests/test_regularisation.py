@@ -5,16 +5,26 @@ Each promise is checked through the real config composition and training code on
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import DictConfig
+from torchvision.ops import StochasticDepth
 
 from image_finetune import finetune
 from image_finetune.callbacks import EMAWeights
+from image_finetune.data.files import ImageFileDataset
+from image_finetune.data.transforms import train_transform
+from image_finetune.errors import ConfigError
+from image_finetune.models import ImageClassifier
+from image_finetune.models.backbones import build_backbone
 from image_finetune.train import build
 from support import FAST
 
@@ -74,3 +84,132 @@ def test_ema_weights_are_what_validation_checkpoints_and_test_use(compose_cfg, i
     run.model.load_state_dict(ckpt["current_model_state"])
     raw = plain.validate(run.model, datamodule=run.datamodule, verbose=False)[0]["val/loss"]
     assert raw != pytest.approx(logged, abs=1e-4)
+
+
+def test_ema_mixup_and_strong_augmentation_resume_exactly_across_the_unfreeze(compose_cfg, image_folder, tmp_path):
+    """From the end of the frozen phase and from inside the unfrozen one: the same raw and averaged weights."""
+    common = ("callbacks=ema", "callbacks.ema.decay=0.6", "augment=strong", "model.mixup.mixup_alpha=0.4",
+              "model.mixup.cutmix_alpha=1.0", "finetune.freeze_epochs=1", *EVERY_EPOCH)  # fmt: skip
+
+    def fit(name: str, ckpt: Path | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        run = build(folder_cfg(compose_cfg, image_folder, *common, output_dir=tmp_path / name))
+        finetune.fit(run.trainer, run.model, run.datamodule, ckpt_path=ckpt)
+        ema = next(cb for cb in run.trainer.callbacks if isinstance(cb, EMAWeights))
+        return snapshot(run.model.net), snapshot(ema._average_model.module.net)  # after the fit: (average, raw)
+
+    average, raw = fit("full")
+    assert any(not torch.equal(average[k], raw[k]) for k in average)
+    for epoch in (0, 1):  # the boundary checkpoint (last frozen epoch), and inside the unfrozen phase
+        got_average, got_raw = fit(f"resume{epoch}", tmp_path / "full" / "checkpoints" / f"e{epoch}.ckpt")
+        for key in average:
+            torch.testing.assert_close(got_average[key], average[key], rtol=0, atol=1e-6, msg=f"average from e{epoch}: {key}")
+            torch.testing.assert_close(got_raw[key], raw[key], rtol=0, atol=1e-6, msg=f"raw from e{epoch}: {key}")
+
+
+# ---- augmentation presets ---------------------------------------------------------------------------------------------
+def train_set(compose_cfg, root: Path, *overrides: str):
+    datamodule = instantiate(folder_cfg(compose_cfg, root, *overrides).data)
+    datamodule.setup("fit")
+    return datamodule, datamodule.datasets["train"]
+
+
+def steps(transform) -> list[str]:
+    return [type(t).__name__ for t in transform.transforms]
+
+
+def test_augment_presets_choose_the_training_transform(compose_cfg, image_folder):
+    expected = {
+        "none": ["Resize", "CenterCrop"],
+        "light": ["RandomResizedCrop", "RandomHorizontalFlip"],
+        "default": ["RandomResizedCrop", "RandomHorizontalFlip"],
+        "strong": ["RandomResizedCrop", "RandomHorizontalFlip", "TrivialAugmentWide", "RandomErasing"],
+    }
+    scales = {"light": (0.35, 1.0), "default": (0.08, 1.0), "strong": (0.08, 1.0)}
+    for preset, names in expected.items():
+        _, train = train_set(compose_cfg, image_folder, f"augment={preset}")
+        assert steps(train.transform) == names, preset
+        if preset in scales:
+            assert train.transform.transforms[0].scale == scales[preset]
+    # data.crop_scale still sets the default preset's crop; data.hflip=false vetoes every preset's flip
+    _, train = train_set(compose_cfg, image_folder, "augment=strong", "data.crop_scale=[0.5,1.0]", "data.hflip=false")
+    assert steps(train.transform) == ["RandomResizedCrop", "TrivialAugmentWide", "RandomErasing"]
+    assert train.transform.transforms[0].scale == (0.5, 1.0)
+
+
+def test_strong_augmentation_is_a_function_of_the_sample_seed(compose_cfg, image_folder):
+    _, train = train_set(compose_cfg, image_folder, "augment=strong")
+    first = [train[(i, 1000 + i)][0] for i in range(6)]
+    assert all(torch.equal(a, train[(i, 1000 + i)][0]) for i, a in enumerate(first))
+    assert any(not torch.equal(a, train[(i, 7)][0]) for i, a in enumerate(first))
+
+
+def test_augment_none_trains_on_exactly_the_eval_crops(compose_cfg, image_folder):
+    """What the training loader yields (and so the augmented-batch grid shows) is the preset's output."""
+    datamodule, train = train_set(compose_cfg, image_folder, "augment=none")
+    images, labels = next(iter(datamodule.train_dataloader()))
+    order = [index for index, _ in list(iter(datamodule.train_dataloader().sampler))[: len(labels)]]
+    evaluated = ImageFileDataset([train.samples[i] for i in order], datamodule.datasets["val"].transform, train.loader)
+    assert torch.equal(images, torch.stack([evaluated[i][0] for i in range(len(order))]))
+
+
+def test_digits_are_never_flipped_and_cifar_takes_only_its_device_presets(compose_cfg, cifar_root):
+    digits = instantiate(compose_cfg("augment=light").data)
+    assert "RandomHorizontalFlip" not in steps(train_transform(32, digits.crop_scale, digits.hflip, digits.augment))
+    with pytest.raises(InstantiationException) as info:
+        instantiate(compose_cfg("data=cifar10", f"paths.data_dir={cifar_root}", "augment=strong").data)
+    assert isinstance(info.value.__cause__, ConfigError)
+    assert re.match(r"augment=strong: CIFAR-10 .* augment=default .* augment=none", str(info.value.__cause__))
+    cifar = instantiate(compose_cfg("data=cifar10", f"paths.data_dir={cifar_root}", "augment=none").data)
+    batch = torch.rand(4, 3, 32, 32)
+    assert torch.equal(cifar.device_transform(batch, train=True), batch)
+    cifar = instantiate(compose_cfg("data=cifar10", f"paths.data_dir={cifar_root}").data)
+    assert not torch.equal(cifar.device_transform(batch, train=True), batch)
+
+
+# ---- mixup / cutmix ---------------------------------------------------------------------------------------------------
+def mixing_model(**mixup: float) -> ImageClassifier:
+    model = ImageClassifier({"name": "resnet18", "weights": None}, class_names=["a", "b", "c", "d"], dropout=0.0,
+                            label_smoothing=0.1, mixup=mixup)  # fmt: skip
+    return model.eval()  # BatchNorm in eval mode: a forward is a pure function of its input
+
+
+@pytest.mark.parametrize("alphas", [{"mixup_alpha": 0.4}, {"cutmix_alpha": 1.0}])
+def test_mixed_targets_are_distributions_and_the_loss_uses_them(alphas):
+    model = mixing_model(**alphas)
+    images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    torch.manual_seed(3)
+    mixed, targets = model.mixing(images, labels)
+    assert targets.shape == (8, 4) and targets.is_floating_point()
+    torch.testing.assert_close(targets.sum(dim=-1), torch.ones(8))
+    assert (targets.max(dim=-1).values < 1).all() and not torch.equal(mixed, images)
+    torch.manual_seed(3)
+    loss = model.training_step((images, labels), 0)["loss"]
+    logits = model(mixed)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, targets, label_smoothing=0.1))
+    assert not torch.allclose(loss, F.cross_entropy(logits, labels, label_smoothing=0.1))
+    # Train accuracy counts each mixed image as its dominant class.
+    expected_acc = (logits.argmax(-1) == targets.argmax(-1)).float().mean()
+    torch.testing.assert_close(model.metrics["train_metrics"].compute()["train/acc"], expected_acc)
+
+
+def test_mixup_leaves_validation_alone_and_is_off_by_default(compose_cfg):
+    model = mixing_model(mixup_alpha=0.4, cutmix_alpha=1.0)
+    images, labels = torch.rand(8, 3, 32, 32), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    out = model.validation_step((images, labels), 0)
+    torch.testing.assert_close(out["logits"], model(images))
+    values = model.metrics["val_metrics"].compute()
+    assert values["val/acc"] == (model(images).argmax(-1) == labels).float().mean()
+    assert model.losses["val_loss"].compute() == pytest.approx(F.cross_entropy(model(images), labels).item(), abs=1e-6)
+    assert instantiate(compose_cfg("model.backbone.weights=null", "+model.class_names=[a,b]").model).mixing is None
+    with pytest.raises(ConfigError, match=r"model.mixup has unknown keys \['alpha'\]"):
+        mixing_model(alpha=0.2)
+
+
+# ---- stochastic depth -------------------------------------------------------------------------------------------------
+def test_drop_path_rate_reaches_torchvision_stochastic_depth_or_names_the_key():
+    backbone = build_backbone("efficientnet_b0", None, drop_path_rate=0.3)
+    rates = [m.p for m in backbone.module.modules() if isinstance(m, StochasticDepth)]
+    assert rates and max(rates) == pytest.approx(0.3 * 15 / 16)  # torchvision scales the rate up to the last block
+    with pytest.raises(ConfigError, match=r"model.backbone.drop_path_rate=0.1: resnet18 has no stochastic depth"):
+        build_backbone("resnet18", None, drop_path_rate=0.1)
