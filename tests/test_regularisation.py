@@ -59,16 +59,16 @@ EVERY_EPOCH = ("callbacks.model_checkpoint.save_top_k=-1", "callbacks.model_chec
 def test_ema_weights_are_what_validation_checkpoints_and_test_use(compose_cfg, image_folder, tmp_path):
     decay = 0.6
     cfg = folder_cfg(compose_cfg, image_folder, "callbacks=ema", f"callbacks.ema.decay={decay}", "finetune.freeze_epochs=1",
-                     *EVERY_EPOCH, output_dir=tmp_path / "run")
+                     "trainer.max_epochs=2", *EVERY_EPOCH, output_dir=tmp_path / "run")
     run = build(cfg)
     recorder = RecordHead()
     run.trainer.callbacks.append(recorder)
     finetune.fit(run.trainer, run.model, run.datamodule)
-    assert len(recorder.weights) >= 3  # steps on both sides of the unfreeze
+    assert len(recorder.weights) >= 2  # steps on both sides of the unfreeze
     expected = recorder.weights[0]
     for w in recorder.weights[1:]:
         expected = decay * expected + (1 - decay) * w
-    last = tmp_path / "run" / "checkpoints" / "e2.ckpt"
+    last = tmp_path / "run" / "checkpoints" / "e1.ckpt"
     ckpt = torch.load(last, weights_only=True)
     torch.testing.assert_close(ckpt["state_dict"]["net.head.1.weight"], expected, rtol=0, atol=1e-6)
     torch.testing.assert_close(ckpt["current_model_state"]["net.head.1.weight"], recorder.weights[-1], rtol=0, atol=0)
@@ -87,9 +87,10 @@ def test_ema_weights_are_what_validation_checkpoints_and_test_use(compose_cfg, i
 
 
 def test_ema_mixup_and_strong_augmentation_resume_exactly_across_the_unfreeze(compose_cfg, image_folder, tmp_path):
-    """From the end of the frozen phase and from inside the unfrozen one: the same raw and averaged weights."""
+    """From the last frozen epoch's checkpoint (the hard case: the uninterrupted run crosses the boundary through
+    ``unfreeze.ckpt``, saved after the fit): the same raw and averaged weights."""
     common = ("callbacks=ema", "callbacks.ema.decay=0.6", "augment=strong", "model.mixup.mixup_alpha=0.4",
-              "model.mixup.cutmix_alpha=1.0", "finetune.freeze_epochs=1", *EVERY_EPOCH)  # fmt: skip
+              "model.mixup.cutmix_alpha=1.0", "finetune.freeze_epochs=1", "trainer.max_epochs=2", *EVERY_EPOCH)  # fmt: skip
 
     def fit(name: str, ckpt: Path | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         run = build(folder_cfg(compose_cfg, image_folder, *common, output_dir=tmp_path / name))
@@ -99,11 +100,10 @@ def test_ema_mixup_and_strong_augmentation_resume_exactly_across_the_unfreeze(co
 
     average, raw = fit("full")
     assert any(not torch.equal(average[k], raw[k]) for k in average)
-    for epoch in (0, 1):  # the boundary checkpoint (last frozen epoch), and inside the unfrozen phase
-        got_average, got_raw = fit(f"resume{epoch}", tmp_path / "full" / "checkpoints" / f"e{epoch}.ckpt")
-        for key in average:
-            torch.testing.assert_close(got_average[key], average[key], rtol=0, atol=1e-6, msg=f"average from e{epoch}: {key}")
-            torch.testing.assert_close(got_raw[key], raw[key], rtol=0, atol=1e-6, msg=f"raw from e{epoch}: {key}")
+    got_average, got_raw = fit("resumed", tmp_path / "full" / "checkpoints" / "e0.ckpt")
+    for key in average:
+        torch.testing.assert_close(got_average[key], average[key], rtol=0, atol=1e-6, msg=f"average: {key}")
+        torch.testing.assert_close(got_raw[key], raw[key], rtol=0, atol=1e-6, msg=f"raw: {key}")
 
 
 # ---- augmentation presets ---------------------------------------------------------------------------------------------
