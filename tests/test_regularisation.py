@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from support import FAST
 from torchvision.ops import StochasticDepth
 
 from image_finetune import finetune
@@ -26,12 +27,13 @@ from image_finetune.errors import ConfigError
 from image_finetune.models import ImageClassifier
 from image_finetune.models.backbones import build_backbone
 from image_finetune.train import build
-from support import FAST
 
 pytestmark = pytest.mark.usefixtures("pretrained")
 
 
-def folder_cfg(compose_cfg: Callable[..., DictConfig], root: Path, *overrides: str, output_dir: Path | None = None) -> DictConfig:
+def folder_cfg(
+    compose_cfg: Callable[..., DictConfig], root: Path, *overrides: str, output_dir: Path | None = None
+) -> DictConfig:
     return compose_cfg(
         "data=imagefolder", f"data.root={root}", "trainer.max_epochs=3", "logger=csv", "test=false",
         *FAST, *overrides, output_dir=output_dir,
@@ -52,14 +54,25 @@ class RecordHead(L.Callback):
         self.weights.append(pl_module.net.head[1].weight.detach().clone())
 
 
-EVERY_EPOCH = ("callbacks.model_checkpoint.save_top_k=-1", "callbacks.model_checkpoint.filename='e{epoch}'",
-               "callbacks.model_checkpoint.monitor=null")
+EVERY_EPOCH = (
+    "callbacks.model_checkpoint.save_top_k=-1",
+    "callbacks.model_checkpoint.filename='e{epoch}'",
+    "callbacks.model_checkpoint.monitor=null",
+)
 
 
 def test_ema_weights_are_what_validation_checkpoints_and_test_use(compose_cfg, image_folder, tmp_path):
     decay = 0.6
-    cfg = folder_cfg(compose_cfg, image_folder, "callbacks=ema", f"callbacks.ema.decay={decay}", "finetune.freeze_epochs=1",
-                     "trainer.max_epochs=2", *EVERY_EPOCH, output_dir=tmp_path / "run")
+    cfg = folder_cfg(
+        compose_cfg,
+        image_folder,
+        "callbacks=ema",
+        f"callbacks.ema.decay={decay}",
+        "finetune.freeze_epochs=1",
+        "trainer.max_epochs=2",
+        *EVERY_EPOCH,
+        output_dir=tmp_path / "run",
+    )
     run = build(cfg)
     recorder = RecordHead()
     run.trainer.callbacks.append(recorder)
@@ -76,7 +89,9 @@ def test_ema_weights_are_what_validation_checkpoints_and_test_use(compose_cfg, i
     logged = run.trainer.callback_metrics["val/loss"].item()
     # Testing the checkpoint with the training trainer (as train() does) uses the average. The data has no test split,
     # so the test set is the val set: the same loss as validation logged.
-    tested = run.trainer.test(run.model, datamodule=run.datamodule, ckpt_path=str(last), weights_only=True, verbose=False)
+    tested = run.trainer.test(
+        run.model, datamodule=run.datamodule, ckpt_path=str(last), weights_only=True, verbose=False
+    )
     assert tested[0]["test/loss"] == pytest.approx(logged, abs=1e-5)
     torch.testing.assert_close(run.model.net.head[1].weight, expected, rtol=0, atol=1e-6)
     # ... and the raw weights would have given another validation loss.
@@ -90,7 +105,8 @@ def test_ema_mixup_and_strong_augmentation_resume_exactly_across_the_unfreeze(co
     """From the last frozen epoch's checkpoint (the hard case: the uninterrupted run crosses the boundary through
     ``unfreeze.ckpt``, saved after the fit): the same raw and averaged weights."""
     common = ("callbacks=ema", "callbacks.ema.decay=0.6", "augment=strong", "model.mixup.mixup_alpha=0.4",
-              "model.mixup.cutmix_alpha=1.0", "finetune.freeze_epochs=1", "trainer.max_epochs=2", *EVERY_EPOCH)  # fmt: skip
+              "model.mixup.cutmix_alpha=1.0", "finetune.freeze_epochs=1", "trainer.max_epochs=2",
+              *EVERY_EPOCH)  # fmt: skip
 
     def fit(name: str, ckpt: Path | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         run = build(folder_cfg(compose_cfg, image_folder, *common, output_dir=tmp_path / name))
@@ -106,7 +122,7 @@ def test_ema_mixup_and_strong_augmentation_resume_exactly_across_the_unfreeze(co
         torch.testing.assert_close(got_raw[key], raw[key], rtol=0, atol=1e-6, msg=f"raw: {key}")
 
 
-# ---- augmentation presets ---------------------------------------------------------------------------------------------
+# ---- augmentation presets --------------------------------------------------------------------------------------------
 def train_set(compose_cfg, root: Path, *overrides: str):
     datamodule = instantiate(folder_cfg(compose_cfg, root, *overrides).data)
     datamodule.setup("fit")
@@ -166,7 +182,7 @@ def test_digits_are_never_flipped_and_cifar_takes_only_its_device_presets(compos
     assert not torch.equal(cifar.device_transform(batch, train=True), batch)
 
 
-# ---- mixup / cutmix ---------------------------------------------------------------------------------------------------
+# ---- mixup / cutmix --------------------------------------------------------------------------------------------------
 def mixing_model(**mixup: float) -> ImageClassifier:
     model = ImageClassifier({"name": "resnet18", "weights": None}, class_names=["a", "b", "c", "d"], dropout=0.0,
                             label_smoothing=0.1, mixup=mixup)  # fmt: skip
@@ -206,7 +222,7 @@ def test_mixup_leaves_validation_alone_and_is_off_by_default(compose_cfg):
         mixing_model(alpha=0.2)
 
 
-# ---- stochastic depth -------------------------------------------------------------------------------------------------
+# ---- stochastic depth ------------------------------------------------------------------------------------------------
 def test_drop_path_rate_reaches_torchvision_stochastic_depth_or_names_the_key():
     backbone = build_backbone("efficientnet_b0", None, drop_path_rate=0.3)
     rates = [m.p for m in backbone.module.modules() if isinstance(m, StochasticDepth)]

@@ -11,18 +11,20 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support import FAST
 
 from image_finetune.errors import ConfigError
 from image_finetune.evaluate import evaluate
 from image_finetune.inference import Classifier
 from image_finetune.predict import predict
-from support import FAST
 
 pytest_plugins = ["trained"]  # the shared `trained` fixture
 
 
 def with_tta(classifier: Classifier, tta: str | None) -> Classifier:
-    return Classifier(classifier.net, classifier.class_names, classifier.preprocessing, architecture="resnet18", device="cpu", tta=tta)
+    return Classifier(
+        classifier.net, classifier.class_names, classifier.preprocessing, architecture="resnet18", device="cpu", tta=tta
+    )
 
 
 def test_flip_tta_changes_nothing_for_a_mirror_symmetric_image_and_something_otherwise(trained):
@@ -59,7 +61,9 @@ def accuracy_and_loss(classifier: Classifier, files: list[tuple[Path, int]]) -> 
 @pytest.mark.parametrize("mode", ["flip", "five_crop"])
 def test_eval_reports_tta_beside_the_plain_score_as_the_api_computes_it(trained, compose_cfg, tmp_path, mode):
     out = tmp_path / "eval"
-    metrics = evaluate(compose_cfg(f"ckpt_path={trained.checkpoint}", f"tta={mode}", *FAST[:2], config_name="eval", output_dir=out))
+    metrics = evaluate(
+        compose_cfg(f"ckpt_path={trained.checkpoint}", f"tta={mode}", *FAST[:2], config_name="eval", output_dir=out)
+    )
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["tta"] == mode
     # The plain score is untouched: what training reported for this checkpoint.
@@ -83,7 +87,7 @@ def test_predict_with_tta_writes_the_api_probabilities(trained, compose_cfg, tmp
     expected = with_tta(trained.classifier, "flip").predict(sorted(folder.iterdir()), top_k=3)
     plain = trained.classifier.predict(sorted(folder.iterdir()), top_k=3)
     assert len(rows) == len(expected) == 16
-    for prediction, untouched in zip(expected, plain):
+    for prediction in expected:
         row = rows[prediction.source]
         assert [float(row[f"probability_{i}"]) for i in (1, 2, 3)] == pytest.approx(prediction.probabilities, abs=1e-5)
     assert any(e.probabilities != pytest.approx(p.probabilities, abs=1e-4) for e, p in zip(expected, plain))

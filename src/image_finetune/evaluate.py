@@ -205,7 +205,7 @@ def plot_confusion_matrix(confusion: torch.Tensor, class_names: Sequence[str], p
 
 
 def tta_dataset(dataset: Dataset, tta: TTA) -> Dataset:
-    """``dataset`` loading the square ``tta`` cuts its views from (image files; in-memory data is scaled on the device)."""
+    """``dataset`` loading the square ``tta`` cuts its views from (files; in-memory data is scaled on the device)."""
     if isinstance(dataset, (Subset, Relabelled)):
         inner = tta_dataset(dataset.dataset, tta)
         return Subset(inner, dataset.indices) if isinstance(dataset, Subset) else Relabelled(inner, dataset.mapping)
@@ -278,7 +278,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     metrics = {f"{split}/{key.removeprefix('test/')}": value for key, value in tested.items()}
     logits, targets = torch.cat(collector.logits), torch.cat(collector.targets)
     if tta is not None:
-        tested = Subset(datamodule.datasets["test"], range(len(targets)))  # the images the plain pass saw (limit_test_batches)
+        # the images the plain pass saw (limit_test_batches may stop it early)
+        tested = Subset(datamodule.datasets["test"], range(len(targets)))
         with_tta = tta_metrics(model, datamodule, tested, tta, trainer)
         log_side_by_side(metrics, with_tta, tta.mode)
         metrics.update(with_tta)
@@ -286,9 +287,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     ids = sample_ids(datamodule.datasets["test"])[: len(targets)]  # limit_test_batches may stop early
     per_class = write_report(out_dir, logits, targets, ids, model.class_names, cfg.get("top_k", 5))
     summary = {
-        **metrics, "tta": tta.mode if tta else None, "checkpoint": ckpt_path, "split": split, "num_samples": len(targets),
+        **metrics,
+        "tta": tta.mode if tta else None,
+        "checkpoint": ckpt_path,
+        "split": split,
+        "num_samples": len(targets),
         "per_class": per_class,
-    }  # fmt: skip
+    }
     save_json(summary, out_dir / "metrics.json")
     log.info("evaluated %d images (%s split); report in %s", len(targets), split, out_dir)
     return metrics

@@ -37,7 +37,9 @@ class TTA:
         if mode is None or str(mode).lower() in {"none", "null", "false", ""}:
             return None
         if mode not in MODES:
-            raise ConfigError(f"tta={mode!r}: choose flip (image + mirror), five_crop (5 crops + mirrors) or null (off)")
+            raise ConfigError(
+                f"tta={mode!r}: choose flip (image + mirror), five_crop (5 crops + mirrors) or null (off)"
+            )
         input_size = round(size / min(crop_ratio, FIVE_CROP_RATIO)) if mode == "five_crop" else size
         return cls(mode, size, input_size)
 
@@ -49,7 +51,10 @@ class TTA:
             images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear", antialias=False)
         s, big = self.size, self.input_size
         centre = (big - s) // 2
-        crops = [images[..., y : y + s, x : x + s] for y, x in ((0, 0), (0, big - s), (big - s, 0), (big - s, big - s), (centre, centre))]
+        crops = [
+            images[..., y : y + s, x : x + s]
+            for y, x in ((0, 0), (0, big - s), (big - s, 0), (big - s, big - s), (centre, centre))
+        ]
         return [view for crop in crops for view in (crop, crop.flip(-1))]
 
     def probabilities(self, forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 
 class EMAWeights(EMAWeightAveraging):
-    """``EMAWeightAveraging`` across fine-tuning phases: validate, checkpoint and test the average; train the raw weights."""
+    """``EMAWeightAveraging`` across fine-tuning phases: validate, checkpoint and test the average; train the raw."""
 
     _swapped = False
 
@@ -36,7 +36,9 @@ class EMAWeights(EMAWeightAveraging):
             self._swapped = False
         with warnings.catch_warnings():
             # Our configure_model only sizes the head from the data (no sharding), which the averaged copy must include.
-            warnings.filterwarnings("ignore", message=".*WeightAveraging callback with a model that overrides the configure_model")
+            warnings.filterwarnings(
+                "ignore", message=".*WeightAveraging callback with a model that overrides the configure_model"
+            )
             super().setup(trainer, pl_module, stage)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -50,8 +52,13 @@ class EMAWeights(EMAWeightAveraging):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
-        if self._swapped and "current_model_state" in checkpoint:  # the module holds the average, the copy the raw weights
-            checkpoint["state_dict"], checkpoint["current_model_state"] = checkpoint["current_model_state"], checkpoint["state_dict"]
+        if (
+            self._swapped and "current_model_state" in checkpoint
+        ):  # the module holds the average, the copy the raw weights
+            checkpoint["state_dict"], checkpoint["current_model_state"] = (
+                checkpoint["current_model_state"],
+                checkpoint["state_dict"],
+            )
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         if trainer.state.fn == TrainerFn.FITTING:

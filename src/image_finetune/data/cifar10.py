@@ -156,8 +156,8 @@ class CIFAR10DataModule(ClassificationDataModule):
         augment = augment or Augmentation()
         if augment.ops or augment.crop_scale is not None:
             raise ConfigError(
-                f"augment={augment.name}: CIFAR-10 is augmented on the device with a padded random crop and a flip, not with "
-                "the image-folder presets. Use augment=default (crop + flip) or augment=none"
+                f"augment={augment.name}: CIFAR-10 is augmented on the device with a padded random crop and a flip, "
+                "not with the image-folder presets. Use augment=default (crop + flip) or augment=none"
             )
         self.device_crop, self.device_flip = augment.random_crop, augment.hflip
 

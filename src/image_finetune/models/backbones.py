@@ -133,7 +133,9 @@ def stochastic_depth_kwargs(name: str, drop_path_rate: float | None) -> dict[str
     if drop_path_rate is None:
         return {}
     if not 0 <= drop_path_rate < 1:
-        raise ConfigError(f"model.backbone.drop_path_rate={drop_path_rate} must be in [0, 1), or null for the architecture's default")
+        raise ConfigError(
+            f"model.backbone.drop_path_rate={drop_path_rate} must be in [0, 1), or null for the architecture's default"
+        )
     return {"stochastic_depth_prob": drop_path_rate}
 
 
@@ -145,8 +147,8 @@ def _get_model(name: str, weights: WeightsEnum | None, kwargs: dict[str, float])
         if "stochastic_depth_prob" not in str(err):
             raise
         raise ConfigError(
-            f"model.backbone.drop_path_rate={kwargs['stochastic_depth_prob']}: {name} has no stochastic depth (torchvision's "
-            "EfficientNet, ConvNeXt, Swin and MaxViT have). Set model.backbone.drop_path_rate=null"
+            f"model.backbone.drop_path_rate={kwargs['stochastic_depth_prob']}: {name} has no stochastic depth "
+            "(torchvision's EfficientNet, ConvNeXt, Swin and MaxViT have). Set model.backbone.drop_path_rate=null"
         ) from None
 
 

@@ -71,7 +71,9 @@ class ClassifierNet(nn.Module):
         return self.head(self.backbone((images - self.mean) / self.std))
 
 
-def batch_mixing(num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, prob: float = 1.0) -> v2.Transform | None:
+def batch_mixing(
+    num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, prob: float = 1.0
+) -> v2.Transform | None:
     """MixUp and/or CutMix (one of them per batch, chosen at random) applied to a batch with probability ``prob``.
 
     Works on the device, on the float batch, and returns soft targets (rows sum to one). Random numbers come from the
@@ -80,11 +82,11 @@ def batch_mixing(num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float
     """
     if mixup_alpha < 0 or cutmix_alpha < 0 or not 0 <= prob <= 1:
         raise ConfigError(
-            f"model.mixup: mixup_alpha={mixup_alpha} and cutmix_alpha={cutmix_alpha} must be >= 0 (0 = off) and prob={prob} in [0, 1]"
+            f"model.mixup: mixup_alpha={mixup_alpha} and cutmix_alpha={cutmix_alpha} must be >= 0 (0 = off) "
+            f"and prob={prob} in [0, 1]"
         )
-    mixers = [
-        mixer(alpha=alpha, num_classes=num_classes) for mixer, alpha in ((v2.MixUp, mixup_alpha), (v2.CutMix, cutmix_alpha)) if alpha > 0
-    ]
+    choices = ((v2.MixUp, mixup_alpha), (v2.CutMix, cutmix_alpha))
+    mixers = [mixer(alpha=alpha, num_classes=num_classes) for mixer, alpha in choices if alpha > 0]
     if not mixers or prob == 0:
         return None
     return v2.RandomApply([v2.RandomChoice(mixers)], p=prob)
