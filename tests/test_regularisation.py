@@ -66,7 +66,7 @@ def test_ema_weights_are_what_validation_checkpoints_and_test_use(compose_cfg, i
     cfg = folder_cfg(
         compose_cfg,
         image_folder,
-        "callbacks=ema",
+        "data.test_fraction=0", "callbacks=ema",
         f"callbacks.ema.decay={decay}",
         "finetune.freeze_epochs=1",
         "trainer.max_epochs=2",
@@ -76,7 +76,7 @@ def test_ema_weights_are_what_validation_checkpoints_and_test_use(compose_cfg, i
     run = build(cfg)
     recorder = RecordHead()
     run.trainer.callbacks.append(recorder)
-    finetune.fit(run.trainer, run.model, run.datamodule)
+    finetune.fit(run.trainer, run.model, run.datamodule, run.schedule)
     assert len(recorder.weights) >= 2  # steps on both sides of the unfreeze
     expected = recorder.weights[0]
     for w in recorder.weights[1:]:
@@ -110,7 +110,7 @@ def test_ema_mixup_and_strong_augmentation_resume_exactly_across_the_unfreeze(co
 
     def fit(name: str, ckpt: Path | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         run = build(folder_cfg(compose_cfg, image_folder, *common, output_dir=tmp_path / name))
-        finetune.fit(run.trainer, run.model, run.datamodule, ckpt_path=ckpt)
+        finetune.fit(run.trainer, run.model, run.datamodule, run.schedule, ckpt_path=ckpt)
         ema = next(cb for cb in run.trainer.callbacks if isinstance(cb, EMAWeights))
         return snapshot(run.model.net), snapshot(ema._average_model.module.net)  # after the fit: (average, raw)
 
