@@ -279,8 +279,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     logits, targets = torch.cat(collector.logits), torch.cat(collector.targets)
     if tta is not None:
         # the images the plain pass saw (limit_test_batches may stop it early)
-        tested = Subset(datamodule.datasets["test"], range(len(targets)))
-        with_tta = tta_metrics(model, datamodule, tested, tta, trainer)
+        seen = Subset(datamodule.datasets["test"], range(len(targets)))
+        with_tta = {
+            f"tta/{split}/{key.removeprefix('tta/test/')}": value
+            for key, value in tta_metrics(model, datamodule, seen, tta, trainer).items()
+        }
         log_side_by_side(metrics, with_tta, tta.mode)
         metrics.update(with_tta)
     out_dir = Path(cfg.paths.output_dir)
