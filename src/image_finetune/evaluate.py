@@ -32,6 +32,7 @@ from image_finetune.cli import instantiate_group, save_json, scalar_metrics, wri
 from image_finetune.data.base import ClassificationDataModule
 from image_finetune.data.files import ImageFileDataset
 from image_finetune.data.imagefolder import ImageFolderDataModule
+from image_finetune.data.preprocessing import Preprocessing
 from image_finetune.errors import ConfigError, DataError, UserError
 from image_finetune.inference import prediction_cells, prediction_header, to_float, top_k_predictions
 from image_finetune.models import ImageClassifier
@@ -204,14 +205,15 @@ def plot_confusion_matrix(confusion: torch.Tensor, class_names: Sequence[str], p
     return path
 
 
-def tta_dataset(dataset: Dataset, tta: TTA) -> Dataset:
+def tta_dataset(dataset: Dataset, tta: TTA, preprocessing: Preprocessing) -> Dataset:
     """``dataset`` loading the square ``tta`` cuts its views from (files; in-memory data is scaled on the device)."""
     if isinstance(dataset, (Subset, Relabelled)):
-        inner = tta_dataset(dataset.dataset, tta)
+        inner = tta_dataset(dataset.dataset, tta, preprocessing)
         return Subset(inner, dataset.indices) if isinstance(dataset, Subset) else Relabelled(inner, dataset.mapping)
     if tta.input_size == tta.size or not isinstance(dataset, ImageFileDataset):
         return dataset
-    return ImageFileDataset(dataset.samples, eval_transform(tta.input_size, 1.0), dataset.loader)
+    square = preprocessing.override(size=tta.input_size, crop_ratio=1.0)
+    return ImageFileDataset(dataset.samples, square.transform, dataset.loader)
 
 
 def tta_metrics(
@@ -219,7 +221,7 @@ def tta_metrics(
 ) -> dict[str, float]:
     """The ``test/...`` metrics with ``tta``, keyed ``tta/test/...``: accuracy, macro F1, top-5 (> 5 classes) and the
     cross-entropy of the averaged probabilities, defined as the plain ones are (``ImageClassifier``'s metrics)."""
-    loader = DataLoader(tta_dataset(dataset, tta), batch_size=datamodule.batch_size, num_workers=datamodule.num_workers)
+    loader = DataLoader(tta_dataset(dataset, tta, model.preprocessing), batch_size=datamodule.batch_size, num_workers=datamodule.num_workers)
     device = trainer.strategy.root_device
     model.to(device).eval()
     probabilities, targets = [], []
