@@ -195,7 +195,7 @@ def test_resume_across_every_unfreeze_matches_an_uninterrupted_run(compose_cfg, 
     finetune.fit(full.trainer, full.model, full.datamodule, full.schedule)
     expected = snapshot(full.model.net)
     for epoch in (0, 1, 2):  # frozen, boundary 1 (last frozen epoch), boundary 2 (layer4 only -> everything)
-        ckpt = full_dir / "checkpoints" / f"e{epoch}.ckpt"
+        ckpt = full_dir / "checkpoints" / f"e{epoch + 1}.ckpt"  # file names count epochs from 1
         assert finetune.resume_epoch(ckpt) == epoch + 1
         resumed = build(folder_cfg(compose_cfg, image_folder, *common, output_dir=tmp_path / f"resume{epoch}"))
         finetune.fit(resumed.trainer, resumed.model, resumed.datamodule, resumed.schedule, ckpt_path=ckpt)

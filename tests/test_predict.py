@@ -92,7 +92,8 @@ def test_list_file_and_single_image_inputs(trained, compose_cfg, tmp_path):
         rows[name] = read_rows(predict(cfg))
     assert list(rows["list"]) == [str(image), str(tmp_path / "rel.png"), str(tmp_path / "missing.jpg")]
     assert rows["list"][str(tmp_path / "missing.jpg")]["reason"] == "unreadable: no such file"
-    assert probabilities(rows["list"][str(tmp_path / "rel.png")]) == probabilities(rows["single"][str(image)])
+    # the same file, in a batch of 2 and alone: equal up to float noise in the last printed digit
+    assert probabilities(rows["list"][str(tmp_path / "rel.png")]) == pytest.approx(probabilities(rows["single"][str(image)]), abs=2e-6)
 
 
 def test_a_fifo_named_like_an_image_is_listed_with_a_reason_never_opened(tmp_path):

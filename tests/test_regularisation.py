@@ -183,11 +183,12 @@ def test_digits_are_never_flipped_and_cifar_takes_only_its_device_presets(compos
         instantiate(compose_cfg("data=cifar10", f"paths.data_dir={cifar_root}", "augment=strong").data)
     assert isinstance(info.value.__cause__, ConfigError)
     assert re.match(r"augment=strong: CIFAR-10 .* augment=default .* augment=none", str(info.value.__cause__))
-    cifar = instantiate(compose_cfg("data=cifar10", f"paths.data_dir={cifar_root}", "augment=none").data)
-    batch = torch.rand(4, 3, 32, 32)
-    assert torch.equal(cifar.device_transform(batch, train=True), batch)
-    cifar = instantiate(compose_cfg("data=cifar10", f"paths.data_dir={cifar_root}").data)
-    assert not torch.equal(cifar.device_transform(batch, train=True), batch)
+    for preset, augmented in (("none", False), ("default", True)):
+        cifar = instantiate(compose_cfg("data=cifar10", f"paths.data_dir={cifar_root}", "data.val_size=20", f"augment={preset}").data)
+        cifar.setup("fit")
+        order, _ = cifar.train_sampler().draw()
+        images, _ = next(iter(cifar.train_dataloader()))  # the training batch as the device-resident loader yields it
+        assert torch.equal(images, cifar.datasets["train"].images[order[: len(images)]]) != augmented, preset
 
 
 # ---- mixup / cutmix --------------------------------------------------------------------------------------------------

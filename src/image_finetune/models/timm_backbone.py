@@ -101,7 +101,7 @@ def timm_backbone(
         "name": name,
         "weights": None if no_weights(weights) else str(weights),
         "allow_random_init": bool(allow_random_init),
-        "drop_path_rate": drop_path_rate,
+        **({} if drop_path_rate is None else {"drop_path_rate": drop_path_rate}),  # rebuilt with the same depth
     }
     return Backbone(
         model,
