@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from image_finetune.data import CIFAR10DataModule, DigitsDataModule, EpochSampler, ImageFolderDataModule
+from image_finetune.data.base import train_batching
 from image_finetune.data.cifar10 import random_crop_flip
 from image_finetune.data.imagefolder import balanced_weights
 from image_finetune.errors import ConfigError, DataError
@@ -44,7 +45,7 @@ def test_split_layout_uses_the_given_folders_and_splits_val_off_train_when_missi
     root = tmp_path / "data"
     make_image_folder(root / "train", per_class=10)
     make_image_folder(root / "test", per_class=2, seed=1)
-    dm = folder_module(root, tmp_path, val_fraction=0.2)
+    dm = folder_module(root, tmp_path, val_fraction=0.2, min_steps_per_epoch=1)  # batches of exactly data.batch_size
     dm.setup("fit")
     assert {split: len(items) for split, items in dm.splits.items()} == {"train": 24, "val": 6, "test": 6}
     assert all("/test/" in path for path, _ in dm.splits["test"])
@@ -216,7 +217,8 @@ def test_a_messy_folder_trains_on_exactly_its_good_images_and_reports_the_rest(t
     victim = dm.splits["train"][0][0]
     Path(victim).write_bytes(Path(victim).read_bytes()[:40])  # truncated after the scan
     seen = sum(labels.numel() for _, labels in dm.train_dataloader())
-    assert seen == len(messy.kept) // 5 * 5  # every batch delivered (drop_last), none lost to the broken file
+    size, drop_last = train_batching(len(messy.kept), 5, dm.min_steps_per_epoch)
+    assert seen == (len(messy.kept) // size * size if drop_last else len(messy.kept))  # none lost to the broken file
     assert [path for path, _ in dm.datasets["train"].failures] == [victim]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import random
@@ -15,6 +16,8 @@ import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
+
+log = logging.getLogger(__name__)
 
 
 class EpochSampler(DistributedSampler):
@@ -105,6 +108,21 @@ def resume_position(trainer: L.Trainer) -> tuple[int, int]:
     return epochs.processed, trainer.fit_loop.epoch_loop.batch_progress.current.processed if mid_epoch else 0
 
 
+def train_batching(num_samples: int, batch_size: int, min_steps_per_epoch: int) -> tuple[int, bool]:
+    """The training batch size and ``drop_last`` for ``num_samples`` images per process.
+
+    Two rules, measured in benchmarks/README.md (the fine-tuning study): a small dataset gets at least
+    ``min_steps_per_epoch`` optimizer steps per epoch (the batch shrinks to ``num_samples // min_steps_per_epoch``, but
+    not below 2; 100 images at batch 64 used to give one step per epoch and drop 36 images), and the last partial batch
+    is dropped only when it is tiny (under a quarter of a batch, or a single image, which BatchNorm cannot normalise),
+    never most of an epoch. Large datasets keep the configured batch size.
+    """
+    capped = min(batch_size, max(2, num_samples // max(1, min_steps_per_epoch)))
+    remainder = num_samples % capped
+    drop_last = num_samples > capped and 0 < remainder < max(2, capped // 4)
+    return capped, drop_last
+
+
 def default_num_workers() -> int:
     """Leave one core to the training process; at most 8 workers per process."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -138,9 +156,11 @@ class ClassificationDataModule(L.LightningDataModule):
         seed: int = 42,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
+        min_steps_per_epoch: int = 8,
     ) -> None:
         super().__init__()
         self.batch_size = batch_size
+        self.min_steps_per_epoch = min_steps_per_epoch
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.seed = seed
         self.pin_memory = pin_memory
@@ -157,7 +177,9 @@ class ClassificationDataModule(L.LightningDataModule):
         return images
 
     # ---- loaders --------------------------------------------------------------------------------------------------
-    def _loader(self, split: str, sampler: Any = None, dataset: Dataset | None = None) -> DataLoader:
+    def _loader(
+        self, split: str, sampler: Any = None, dataset: Dataset | None = None, batch_size: int | None = None, drop_last: bool = False
+    ) -> DataLoader:
         """The loader of ``split`` (of ``dataset``, when given, read as that split is)."""
         if dataset is None:
             if split not in self.datasets:
@@ -166,13 +188,13 @@ class ClassificationDataModule(L.LightningDataModule):
         on_gpu = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
+            batch_size=batch_size or self.batch_size,
             sampler=sampler,
             shuffle=False,
             num_workers=self.num_workers,
             pin_memory=on_gpu if self.pin_memory is None else self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
-            drop_last=split == "train" and len(dataset) > self.batch_size,
+            drop_last=drop_last,
             # Its own generator: creating an iterator must not consume the global RNG (dropout draws from it), or
             # a resumed run, whose first iterator is made at a different moment, would diverge.
             generator=torch.Generator().manual_seed(self.seed),
@@ -208,11 +230,26 @@ class ClassificationDataModule(L.LightningDataModule):
             weights=self.sample_weights,
             num_replicas=trainer.world_size if trainer is not None else 1,
             rank=trainer.global_rank if trainer is not None else 0,
-            skip=done * self.batch_size,
+            skip=done * self.train_batching()[0],  # batches done x the batch size they had
         )
 
+    def train_batching(self) -> tuple[int, bool]:
+        """This process's training batch size and ``drop_last`` (``train_batching``), from its share of the images."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        per_rank = math.ceil(len(self.datasets["train"]) / world)  # type: ignore[arg-type]  # as EpochSampler shards
+        return train_batching(per_rank, self.batch_size, self.min_steps_per_epoch)
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.train_sampler())
+        sampler = self.train_sampler()
+        # Per process: every rank's sampler yields the same count, so every rank takes the same number of steps.
+        batch_size, drop_last = self.train_batching()
+        if batch_size < self.batch_size and (self.trainer is None or self.trainer.is_global_zero):
+            log.info(
+                "data.batch_size=%d would leave %d optimizer step(s) per epoch on %d training images per process; using "
+                "batches of %d (data.min_steps_per_epoch=%d)",
+                self.batch_size, math.ceil(len(sampler) / self.batch_size), len(sampler), batch_size, self.min_steps_per_epoch,
+            )  # fmt: skip
+        return self._loader("train", sampler, batch_size=batch_size, drop_last=drop_last)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")

@@ -137,8 +137,9 @@ class CIFAR10DataModule(ClassificationDataModule):
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
         preprocessing: Preprocessing | Mapping[str, Any] | None = None,
+        min_steps_per_epoch: int = 8,
     ) -> None:
-        super().__init__(batch_size, num_workers, seed, pin_memory, persistent_workers)
+        super().__init__(batch_size, num_workers, seed, pin_memory, persistent_workers, min_steps_per_epoch)
         # Whole 32x32 images (resized, never cropped) with the backbone's mean/std: what eval, predict, exports repeat.
         backbone_preprocessing = Preprocessing.coerce(preprocessing) or Preprocessing()
         self.preprocessing = backbone_preprocessing.override(size=CIFAR_SIZE, crop_ratio=1.0)
@@ -184,7 +185,7 @@ class CIFAR10DataModule(ClassificationDataModule):
         }
 
     # ---- resident loaders: the splits live on the training device (see ``ResidentBatches``) ----------------------
-    def _resident(self, split: str, **kwargs: Any) -> ResidentBatches | None:
+    def _resident(self, split: str, batch_size: int | None = None, **kwargs: Any) -> ResidentBatches | None:
         """``split`` as ``ResidentBatches`` on the trainer's device; None if it is not our in-memory tensor dataset
         (``evaluate`` may put a relabelled view in ``datasets["test"]``: that goes through the ``DataLoader``)."""
         dataset = self.datasets.get(split)
@@ -198,14 +199,17 @@ class CIFAR10DataModule(ClassificationDataModule):
             self._on_device[key] = (dataset.images.to(device), dataset.labels.to(device))
         images, labels = self._on_device[key]
         world = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        return ResidentBatches(images, labels, self.batch_size, world_size=world[0], rank=world[1], **kwargs)
+        batch = batch_size or self.batch_size
+        return ResidentBatches(images, labels, batch, world_size=world[0], rank=world[1], **kwargs)
 
     def train_dataloader(self) -> Any:
-        drop_last = len(self.datasets["train"]) > self.batch_size  # type: ignore[arg-type]
+        batch_size, drop_last = self.train_batching()
         augment = None
         if self.device_crop or self.device_flip:
             augment = functools.partial(random_crop_flip, padding=4 if self.device_crop else 0, flip=self.device_flip)
-        resident = self._resident("train", sampler=self.train_sampler(), augment=augment, drop_last=drop_last)
+        resident = self._resident(
+            "train", sampler=self.train_sampler(), augment=augment, drop_last=drop_last, batch_size=batch_size
+        )
         return resident if resident is not None else super().train_dataloader()
 
     def val_dataloader(self) -> Any:

@@ -77,9 +77,10 @@ class ImageFolderDataModule(ClassificationDataModule):
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
         preprocessing: Preprocessing | Mapping[str, Any] | None = None,
+        min_steps_per_epoch: int = 8,
     ) -> None:
         """``preprocessing`` is the backbone's (``train`` hands it over); ``image_size``/``crop_ratio`` override it."""
-        super().__init__(batch_size, num_workers, seed, pin_memory, persistent_workers)
+        super().__init__(batch_size, num_workers, seed, pin_memory, persistent_workers, min_steps_per_epoch)
         if isinstance(test_fraction, str) and test_fraction != "auto":
             raise ConfigError(f"data.test_fraction={test_fraction!r}: use auto or a fraction in [0, 1), e.g. 0.15 (0: no test split)")
         largest_test = AUTO_TEST_FRACTION if test_fraction == "auto" else float(test_fraction)

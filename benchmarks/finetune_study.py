@@ -1,0 +1,252 @@
+"""The fine-tuning study: recipes x tasks x seeds, this template against fastai's ``fine_tune``, as one markdown table.
+
+    nice -n 10 python benchmarks/finetune_study.py                    # the published study (benchmarks/README.md)
+    python benchmarks/finetune_study.py --recipes defaults crop-0.5 --tasks digits-10shot --seeds 0 1 2
+
+Tasks (built offline from real images by ``study_tasks.py``, cached under ``--work``): few-shot transfer from a
+ResNet-18 pretrained on related classes, and one larger task. Every template run goes through ``train(cfg)``, the code
+``train.py`` runs, with ``data=imagefolder`` and ``model.backbone.weights=<the task's .pth>``; the fastai peer runs
+``benchmarks/fastai_peer.py`` in its own venv (``--fastai-python``) on the same folders, from the same weights, with the
+same epoch budget and image size. Accuracy is the final epoch's on the task's held-out ``val/`` folder (no checkpoint
+picked by it). Finished runs are kept in ``<work>/results.jsonl`` and reused when the same recipe (the fully composed
+config) runs again, so the study can be extended or resumed; ``--fresh`` starts over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import study_tasks
+from study_tasks import Task
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_FASTAI = Path("/work/venvs/fastai/bin/python")
+TASKS = ("digits-10shot", "digits-50shot", "photos-20shot", "digits-all")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A template recipe (Hydra overrides on top of the defaults) or the fastai peer (``fastai_batch_size`` set)."""
+
+    name: str
+    overrides: tuple[str, ...] = ()
+    fastai_batch_size: int | None = None
+    note: str = ""
+
+
+# The template before the study (issue 10's finding), spelled out so that it keeps meaning "before" as defaults move.
+BEFORE = ("data.batch_size=64", "data.crop_scale=[0.08,1.0]", "data.hflip=true", "data.min_steps_per_epoch=1",
+          "model.optimizer.lr=1e-3", "model.optimizer.weight_decay=0.05", "finetune.backbone_lr_ratio=0.1",
+          "model.label_smoothing=0.1", "model.dropout=0.2")  # fmt: skip
+
+RECIPES = {r.name: r for r in [
+    Recipe("defaults", note="this template's defaults (only data.root, image size and weights set)"),
+    Recipe("before", BEFORE, note="the defaults before the study (batch 64, crop_scale [0.08, 1], hflip)"),
+    Recipe("fastai", fastai_batch_size=64, note="fastai vision_learner + fine_tune, its default batch 64"),
+    Recipe("fastai-bs32", fastai_batch_size=32, note="fastai, batch 32 (issue 10's best fastai setting)"),
+    Recipe("fastai-bs16", fastai_batch_size=16, note="fastai, batch 16"),
+    # ---- the grid the defaults were chosen from (each one change to the defaults) ----
+    Recipe("before-bs32", (*BEFORE, "data.batch_size=32")),
+    Recipe("steps-1", ("data.min_steps_per_epoch=1",)),
+    Recipe("steps-4", ("data.min_steps_per_epoch=4",)),
+    Recipe("steps-8", ("data.min_steps_per_epoch=8",)),
+    Recipe("steps-16", ("data.min_steps_per_epoch=16",)),
+    Recipe("crop-0.08", ("data.crop_scale=[0.08,1.0]",)),
+    Recipe("crop-0.35", ("data.crop_scale=[0.35,1.0]",)),
+    Recipe("crop-0.5", ("data.crop_scale=[0.5,1.0]",)),
+    Recipe("crop-0.75", ("data.crop_scale=[0.75,1.0]",)),
+    Recipe("crop-1", ("data.crop_scale=[1.0,1.0]",)),
+    Recipe("hflip", ("data.hflip=true",)),
+    Recipe("no-hflip", ("data.hflip=false",)),
+    Recipe("lr-5e-4", ("model.optimizer.lr=5e-4",)),
+    Recipe("lr-2e-3", ("model.optimizer.lr=2e-3",)),
+    Recipe("lr-4e-3", ("model.optimizer.lr=4e-3",)),
+    Recipe("ratio-0.03", ("finetune.backbone_lr_ratio=0.03",)),
+    Recipe("ratio-0.3", ("finetune.backbone_lr_ratio=0.3",)),
+    Recipe("ratio-1", ("finetune.backbone_lr_ratio=1.0",)),
+    Recipe("wd-0.01", ("model.optimizer.weight_decay=0.01",)),
+    Recipe("wd-0.1", ("model.optimizer.weight_decay=0.1",)),
+    Recipe("ls-0", ("model.label_smoothing=0.0",)),
+    Recipe("dropout-0", ("model.dropout=0.0",)),
+    Recipe("dropout-0.5", ("model.dropout=0.5",)),
+    Recipe("freeze-0", ("finetune.freeze_epochs=0",)),
+    Recipe("freeze-3", ("finetune.freeze_epochs=3",)),
+    Recipe("warmup-0.1", ("model.scheduler.warmup_fraction=0.1",)),
+]}  # fmt: skip
+PUBLISHED = ("defaults", "before", "fastai", "fastai-bs32")
+
+# What a study run switches off: per-epoch images and files it does not read (accuracy and timing are unaffected).
+QUIET = ("~logger", "++callbacks.model_checkpoint=null", "++trainer.enable_checkpointing=false", "++callbacks.lr_monitor=null",
+         "++callbacks.progress_bar=null", "++callbacks.model_summary=null", "++callbacks.train_images=null",
+         "++callbacks.confusion_matrix=null", "++callbacks.misclassified=null", "++callbacks.per_class_accuracy=null",
+         "++callbacks.run_summary=null", "++trainer.enable_progress_bar=false", "++trainer.enable_model_summary=false",
+         "++trainer.num_sanity_val_steps=0")  # fmt: skip
+
+
+@dataclass
+class Result:
+    task: str
+    recipe: str
+    seed: int
+    acc: float
+    seconds: float
+    key: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+# ---- running --------------------------------------------------------------------------------------------------------
+def template_overrides(task: Task, recipe: Recipe, seed: int, work: Path) -> list[str]:
+    return [
+        "data=imagefolder", f"data.root={task.root}", f"data.image_size={task.size}", "data.num_workers=0", "data.cache=null",
+        f"paths.cache_dir={work / 'cache'}", "model.backbone.name=resnet18", f"model.backbone.weights={task.weights}",
+        "trainer=cpu", f"trainer.max_epochs={task.epochs}", f"seed={seed}", "test=false", *QUIET, *recipe.overrides,
+    ]  # fmt: skip
+
+
+def run_template(task: Task, recipe: Recipe, seed: int, work: Path, done: dict[str, Result]) -> Result:
+    """One ``train(cfg)`` run, as ``train.py`` would do it; the final epoch's val accuracy and the wall time."""
+    from omegaconf import OmegaConf
+
+    from image_finetune.cli import compose_config
+    from image_finetune.train import train
+
+    out = work / "runs" / f"{task.name}-{recipe.name}-{seed}"
+    cfg = compose_config(REPO / "configs", "train", template_overrides(task, recipe, seed, work), out)
+    shown = OmegaConf.to_container(cfg, resolve=False)
+    shown.pop("hydra", None)
+    shown.pop("paths", None)
+    key = "template:" + hashlib.sha256(json.dumps(shown, sort_keys=True).encode()).hexdigest()[:16]
+    if key in done:
+        return done[key]
+    start = time.perf_counter()
+    metrics = train(cfg)
+    seconds = time.perf_counter() - start
+    shutil.rmtree(out, ignore_errors=True)
+    return Result(task.name, recipe.name, seed, float(metrics["val/acc"]), seconds, key)
+
+
+def run_fastai(task: Task, recipe: Recipe, seeds: Sequence[int], python: Path, done: dict[str, Result]) -> list[Result]:
+    """The peer in its own venv, one process for all seeds (its import time is not counted, as ours is not)."""
+    import torch
+
+    assert recipe.fastai_batch_size is not None
+    base = f"fastai:{task.name}:{task.root}:{task.epochs}:{recipe.fastai_batch_size}"
+    keys = {seed: hashlib.sha256(f"{base}:{seed}".encode()).hexdigest()[:16] for seed in seeds}
+    todo = [seed for seed in seeds if keys[seed] not in done]
+    results = [done[keys[seed]] for seed in seeds if seed not in todo]
+    if todo:
+        command = [str(python), str(REPO / "benchmarks" / "fastai_peer.py"), "--root", task.root, "--torch-home", task.torch_home,
+                   "--size", str(task.size), "--epochs", str(task.epochs), "--batch-size", str(recipe.fastai_batch_size),
+                   "--seeds", *map(str, todo), "--threads", str(torch.get_num_threads())]  # fmt: skip
+        proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
+        if proc.returncode != 0:
+            raise RuntimeError(f"fastai peer failed on {task.name}: {proc.stderr[-2000:]}")
+        for line in proc.stdout.splitlines():
+            if line.startswith("{"):
+                row = json.loads(line)
+                results.append(Result(task.name, recipe.name, row["seed"], row["acc"], row["seconds"], keys[row["seed"]]))
+    return sorted(results, key=lambda r: r.seed)
+
+
+# ---- the table ------------------------------------------------------------------------------------------------------
+def cell(results: Sequence[Result]) -> str:
+    if not results:
+        return "-"
+    accs = [r.acc for r in results]
+    std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    return f"{statistics.mean(accs):.3f} ± {std:.3f} ({statistics.mean(r.seconds for r in results):.0f} s)"
+
+
+def table(results: Sequence[Result], tasks: Sequence[Task], recipes: Sequence[Recipe]) -> str:
+    header = "| recipe | " + " | ".join(f"{t.name} ({t.num_train} train / {t.num_val} val, {t.epochs} ep)" for t in tasks) + " |"
+    lines = [header, "|---|" + "---|" * len(tasks)]
+    for recipe in recipes:
+        cells = [cell([r for r in results if r.task == t.name and r.recipe == recipe.name]) for t in tasks]
+        lines.append(f"| {recipe.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Fine-tuning study: recipes x tasks x seeds against fastai fine_tune.")
+    parser.add_argument("--work", type=Path, default=REPO / "data" / "finetune_study", help="tasks, weights and results")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS))
+    parser.add_argument("--recipes", nargs="+", default=list(PUBLISHED), choices=sorted(RECIPES))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--fastai-python", type=Path, default=Path(os.environ.get("FASTAI_PYTHON", DEFAULT_FASTAI)))
+    parser.add_argument("--out", type=Path, default=None, help="markdown file for the table (default <work>/study.md)")
+    parser.add_argument("--toy", action="store_true", help="tiny tasks and 2 epochs: a smoke test of the script")
+    parser.add_argument("--fresh", action="store_true", help="ignore the results of earlier runs")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for both sides (1: least waste on a shared CPU)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+
+    logging.basicConfig(level=logging.WARNING)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "image_finetune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")
+    start = time.perf_counter()
+    scale = study_tasks.TOY if args.toy else study_tasks.Scale()
+    tasks = study_tasks.build_tasks(args.work, args.tasks, scale, log=lambda m: print(m, flush=True))
+    recipes = [RECIPES[name] for name in args.recipes]
+    results_file = args.work / "results.jsonl"
+    if args.fresh:
+        results_file.unlink(missing_ok=True)
+    done = {}
+    if results_file.is_file():
+        done = {row["key"]: Result(**row) for row in map(json.loads, results_file.read_text().splitlines())}
+
+    fastai_ok = args.fastai_python.is_file()
+    if not fastai_ok and any(r.fastai_batch_size for r in recipes):
+        print(f"note: no fastai venv at {args.fastai_python} (see benchmarks/fastai_peer.py): skipping the fastai rows", flush=True)
+    results: list[Result] = []
+    fresh_keys: set[str] = set()
+
+    def record(result: Result) -> None:
+        results.append(result)
+        if result.key not in done:
+            fresh_keys.add(result.key)
+            done[result.key] = result
+            with results_file.open("a") as f:
+                f.write(json.dumps(result.__dict__) + "\n")
+        print(f"{result.task:>14} {result.recipe:>14} seed {result.seed}: acc {result.acc:.3f} ({result.seconds:.1f} s)", flush=True)
+
+    for task in tasks:
+        for recipe in recipes:
+            if recipe.fastai_batch_size is not None:
+                if fastai_ok:
+                    for result in run_fastai(task, recipe, args.seeds, args.fastai_python, done):
+                        record(result)
+                continue
+            for seed in args.seeds:
+                record(run_template(task, recipe, seed, args.work, done))
+    total = time.perf_counter() - start
+    text = table(results, tasks, [r for r in recipes if r.fastai_batch_size is None or fastai_ok])
+    text += (f"\n\nMean ± std of the final epoch's validation accuracy over seeds {', '.join(map(str, args.seeds))}; "
+             f"(s) = mean wall time per run. Study time {total / 60:.1f} min for {len(fresh_keys)} runs "
+             f"({len(results) - len(fresh_keys)} more reused from earlier runs of the same recipe).")  # fmt: skip
+    print("\n" + text)
+    out = args.out or args.work / "study.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO / "src"))
+    main()
