@@ -107,6 +107,16 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
+def quiet_logs() -> None:
+    """Per-run INFO lines and warnings of Lightning and the template would bury the study's one line per run."""
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "image_finetune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("lightning", "image_finetune")):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 # ---- running --------------------------------------------------------------------------------------------------------
 def template_overrides(task: Task, recipe: Recipe, seed: int, work: Path) -> list[str]:
     return [
@@ -131,6 +141,7 @@ def run_template(task: Task, recipe: Recipe, seed: int, work: Path, done: dict[s
     key = "template:" + hashlib.sha256(json.dumps(shown, sort_keys=True).encode()).hexdigest()[:16]
     if key in done:
         return done[key]
+    quiet_logs()
     start = time.perf_counter()
     metrics = train(cfg)
     seconds = time.perf_counter() - start
@@ -196,10 +207,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
 
-    logging.basicConfig(level=logging.WARNING)
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "image_finetune"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore")
+    quiet_logs()
     start = time.perf_counter()
     scale = study_tasks.TOY if args.toy else study_tasks.Scale()
     tasks = study_tasks.build_tasks(args.work, args.tasks, scale, log=lambda m: print(m, flush=True))
