@@ -126,7 +126,7 @@ def template_overrides(task: Task, recipe: Recipe, seed: int, work: Path) -> lis
     ]  # fmt: skip
 
 
-def run_template(task: Task, recipe: Recipe, seed: int, work: Path, done: dict[str, Result]) -> Result:
+def run_template(task: Task, recipe: Recipe, seed: int, work: Path, done: dict[str, Result], run: bool = True) -> Result | None:
     """One ``train(cfg)`` run, as ``train.py`` would do it; the final epoch's val accuracy and the wall time."""
     from omegaconf import OmegaConf
 
@@ -139,8 +139,8 @@ def run_template(task: Task, recipe: Recipe, seed: int, work: Path, done: dict[s
     shown.pop("hydra", None)
     shown.pop("paths", None)
     key = "template:" + hashlib.sha256(json.dumps(shown, sort_keys=True).encode()).hexdigest()[:16]
-    if key in done:
-        return done[key]
+    if key in done or not run:
+        return done.get(key)
     quiet_logs()
     start = time.perf_counter()
     metrics = train(cfg)
@@ -149,7 +149,9 @@ def run_template(task: Task, recipe: Recipe, seed: int, work: Path, done: dict[s
     return Result(task.name, recipe.name, seed, float(metrics["val/acc"]), seconds, key)
 
 
-def run_fastai(task: Task, recipe: Recipe, seeds: Sequence[int], python: Path, done: dict[str, Result]) -> list[Result]:
+def run_fastai(
+    task: Task, recipe: Recipe, seeds: Sequence[int], python: Path, done: dict[str, Result], run: bool = True
+) -> list[Result]:
     """The peer in its own venv, one process for all seeds (its import time is not counted, as ours is not)."""
     import torch
 
@@ -158,7 +160,7 @@ def run_fastai(task: Task, recipe: Recipe, seeds: Sequence[int], python: Path, d
     keys = {seed: hashlib.sha256(f"{base}:{seed}".encode()).hexdigest()[:16] for seed in seeds}
     todo = [seed for seed in seeds if keys[seed] not in done]
     results = [done[keys[seed]] for seed in seeds if seed not in todo]
-    if todo:
+    if todo and run:
         command = [str(python), str(REPO / "benchmarks" / "fastai_peer.py"), "--root", task.root, "--torch-home", task.torch_home,
                    "--size", str(task.size), "--epochs", str(task.epochs), "--batch-size", str(recipe.fastai_batch_size),
                    "--seeds", *map(str, todo), "--threads", str(torch.get_num_threads())]  # fmt: skip
@@ -178,7 +180,8 @@ def cell(results: Sequence[Result]) -> str:
         return "-"
     accs = [r.acc for r in results]
     std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-    return f"{statistics.mean(accs):.3f} ± {std:.3f} ({statistics.mean(r.seconds for r in results):.0f} s)"
+    seeds = "" if len(accs) >= 3 else f", n={len(accs)}"
+    return f"{statistics.mean(accs):.3f} ± {std:.3f} ({statistics.mean(r.seconds for r in results):.0f} s{seeds})"
 
 
 def table(results: Sequence[Result], tasks: Sequence[Task], recipes: Sequence[Recipe]) -> str:
@@ -200,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="markdown file for the table (default <work>/study.md)")
     parser.add_argument("--toy", action="store_true", help="tiny tasks and 2 epochs: a smoke test of the script")
     parser.add_argument("--fresh", action="store_true", help="ignore the results of earlier runs")
+    parser.add_argument("--table-only", action="store_true", help="only tabulate finished runs; run nothing")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both sides (1: least waste on a shared CPU)")
     args = parser.parse_args(argv)
 
@@ -238,14 +242,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         for recipe in recipes:
             if recipe.fastai_batch_size is not None:
                 if fastai_ok:
-                    for result in run_fastai(task, recipe, args.seeds, args.fastai_python, done):
+                    for result in run_fastai(task, recipe, args.seeds, args.fastai_python, done, not args.table_only):
                         record(result)
                 continue
             for seed in args.seeds:
-                record(run_template(task, recipe, seed, args.work, done))
+                result = run_template(task, recipe, seed, args.work, done, not args.table_only)
+                if result is not None:
+                    record(result)
     total = time.perf_counter() - start
     text = table(results, tasks, [r for r in recipes if r.fastai_batch_size is None or fastai_ok])
-    text += (f"\n\nMean ± std of the final epoch's validation accuracy over seeds {', '.join(map(str, args.seeds))}; "
+    text += (f"\n\nMean ± std of the final epoch's validation accuracy over seeds {', '.join(map(str, args.seeds))} "
+             "(fewer where a cell says n=...); "
              f"(s) = mean wall time per run. Study time {total / 60:.1f} min for {len(fresh_keys)} runs "
              f"({len(results) - len(fresh_keys)} more reused from earlier runs of the same recipe).")  # fmt: skip
     print("\n" + text)

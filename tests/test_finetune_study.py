@@ -27,7 +27,7 @@ def test_the_study_builds_its_tasks_runs_each_recipe_and_seed_and_writes_the_tab
     assert set(rows) == {"recipe", "defaults", "before"}, "one row per template recipe; no fastai row without its venv"
     assert "digits-4shot (20 train / 20 val, 2 ep)" in rows["recipe"]
     for name in ("defaults", "before"):
-        cells = re.findall(r"(\d\.\d{3}) ± (\d\.\d{3}) \((\d+) s\)", rows[name])
+        cells = re.findall(r"(\d\.\d{3}) ± (\d\.\d{3}) \((\d+) s, n=2\)", rows[name])
         assert len(cells) == 1 and all(0 <= float(mean) <= 1 and float(std) >= 0 for mean, std, _ in cells)
     digits = tmp_path / "work" / "tasks" / "digits-4shot"
     assert sorted(p.name for p in (digits / "train").iterdir()) == ["5", "6", "7", "8", "9"], "the classes pretraining never saw"
