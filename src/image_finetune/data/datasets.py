@@ -80,8 +80,9 @@ class DatasetDataModule(ClassificationDataModule):
         seed: int = 42,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
+        min_steps_per_epoch: int = 8,
     ) -> None:
-        super().__init__(batch_size, num_workers, seed, pin_memory, persistent_workers)
+        super().__init__(batch_size, num_workers, seed, pin_memory, persistent_workers, min_steps_per_epoch)
         names = class_names if class_names is not None else getattr(train, "classes", None)
         if not names:
             raise ConfigError(
