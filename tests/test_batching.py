@@ -55,7 +55,7 @@ def test_the_loader_of_a_100_image_folder_at_batch_64_has_8_or_more_batches_cove
     make_image_folder(tmp_path / "data" / "train", classes=5, per_class=20, size=16)
     make_image_folder(tmp_path / "data" / "val", classes=5, per_class=2, size=16)
     dm = ImageFolderDataModule(tmp_path / "data", image_size=16, batch_size=64, num_workers=0, cache=None,
-                               cache_dir=tmp_path / "cache")  # fmt: skip
+                               cache_dir=tmp_path / "cache", test_fraction=0)  # fmt: skip  (all 100 images train)
     dm.setup("fit")
     batches = [labels.numel() for _, labels in dm.train_dataloader()]
     assert len(batches) >= 8 and sum(batches) == 100
@@ -65,7 +65,7 @@ def test_training_100_images_at_batch_64_takes_8_or_more_optimizer_steps_per_epo
     make_image_folder(tmp_path / "images" / "train", classes=5, per_class=20, size=16)
     make_image_folder(tmp_path / "images" / "val", classes=5, per_class=2, size=16)
     cfg = compose_cfg("data=imagefolder", f"data.root={tmp_path / 'images'}", *FAST, "data.batch_size=64", "data.cache=null",
-                      "trainer.max_epochs=1", "finetune.freeze_epochs=1", "test=false")  # fmt: skip
+                      "trainer.max_epochs=1", "finetune.freeze_epochs=1", "test=false", "data.test_fraction=0")  # fmt: skip
     train(cfg)
     boundary = torch.load(tmp_path / "run" / "checkpoints" / "phase1.ckpt", map_location="cpu", weights_only=True)  # end of epoch 1
     assert boundary["global_step"] >= 8, f"{boundary['global_step']} optimizer step(s) in the epoch"
