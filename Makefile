@@ -27,6 +27,10 @@ train: install
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)
 
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 

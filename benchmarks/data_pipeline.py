@@ -133,7 +133,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", type=Path, default=Path("/tmp/bench-data"))
     parser.add_argument("--n", type=int, default=2000, help="JPEGs per image size")
-    parser.add_argument("--batches", type=int, default=6, help="timed batches per measurement (rounded up to whole rounds)")
+    parser.add_argument(
+        "--batches", type=int, default=6, help="timed batches per measurement (rounded up to whole rounds)"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches first, at least one per worker")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved runs per measurement; the best counts")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -144,7 +146,9 @@ def main() -> None:
 
     per_run = sum(schedule(max(args.workers), args.warmup, args.batches)) * args.batch_size
     if per_run > args.n:
-        parser.error(f"--n {args.n} is smaller than the {per_run} images one measurement with {max(args.workers)} workers reads")
+        parser.error(
+            f"--n {args.n} is smaller than the {per_run} images one measurement with {max(args.workers)} workers reads"
+        )
     keys = [(int(i), 1_000 + int(i)) for i in np.random.default_rng(0).permutation(args.n)[:per_run]]
     indices = [i for i, _ in keys]
 
@@ -163,7 +167,9 @@ def main() -> None:
         assert len(scan.samples) == args.n, "the benchmark folder should hold only good images"
         # What data.cache=auto (the default) decides for this folder, by the data module's own rule.
         cached, median = auto_cache_pays([path for path, _ in scan.samples], RESIZE, seed=0)
-        print(f"{name}: data.cache=auto {'keeps resized copies' if cached else 'reads the originals'} (median short side {median} px)")
+        print(
+            f"{name}: data.cache=auto {'keeps resized copies' if cached else 'reads the originals'} (median short side {median} px)"
+        )
         cache_dir = args.root / "resized-cache" / name
 
         def filling(train: bool) -> ImageFileDataset:
@@ -188,7 +194,9 @@ def main() -> None:
                 rates = [0.0] * len(runs)
                 for _ in range(args.repeats):
                     for j, (make, sampler) in enumerate(runs):
-                        rate = images_per_second(make(train), sampler, workers, args.batch_size, args.warmup, args.batches)
+                        rate = images_per_second(
+                            make(train), sampler, workers, args.batch_size, args.warmup, args.batches
+                        )
                         rates[j] = max(rates[j], rate)
                 row = [name, "train" if train else "eval", workers, *rates]
                 rows.append(row)

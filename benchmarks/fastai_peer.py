@@ -21,7 +21,9 @@ import time
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", required=True, help="task folder with train/ and val/ class folders")
-    parser.add_argument("--torch-home", required=True, help="hub cache holding the study's weights as resnet18's ImageNet file")
+    parser.add_argument(
+        "--torch-home", required=True, help="hub cache holding the study's weights as resnet18's ImageNet file"
+    )
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--epochs", type=int, required=True, help="total epochs: 1 frozen + (epochs - 1) unfrozen")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -40,7 +42,13 @@ def main() -> None:
         set_seed(seed, reproducible=True)
         start = time.perf_counter()
         dls = ImageDataLoaders.from_folder(
-            args.root, train="train", valid="val", item_tfms=Resize(args.size), bs=args.batch_size, num_workers=0, seed=seed
+            args.root,
+            train="train",
+            valid="val",
+            item_tfms=Resize(args.size),
+            bs=args.batch_size,
+            num_workers=0,
+            seed=seed,
         )
         learn = vision_learner(dls, resnet18, metrics=accuracy, pretrained=True)
         with learn.no_bar(), learn.no_logging():

@@ -126,7 +126,9 @@ def template_overrides(task: Task, recipe: Recipe, seed: int, work: Path) -> lis
     ]  # fmt: skip
 
 
-def run_template(task: Task, recipe: Recipe, seed: int, work: Path, done: dict[str, Result], run: bool = True) -> Result | None:
+def run_template(
+    task: Task, recipe: Recipe, seed: int, work: Path, done: dict[str, Result], run: bool = True
+) -> Result | None:
     """One ``train(cfg)`` run, as ``train.py`` would do it; the final epoch's val accuracy and the wall time."""
     from omegaconf import OmegaConf
 
@@ -170,7 +172,9 @@ def run_fastai(
         for line in proc.stdout.splitlines():
             if line.startswith("{"):
                 row = json.loads(line)
-                results.append(Result(task.name, recipe.name, row["seed"], row["acc"], row["seconds"], keys[row["seed"]]))
+                results.append(
+                    Result(task.name, recipe.name, row["seed"], row["acc"], row["seconds"], keys[row["seed"]])
+                )
     return sorted(results, key=lambda r: r.seed)
 
 
@@ -185,7 +189,11 @@ def cell(results: Sequence[Result]) -> str:
 
 
 def table(results: Sequence[Result], tasks: Sequence[Task], recipes: Sequence[Recipe]) -> str:
-    header = "| recipe | " + " | ".join(f"{t.name} ({t.num_train} train / {t.num_val} val, {t.epochs} ep)" for t in tasks) + " |"
+    header = (
+        "| recipe | "
+        + " | ".join(f"{t.name} ({t.num_train} train / {t.num_val} val, {t.epochs} ep)" for t in tasks)
+        + " |"
+    )
     lines = [header, "|---|" + "---|" * len(tasks)]
     for recipe in recipes:
         cells = [cell([r for r in results if r.task == t.name and r.recipe == recipe.name]) for t in tasks]
@@ -195,7 +203,9 @@ def table(results: Sequence[Result], tasks: Sequence[Task], recipes: Sequence[Re
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Fine-tuning study: recipes x tasks x seeds against fastai fine_tune.")
-    parser.add_argument("--work", type=Path, default=REPO / "data" / "finetune_study", help="tasks, weights and results")
+    parser.add_argument(
+        "--work", type=Path, default=REPO / "data" / "finetune_study", help="tasks, weights and results"
+    )
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))
     parser.add_argument("--recipes", nargs="+", default=list(PUBLISHED), choices=sorted(RECIPES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -204,7 +214,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--toy", action="store_true", help="tiny tasks and 2 epochs: a smoke test of the script")
     parser.add_argument("--fresh", action="store_true", help="ignore the results of earlier runs")
     parser.add_argument("--table-only", action="store_true", help="only tabulate finished runs; run nothing")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for both sides (1: least waste on a shared CPU)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads for both sides (1: least waste on a shared CPU)"
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -225,7 +237,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     fastai_ok = args.fastai_python.is_file()
     if not fastai_ok and any(r.fastai_batch_size for r in recipes):
-        print(f"note: no fastai venv at {args.fastai_python} (see benchmarks/fastai_peer.py): skipping the fastai rows", flush=True)
+        print(
+            f"note: no fastai venv at {args.fastai_python} (see benchmarks/fastai_peer.py): skipping the fastai rows",
+            flush=True,
+        )
     results: list[Result] = []
     fresh_keys: set[str] = set()
 
@@ -236,7 +251,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             done[result.key] = result
             with results_file.open("a") as f:
                 f.write(json.dumps(result.__dict__) + "\n")
-        print(f"{result.task:>14} {result.recipe:>14} seed {result.seed}: acc {result.acc:.3f} ({result.seconds:.1f} s)", flush=True)
+        print(
+            f"{result.task:>14} {result.recipe:>14} seed {result.seed}: acc {result.acc:.3f} ({result.seconds:.1f} s)",
+            flush=True,
+        )
 
     for task in tasks:
         for recipe in recipes:

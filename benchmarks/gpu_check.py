@@ -89,9 +89,21 @@ def main() -> None:
 
 def run_part(name: str, args: argparse.Namespace, tmp: Path, timeout: float, out: Path | None) -> dict[str, Any]:
     result_file = tmp / f"{name}.json"
-    command = [sys.executable, str(Path(__file__).resolve()), "--part", name, "--result", str(result_file), "--device", args.device]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--part",
+        name,
+        "--result",
+        str(result_file),
+        "--device",
+        args.device,
+    ]
     command += ["--tiny"] if args.tiny else []
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(HERE), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(HERE), os.environ.get("PYTHONPATH", "")]),
+    }
     started = time.monotonic()
     log = (out / f"{name}.log") if out is not None else tmp / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -131,7 +143,9 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
         for line in r["table"][2:]:
             cells = [c.strip() for c in line.strip("|").split("|")]
             mode, phase, template, plain, ratio = cells
-            rows.append(f"| throughput {mode} | {phase} | template {template} img/s, plain {plain} img/s | {ratio.split()[-1]} |")
+            rows.append(
+                f"| throughput {mode} | {phase} | template {template} img/s, plain {plain} img/s | {ratio.split()[-1]} |"
+            )
         memory = r.get("peak_gpu_memory_gib")
         if memory:
             rows.append(f"| peak GPU memory {name} | template, both phases | {memory:.1f} GiB | |")
@@ -162,14 +176,20 @@ def part_throughput(settings: dict[str, Any], device: str, mode: str) -> dict[st
 
     # Eager: a frozen and an unfrozen epoch. Compiled: the unfrozen phase only (finetune=full): each phase compiles
     # its own graphs, and the compiled targets are about the unfrozen phase.
-    phases = ["trainer.max_epochs=2", "finetune.freeze_epochs=1"] if mode == "eager" else ["trainer.max_epochs=1", "finetune=full"]
+    phases = (
+        ["trainer.max_epochs=2", "finetune.freeze_epochs=1"]
+        if mode == "eager"
+        else ["trainer.max_epochs=1", "finetune=full"]
+    )
     overrides = [
         *settings["model"], *phases, f"trainer.limit_train_batches={settings['steps']}", "trainer.limit_val_batches=1",
         "++trainer.num_sanity_val_steps=0",
     ]  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
         rounds = 2 if mode == "eager" else 1
-        result = compare(Path(tmp), settings["warmup"], overrides, True, True, [mode], rounds, True, settings["fake_train"])
+        result = compare(
+            Path(tmp), settings["warmup"], overrides, True, True, [mode], rounds, True, settings["fake_train"]
+        )
     memories = [e["template"].get("peak_gpu_memory_gib") for e in result["rounds"]]
     return {"table": result["table"], "peak_gpu_memory_gib": max((m for m in memories if m), default=None)}
 
@@ -183,7 +203,9 @@ class SyncCounter(L.Callback):
     def __init__(self, warmup: int = 5, steps: int = 10) -> None:
         self.warmup, self.steps, self.seen, self._recorder = warmup, steps, 0, None
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         import warnings
 
         import torch
@@ -231,7 +253,9 @@ def part_cifar(settings: dict[str, Any], device: str) -> dict[str, Any]:
         "val_acc": float(metrics.get("val/acc", float("nan"))),
         "test_acc": float(metrics.get("test/acc", float("nan"))),
         "seconds_per_epoch": seconds / settings["epochs"],
-        "syncs_per_step": f"{counts[0]:.1f}" if counts else ("n/a on CPU" if not torch.cuda.is_available() else "not counted"),
+        "syncs_per_step": f"{counts[0]:.1f}"
+        if counts
+        else ("n/a on CPU" if not torch.cuda.is_available() else "not counted"),
     }
 
 
@@ -243,18 +267,21 @@ def part_decode(settings: dict[str, Any], device: str) -> dict[str, Any]:
     from torchvision.io import read_file
     from torchvision.transforms import v2
 
-    from image_finetune.data.files import ImageLoader
     from image_finetune.data.device_decode import decode_crop_batch
-    from image_finetune.data.files import ImageFileDataset
+    from image_finetune.data.files import ImageFileDataset, ImageLoader
 
     size, batch = 224, settings["jpeg_batch"]
     rows = []
     with tempfile.TemporaryDirectory(prefix="jpegs-") as tmp:
         rng = np.random.default_rng(0)
         samples = []
-        base = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)  # smooth content (upscaled) + noise: photo-like entropy
+        base = rng.integers(
+            0, 256, (24, 32, 3), dtype=np.uint8
+        )  # smooth content (upscaled) + noise: photo-like entropy
         for i in range(settings["jpegs"]):
-            pixels = np.asarray(Image.fromarray(np.roll(base, i, axis=1)).resize((500, 375), Image.Resampling.BICUBIC), dtype=np.int16)
+            pixels = np.asarray(
+                Image.fromarray(np.roll(base, i, axis=1)).resize((500, 375), Image.Resampling.BICUBIC), dtype=np.int16
+            )
             pixels = np.clip(pixels + rng.integers(-4, 5, pixels.shape), 0, 255).astype(np.uint8)
             path = Path(tmp) / f"img_{i:05d}.jpg"
             Image.fromarray(pixels).save(path, quality=90)
@@ -271,15 +298,29 @@ def part_decode(settings: dict[str, Any], device: str) -> dict[str, Any]:
                 images = images.to(device, non_blocking=True)
                 count += len(images)
             _sync(device)
-            rows.append({"path": "CPU (ImageLoader + v2)", "setting": f"{workers} workers, 500x375 -> {size}", "images_per_s": count / (time.perf_counter() - started)})
+            rows.append(
+                {
+                    "path": "CPU (ImageLoader + v2)",
+                    "setting": f"{workers} workers, 500x375 -> {size}",
+                    "images_per_s": count / (time.perf_counter() - started),
+                }
+            )
         files = [read_file(path) for path, _ in samples]  # bytes in memory: what workers would hand over
         for _ in range(2):  # the first pass warms up nvJPEG and the kernels
             started, count = time.perf_counter(), 0
             for b in range(0, len(files), batch):
-                out = decode_crop_batch(files[b : b + batch], size, device, train=True, seeds=[k for _, k in keys[b : b + batch]])
+                out = decode_crop_batch(
+                    files[b : b + batch], size, device, train=True, seeds=[k for _, k in keys[b : b + batch]]
+                )
                 count += len(out)
             _sync(device)
-        rows.append({"path": f"{'nvJPEG' if device == 'cuda' else 'CPU decode_jpeg'} (data/device_decode.py)", "setting": f"batch {batch}, bytes in memory, 500x375 -> {size}", "images_per_s": count / (time.perf_counter() - started)})
+        rows.append(
+            {
+                "path": f"{'nvJPEG' if device == 'cuda' else 'CPU decode_jpeg'} (data/device_decode.py)",
+                "setting": f"batch {batch}, bytes in memory, 500x375 -> {size}",
+                "images_per_s": count / (time.perf_counter() - started),
+            }
+        )
         del torch
     return {"rows": rows}
 

@@ -56,7 +56,9 @@ def wall(args: list[str], env: dict[str, str], expect: int = 0) -> float:
     started = time.time()
     result = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=env, capture_output=True, text=True)
     if result.returncode != expect:
-        raise RuntimeError(f"train.py {' '.join(args)}: exit {result.returncode}, expected {expect}: {result.stderr[-1500:]}")
+        raise RuntimeError(
+            f"train.py {' '.join(args)}: exit {result.returncode}, expected {expect}: {result.stderr[-1500:]}"
+        )
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     CPU_SECONDS.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
     return time.time() - started
@@ -76,14 +78,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-first-step", action="store_true", help="only --help, --cfg job and the config error")
     args = parser.parse_args()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(HERE), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(HERE), os.environ.get("PYTHONPATH", "")]),
+    }
     rows: list[tuple[str, float, float]] = []
 
     def median(label: str, run: Any) -> None:
         times = [run() for _ in range(args.repeats)]
         cpu = CPU_SECONDS[-args.repeats :]
         rows.append((label, statistics.median(times), statistics.median(cpu)))
-        print(f"{label}: median {rows[-1][1]:.2f} s wall, {rows[-1][2]:.2f} s CPU, of {[round(t, 2) for t in times]}", flush=True)
+        print(
+            f"{label}: median {rows[-1][1]:.2f} s wall, {rows[-1][2]:.2f} s CPU, of {[round(t, 2) for t in times]}",
+            flush=True,
+        )
 
     median("train.py --help", lambda: wall(["--help"], env))
     median("train.py --cfg job", lambda: wall(["--cfg", "job"], env))
@@ -103,7 +111,12 @@ def main() -> None:
             cases = {
                 "digits (python train.py)": ([], run_env),
                 "CIFAR-10 (experiment=cifar10 trainer=cpu, ResNet-50)": (
-                    ["experiment=cifar10", "trainer=cpu", "trainer.precision=32-true", f"data.data_dir={root / 'cifar'}"],
+                    [
+                        "experiment=cifar10",
+                        "trainer=cpu",
+                        "trainer.precision=32-true",
+                        f"data.data_dir={root / 'cifar'}",
+                    ],
                     {**run_env, FAKE_CIFAR: "1"},
                 ),
             }
@@ -114,7 +127,9 @@ def main() -> None:
                 "CSV logger instead of TensorBoard": ["logger=csv"],
             }
             for case, (overrides, case_env) in cases.items():
-                first_step([*common, *overrides], case_env, root / "stamp")  # untimed: writes the digits folder, scan caches
+                first_step(
+                    [*common, *overrides], case_env, root / "stamp"
+                )  # untimed: writes the digits folder, scan caches
                 for variant, extra in variants.items():
                     median(
                         f"{case}: launch -> first training step, {variant}",

@@ -65,7 +65,9 @@ def digits(size: int) -> tuple[np.ndarray, np.ndarray]:
 
     data = load_digits()
     pixels = (data.images * (255.0 / 16.0)).round().astype(np.uint8)
-    images = np.stack([np.asarray(Image.fromarray(p, "L").resize((size, size), Image.BILINEAR).convert("RGB")) for p in pixels])
+    images = np.stack(
+        [np.asarray(Image.fromarray(p, "L").resize((size, size), Image.BILINEAR).convert("RGB")) for p in pixels]
+    )
     return images, data.target.astype(np.int64)
 
 
@@ -90,7 +92,9 @@ def photographs(names: Sequence[str]) -> dict[str, np.ndarray]:
     return out
 
 
-def patches(photo: np.ndarray, n: int, size: int, rng: np.random.Generator, region: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+def patches(
+    photo: np.ndarray, n: int, size: int, rng: np.random.Generator, region: tuple[float, float] = (0.0, 1.0)
+) -> np.ndarray:
     """``n`` square patches (12-25 % of the short side) from the horizontal ``region`` of ``photo``, resized to ``size``."""
     h, w = photo.shape[:2]
     x0, x1 = round(region[0] * w), round(region[1] * w)
@@ -118,7 +122,9 @@ def write_folder(root: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], c
     staging.rename(root)
 
 
-def few_shot_split(labels: np.ndarray, shots: int | None, val_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def few_shot_split(
+    labels: np.ndarray, shots: int | None, val_per_class: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices of ``shots`` training images per class (all that are left when None) and ``val_per_class`` held out."""
     rng = np.random.default_rng(seed)
     train, val = [], []
@@ -226,12 +232,20 @@ def build_tasks(work: Path, names: Sequence[str], scale: Scale = Scale(), seed: 
         elif source == "photos":
             rng = np.random.default_rng(seed + 1)
             photos = photographs(FINETUNE_PHOTOS)
-            pool = {c: patches(photos[c], scale.photo_pool, scale.size, rng, (0.0, TRAIN_REGION)) for c in FINETUNE_PHOTOS}
-            held = {c: patches(photos[c], scale.val_per_class, scale.size, rng, (TRAIN_REGION, 1.0)) for c in FINETUNE_PHOTOS}
+            pool = {
+                c: patches(photos[c], scale.photo_pool, scale.size, rng, (0.0, TRAIN_REGION)) for c in FINETUNE_PHOTOS
+            }
+            held = {
+                c: patches(photos[c], scale.val_per_class, scale.size, rng, (TRAIN_REGION, 1.0))
+                for c in FINETUNE_PHOTOS
+            }
             n = scale.photo_pool if shots is None else shots
             splits = {
                 "train": (np.concatenate([pool[c][:n] for c in FINETUNE_PHOTOS]), np.repeat(np.arange(5), n)),
-                "val": (np.concatenate([held[c] for c in FINETUNE_PHOTOS]), np.repeat(np.arange(5), scale.val_per_class)),
+                "val": (
+                    np.concatenate([held[c] for c in FINETUNE_PHOTOS]),
+                    np.repeat(np.arange(5), scale.val_per_class),
+                ),
             }
             class_names = list(FINETUNE_PHOTOS)
         else:
@@ -265,7 +279,9 @@ def _pretrained(work: Path, source: str, scale: Scale, seed: int, log) -> tuple[
     elif source == "photos":
         rng = np.random.default_rng(seed)
         photos = photographs(PRETRAIN_PHOTOS)
-        images = np.concatenate([patches(photos[p], scale.pretrain_photo_patches, scale.size, rng) for p in PRETRAIN_PHOTOS])
+        images = np.concatenate(
+            [patches(photos[p], scale.pretrain_photo_patches, scale.size, rng) for p in PRETRAIN_PHOTOS]
+        )
         labels = np.repeat(np.arange(len(PRETRAIN_PHOTOS)), scale.pretrain_photo_patches)
         classes = len(PRETRAIN_PHOTOS)
     else:

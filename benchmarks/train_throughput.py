@@ -20,14 +20,13 @@ import argparse
 import json
 import os
 import pickle
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import statistics
-from collections.abc import Iterator
 
 import lightning as L
 import numpy as np
@@ -67,12 +66,16 @@ class Throughput(L.Callback):
         """Per fit: each fine-tuning phase is one (the sanity-check validation runs before the first batch)."""
         self._reset()
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.start is None and self.steps >= self.warmup:
             _sync()
             self.start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.steps += 1
         if self.start is not None:
             self.timed_steps += 1
@@ -143,15 +146,28 @@ def main() -> None:
     parser.add_argument("--fake-weights", action="store_true", help="random weights under the official file name")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--baseline", action="store_true", help="also time a plain PyTorch loop; print template/plain")
-    parser.add_argument("--modes", nargs="+", choices=["eager", "compiled"], help="compile settings to run (default: the config's)")
-    parser.add_argument("--repeats", type=int, default=1, help="alternated template/plain rounds per mode (medians reported)")
+    parser.add_argument(
+        "--modes", nargs="+", choices=["eager", "compiled"], help="compile settings to run (default: the config's)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="alternated template/plain rounds per mode (medians reported)"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args, overrides = parser.parse_known_args()
 
     # Removed at the end: fake CIFAR, seeded weights and the run's checkpoints come to over 1 GB for ResNet-50.
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
         if args.baseline or args.modes:
-            result = compare(Path(tmp), args.warmup, overrides, args.fake_data, args.fake_weights, args.modes, args.repeats, args.baseline)
+            result = compare(
+                Path(tmp),
+                args.warmup,
+                overrides,
+                args.fake_data,
+                args.fake_weights,
+                args.modes,
+                args.repeats,
+                args.baseline,
+            )
         else:
             result = measure(Path(tmp), args.warmup, overrides, args.fake_data, args.fake_weights)
     text = json.dumps(result, indent=2)
@@ -162,7 +178,9 @@ def main() -> None:
         args.json.write_text(text)
 
 
-def _prepare(scratch: Path, overrides: list[str], fake_data: bool, fake_weights: bool, fake_train: int = 50_000) -> list[str]:
+def _prepare(
+    scratch: Path, overrides: list[str], fake_data: bool, fake_weights: bool, fake_train: int = 50_000
+) -> list[str]:
     """Fake data/weights once per process; returns the overrides that point the config at them."""
     if fake_data and not (scratch / "cifar").exists():
         write_fake_cifar(scratch / "cifar", fake_train, max(100, fake_train // 5))
@@ -202,8 +220,15 @@ def _template(run_dir: Path, warmup: int, overrides: list[str]) -> tuple[dict[st
 
 
 def compare(
-    scratch: Path, warmup: int, overrides: list[str], fake_data: bool, fake_weights: bool, modes: list[str] | None, repeats: int,
-    baseline: bool, fake_train: int = 50_000,
+    scratch: Path,
+    warmup: int,
+    overrides: list[str],
+    fake_data: bool,
+    fake_weights: bool,
+    modes: list[str] | None,
+    repeats: int,
+    baseline: bool,
+    fake_train: int = 50_000,
 ) -> dict[str, Any]:
     """Template (and, with ``baseline``, the plain loop right after it) for each mode, ``repeats`` alternated rounds."""
     overrides = _prepare(scratch, overrides, fake_data, fake_weights, fake_train)
@@ -221,7 +246,12 @@ def compare(
                 entry["plain"] = plain_loop(cfg, run, steps, warmup, compiled=mode == "compiled")
             rounds.append(entry)
             del run
-    return {"modes": modes, "repeats": repeats, "rounds": rounds, **({"table": ratio_table(rounds)} if baseline else {})}
+    return {
+        "modes": modes,
+        "repeats": repeats,
+        "rounds": rounds,
+        **({"table": ratio_table(rounds)} if baseline else {}),
+    }
 
 
 def ratio_table(rounds: list[dict[str, Any]]) -> list[str]:
@@ -246,7 +276,9 @@ def ratio_table(rounds: list[dict[str, Any]]) -> list[str]:
 
 
 # ---- the plain loop ---------------------------------------------------------------------------------------------------
-def plain_loop(cfg: DictConfig, run: Any, phases: list[tuple[bool, int]], warmup: int, compiled: bool) -> dict[str, Any]:
+def plain_loop(
+    cfg: DictConfig, run: Any, phases: list[tuple[bool, int]], warmup: int, compiled: bool
+) -> dict[str, Any]:
     """What a hand-written PyTorch loop does with the same model, precision, memory format, batch, data and augmentation.
 
     A fresh model from the same config (same weights), frozen exactly as the template freezes it, AdamW with the
@@ -324,7 +356,10 @@ def _plain_batches(datamodule: Any, device: torch.device) -> Iterator[tuple[torc
             seeds = torch.randint(0, 2**62, (n,), device=device)
             for start in range(0, n - batch_size + 1, batch_size):
                 index = order[start : start + batch_size]
-                yield random_crop_flip(images[index], seeds[start : start + batch_size]).float().div_(255), labels[index]
+                yield (
+                    random_crop_flip(images[index], seeds[start : start + batch_size]).float().div_(255),
+                    labels[index],
+                )
     while True:
         for images, labels in datamodule.train_dataloader():
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)

@@ -86,7 +86,9 @@ def classify(model_path: str | Path, image_paths: list[str], top_k: int = 5) -> 
     results = []
     for path, probs in zip(image_paths, probabilities):
         best = np.argsort(-probs, kind="stable")[: min(top_k, len(names))]
-        results.append({"path": path, "labels": [names[i] for i in best], "probabilities": [float(probs[i]) for i in best]})
+        results.append(
+            {"path": path, "labels": [names[i] for i in best], "probabilities": [float(probs[i]) for i in best]}
+        )
     return results
 
 

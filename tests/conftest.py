@@ -25,6 +25,7 @@ from image_finetune.cli import compose_config
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 REPO = Path(__file__).resolve().parents[1]
 
+
 @pytest.fixture(autouse=True)
 def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     """Any download attempt fails at once, as it would offline: tests never touch the network."""

@@ -65,8 +65,12 @@ def test_model_group_instantiates_either_zoo_as_one_backbone_object(compose_cfg,
     assert (prep.size, prep.crop_ratio, prep.interpolation) == (160, 0.95, "bicubic")
     assert tm.stages[0] == ("conv_stem.", "bn1.") and ("blocks.0.",) in tm.stages
     assert_stages_partition(tm)
-    assert tm.config == {"_target_": "image_finetune.models.timm_backbone.timm_backbone", "name": TIMM_MODEL,
-                         "weights": "DEFAULT", "allow_random_init": True}  # fmt: skip  (the digits demo may fall back)
+    assert tm.config == {
+        "_target_": "image_finetune.models.timm_backbone.timm_backbone",
+        "name": TIMM_MODEL,
+        "weights": "DEFAULT",
+        "allow_random_init": True,
+    }  # fmt: skip  (the digits demo may fall back)
     assert torch.equal(tm.module.conv_stem.weight, seeded_weights()["conv_stem.weight"])  # the seeded hub file
     assert tm.module(torch.rand(2, 3, 32, 32)).shape == (2, 256)  # headless: pooled features
 
@@ -76,7 +80,9 @@ def test_timm_weights_from_a_local_file_go_through_timms_loader(tmp_path):
     backbone = timm_backbone(TIMM_MODEL, weights=str(file))
     assert backbone.pretrained and torch.equal(backbone.module.conv_stem.weight, load_file(file)["conv_stem.weight"])
     torch.save(nn.Linear(3, 3).state_dict(), tmp_path / "other.pth")
-    with pytest.raises(ConfigError, match=r"other\.pth' does not fit timm's test_efficientnet\.r160_in1k: Missing keys"):  # noqa: E501
+    with pytest.raises(
+        ConfigError, match=r"other\.pth' does not fit timm's test_efficientnet\.r160_in1k: Missing keys"
+    ):
         timm_backbone(TIMM_MODEL, weights=str(tmp_path / "other.pth"))
 
 

@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
+from support import FAST, make_image_folder
 
 from image_finetune.data import EpochSampler, ImageFolderDataModule
 from image_finetune.data.base import train_batching
 from image_finetune.train import train
-from support import FAST, make_image_folder
 
 
 def steps_and_dropped(n: int, batch_size: int, min_steps: int = 8) -> tuple[int, int, int]:
@@ -39,7 +39,9 @@ def test_every_epoch_has_min_steps_and_drops_at_most_a_sliver(n, batch_size):
     assert 2 <= size <= batch_size
     assert steps >= min(8, n // 2), "a small dataset still gets min_steps_per_epoch optimizer steps"
     assert dropped <= max(1, size // 4), "only a tiny last batch is ever dropped"
-    assert n - dropped - (steps - 1) * size >= min(2, n), "never a last batch of one image (BatchNorm cannot train on it)"
+    assert n - dropped - (steps - 1) * size >= min(2, n), (
+        "never a last batch of one image (BatchNorm cannot train on it)"
+    )
 
 
 def test_ddp_ranks_take_the_same_number_of_steps():
@@ -54,8 +56,15 @@ def test_ddp_ranks_take_the_same_number_of_steps():
 def test_the_loader_of_a_100_image_folder_at_batch_64_has_8_or_more_batches_covering_every_image(tmp_path):
     make_image_folder(tmp_path / "data" / "train", classes=5, per_class=20, size=16)
     make_image_folder(tmp_path / "data" / "val", classes=5, per_class=2, size=16)
-    dm = ImageFolderDataModule(tmp_path / "data", image_size=16, batch_size=64, num_workers=0, cache=None,
-                               cache_dir=tmp_path / "cache", test_fraction=0)  # fmt: skip  (all 100 images train)
+    dm = ImageFolderDataModule(
+        tmp_path / "data",
+        image_size=16,
+        batch_size=64,
+        num_workers=0,
+        cache=None,
+        cache_dir=tmp_path / "cache",
+        test_fraction=0,
+    )  # fmt: skip  (all 100 images train)
     dm.setup("fit")
     batches = [labels.numel() for _, labels in dm.train_dataloader()]
     assert len(batches) >= 8 and sum(batches) == 100
@@ -67,5 +76,7 @@ def test_training_100_images_at_batch_64_takes_8_or_more_optimizer_steps_per_epo
     cfg = compose_cfg("data=imagefolder", f"data.root={tmp_path / 'images'}", *FAST, "data.batch_size=64", "data.cache=null",
                       "trainer.max_epochs=1", "finetune.freeze_epochs=1", "test=false", "data.test_fraction=0")  # fmt: skip
     train(cfg)
-    boundary = torch.load(tmp_path / "run" / "checkpoints" / "phase1.ckpt", map_location="cpu", weights_only=True)  # end of epoch 1
+    boundary = torch.load(
+        tmp_path / "run" / "checkpoints" / "phase1.ckpt", map_location="cpu", weights_only=True
+    )  # end of epoch 1
     assert boundary["global_step"] >= 8, f"{boundary['global_step']} optimizer step(s) in the epoch"

@@ -42,7 +42,9 @@ def test_train_throughput_benchmark_times_both_phases(tmp_path: Path) -> None:
     assert [phase["backbone_frozen"] for phase in result["phases"]] == [True, False]
     # 1 frozen epoch, then 2 unfrozen: the clock restarts after each validation, and only the warm-up is left out
     assert [phase["steps_timed"] for phase in result["phases"]] == [5 - 2, 2 * 5 - 2]
-    assert all(0 < phase["seconds_timed"] < phase["fit_seconds"] and phase["images_per_s"] > 0 for phase in result["phases"])
+    assert all(
+        0 < phase["seconds_timed"] < phase["fit_seconds"] and phase["images_per_s"] > 0 for phase in result["phases"]
+    )
     assert '"images_per_s"' in out
 
 
@@ -53,12 +55,19 @@ def test_train_throughput_baseline_prints_template_over_plain_per_phase(tmp_path
               "experiment=digits", f"paths.data_dir={tmp_path / 'data'}", "trainer=cpu", "trainer.max_epochs=2",
               "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "data.batch_size=8", "data.num_workers=0",
               "data.image_size=16", "~callbacks.model_summary", "~callbacks.progress_bar")  # fmt: skip
-    rows = re.findall(r"^\| eager \| (frozen|unfrozen) \| ([\d,.]+) \| ([\d,.]+) \| ratio (\d+\.\d{3}) \|$", out, re.MULTILINE)
+    rows = re.findall(
+        r"^\| eager \| (frozen|unfrozen) \| ([\d,.]+) \| ([\d,.]+) \| ratio (\d+\.\d{3}) \|$", out, re.MULTILINE
+    )
     assert [row[0] for row in rows] == ["frozen", "unfrozen"]
     result = json.loads((tmp_path / "t.json").read_text())
     (entry,) = result["rounds"]
     plain = entry["plain"]["phases"]
-    assert [(p["backbone_frozen"], p["steps_timed"]) for p in plain] == [(True, 3 - 1), (False, 3 - 1)]  # as the template
-    for (_, template, plain_rate, ratio), phase in zip(rows, plain):
+    assert [(p["backbone_frozen"], p["steps_timed"]) for p in plain] == [
+        (True, 3 - 1),
+        (False, 3 - 1),
+    ]  # as the template
+    for (_, template, plain_rate, ratio), _phase in zip(rows, plain):
         assert float(plain_rate.replace(",", "")) > 0 and float(ratio) > 0
-        assert abs(float(template.replace(",", "")) / float(plain_rate.replace(",", "")) - float(ratio)) < 0.05 * float(ratio)
+        assert abs(float(template.replace(",", "")) / float(plain_rate.replace(",", "")) - float(ratio)) < 0.05 * float(
+            ratio
+        )

@@ -63,7 +63,9 @@ def test_miss_then_hit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("size", [(50, 40), (1200, 250)])
-def test_images_not_larger_than_the_short_side_are_read_from_the_original(tmp_path: Path, size: tuple[int, int]) -> None:
+def test_images_not_larger_than_the_short_side_are_read_from_the_original(
+    tmp_path: Path, size: tuple[int, int]
+) -> None:
     """Never upscaled, and never re-encoded: a copy would lose quality and read no faster."""
     image = photo().resize(size)
     src = save(image, tmp_path / "small.png")

@@ -31,7 +31,9 @@ def bad_files(trained, tmp_path: Path) -> dict[str, Path]:
         "pickled_code": tmp_path / "unsafe.ckpt",
     }
     files["truncated"].write_bytes(good[: len(good) // 2])
-    files["random"].write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).byte().numpy().tobytes())
+    files["random"].write_bytes(
+        torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).byte().numpy().tobytes()
+    )
     files["empty"].write_bytes(b"")
     files["folder"].mkdir()
     torch.save(torch.load(trained.checkpoint, weights_only=True)["state_dict"], files["state_dict"])
@@ -59,7 +61,9 @@ def test_every_bad_checkpoint_file_is_one_clear_line(bad_files, kind):
 
 
 def test_resolving_last_without_a_checkpoint_is_an_error_never_a_fresh_start(tmp_path):
-    with pytest.raises(UserError, match=r"ckpt_path='last': no checkpoint at .*checkpoints/last\.ckpt\. To resume a run"):
+    with pytest.raises(
+        UserError, match=r"ckpt_path='last': no checkpoint at .*checkpoints/last\.ckpt\. To resume a run"
+    ):
         resolve_ckpt_path("last", tmp_path)
 
 
@@ -67,7 +71,9 @@ def test_resolving_last_without_a_checkpoint_is_an_error_never_a_fresh_start(tmp
     ("script", "extra"),
     [("train.py", []), ("eval.py", []), ("predict.py", ["input=."]), ("export.py", ["format=onnx"])],
 )
-def test_entry_points_reject_a_truncated_checkpoint_with_one_line(bad_files, tmp_path, monkeypatch, capsys, script, extra):
+def test_entry_points_reject_a_truncated_checkpoint_with_one_line(
+    bad_files, tmp_path, monkeypatch, capsys, script, extra
+):
     """As a user runs them (in this process: a subprocess would spend seconds importing torch per script)."""
     argv = [script, f"ckpt_path={bad_files['truncated']}", *extra, f"hydra.run.dir={tmp_path / 'run'}"]
     monkeypatch.setattr(sys, "argv", argv)

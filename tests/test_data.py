@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from support import make_image_folder
 
 from image_finetune.data import CIFAR10DataModule, DigitsDataModule, EpochSampler, ImageFolderDataModule
 from image_finetune.data.base import train_batching
@@ -17,11 +18,16 @@ from image_finetune.data.cifar10 import random_crop_flip
 from image_finetune.data.imagefolder import balanced_weights
 from image_finetune.errors import ConfigError, DataError
 from image_finetune.models.backbones import build_backbone
-from support import make_image_folder
 
 
 def folder_module(root: Path, tmp_path: Path, **kwargs: object) -> ImageFolderDataModule:
-    defaults = dict(image_size=16, batch_size=4, num_workers=0, cache_dir=tmp_path / "cache", manifest_path=tmp_path / "run" / "split.json")
+    defaults = dict(
+        image_size=16,
+        batch_size=4,
+        num_workers=0,
+        cache_dir=tmp_path / "cache",
+        manifest_path=tmp_path / "run" / "split.json",
+    )
     return ImageFolderDataModule(root, **{**defaults, **kwargs})
 
 
@@ -103,12 +109,16 @@ def test_sampler_is_a_function_of_seed_and_epoch_and_shards_ranks():
 def test_balanced_sampling_draws_classes_equally_often():
     labels = [0] * 90 + [1] * 10
     sampler = EpochSampler(100, seed=0, weights=balanced_weights(labels, 2))
-    counts = torch.bincount(torch.tensor([labels[i] for epoch in range(20) for i, _ in (sampler.set_epoch(epoch) or sampler)]))
+    counts = torch.bincount(
+        torch.tensor([labels[i] for epoch in range(20) for i, _ in (sampler.set_epoch(epoch) or sampler)])
+    )
     assert abs(counts[0].item() / counts.sum().item() - 0.5) < 0.05
 
 
 def test_digits_are_written_once_as_an_image_folder(tmp_path):
-    dm = DigitsDataModule(tmp_path / "digits", image_size=16, num_workers=0, cache_dir=tmp_path / "cache", test_fraction=0.15)
+    dm = DigitsDataModule(
+        tmp_path / "digits", image_size=16, num_workers=0, cache_dir=tmp_path / "cache", test_fraction=0.15
+    )
     dm.prepare_data()
     dm.setup("fit")
     assert dm.class_names == [str(d) for d in range(10)]
@@ -129,7 +139,9 @@ def test_cifar10_downloads_through_torchvision_and_splits(cifar_root):
 
 
 def test_cifar_sizes_that_cannot_work_are_config_errors(cifar_root):
-    with pytest.raises(ConfigError, match=r"data\.image_size=160: CIFAR-10 images are 32x32.*set model\.upsample_to=160"):
+    with pytest.raises(
+        ConfigError, match=r"data\.image_size=160: CIFAR-10 images are 32x32.*set model\.upsample_to=160"
+    ):
         CIFAR10DataModule(cifar_root, image_size=160)
     dm = CIFAR10DataModule(cifar_root, num_workers=0)  # val_size 5000 of the fixture's 100 training images
     with pytest.raises(ConfigError, match=r"data\.val_size=5000: the CIFAR-10 training set in .* has 100 images"):
@@ -164,7 +176,9 @@ def test_cifar_training_batches_live_on_the_device_and_depend_on_seed_and_epoch_
         return list(loader)
 
     first, again, other = epoch_batches(3), epoch_batches(3), epoch_batches(4)
-    assert len(first) == 80 // 8 and all(images.dtype == torch.uint8 and images.shape == (8, 3, 32, 32) for images, _ in first)
+    assert len(first) == 80 // 8 and all(
+        images.dtype == torch.uint8 and images.shape == (8, 3, 32, 32) for images, _ in first
+    )
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
     assert not all(torch.equal(a[0], b[0]) for a, b in zip(first, other))
     train = dm.datasets["train"]
@@ -180,7 +194,11 @@ def test_cifar_training_batches_live_on_the_device_and_depend_on_seed_and_epoch_
     ("name", "weights", "message"),
     [
         ("resnet51", "DEFAULT", r"'resnet51' is not a torchvision classification model\. Did you mean resnet50"),
-        ("resnet18", "IMAGENET1K_V9", r"'IMAGENET1K_V9' is not a weights name for resnet18\. Choose one of \['DEFAULT', 'IMAGENET1K_V1'\]"),
+        (
+            "resnet18",
+            "IMAGENET1K_V9",
+            r"'IMAGENET1K_V9' is not a weights name for resnet18\. Choose one of \['DEFAULT', 'IMAGENET1K_V1'\]",
+        ),
         ("resnet18", "/no/such/file.pth", r"no such file"),
     ],
 )
@@ -287,7 +305,9 @@ def test_train_folder_without_test_folder_gives_up_a_test_split_too(tmp_path):
     dm = folder_module(root, tmp_path)
     dm.setup("fit")
     assert {split: len(items) for split, items in dm.splits.items()} == {"train": 51, "val": 9, "test": 9}
-    assert all("/train/" in path for path, _ in dm.splits["test"]) and all("/val/" in path for path, _ in dm.splits["val"])
+    assert all("/train/" in path for path, _ in dm.splits["test"]) and all(
+        "/val/" in path for path, _ in dm.splits["val"]
+    )
 
 
 def test_test_fraction_must_be_auto_or_a_fraction(image_folder, tmp_path):

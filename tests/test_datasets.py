@@ -14,7 +14,9 @@ from image_finetune.errors import ConfigError, DataError
 
 def fake(size: int = 20, transform=None) -> torchvision.datasets.FakeData:
     augment = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(16, scale=(0.2, 1.0)), v2.RandomHorizontalFlip()])
-    return torchvision.datasets.FakeData(size, (3, 24, 24), num_classes=3, transform=transform or augment, random_offset=7)
+    return torchvision.datasets.FakeData(
+        size, (3, 24, 24), num_classes=3, transform=transform or augment, random_offset=7
+    )
 
 
 def test_a_torchvision_dataset_augments_as_a_function_of_the_sample_seed_alone():

@@ -162,7 +162,9 @@ def test_jpeg_fast_path_gives_pillows_pixels(tmp_path: Path, min_size: int | Non
         ("phone MPO", "MPO", {"save_all": True}),
     ],
 )
-def test_fast_path_covers_the_jpegs_phones_and_tools_write(tmp_path: Path, kind: str, fmt: str, kwargs: dict, fast_path_calls: list) -> None:
+def test_fast_path_covers_the_jpegs_phones_and_tools_write(
+    tmp_path: Path, kind: str, fmt: str, kwargs: dict, fast_path_calls: list
+) -> None:
     src = photo().resize((1600, 1200))
     if kind == "grayscale":
         src = src.convert("L")

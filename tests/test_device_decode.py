@@ -21,7 +21,9 @@ def jpegs(tmp_path):
     paths = []
     for i, (w, h) in enumerate([(64, 48), (40, 80), (50, 50)]):
         path = tmp_path / f"{i}.jpg"
-        smooth = Image.fromarray(rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
+        smooth = Image.fromarray(rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)).resize(
+            (w, h), Image.Resampling.BICUBIC
+        )
         smooth.save(path, quality=95)  # photo-like: resampling differences stay at rounding level
         paths.append(path)
     return paths
@@ -32,7 +34,7 @@ def test_training_boxes_are_randomresizedcrop_boxes_drawn_from_each_seed():
     assert len(boxes) > 150  # different seeds, different crops
     assert random_resized_box(300, 400, 7) == random_resized_box(300, 400, 7)  # one seed, one crop: exact resume
     for (top, left, h, w), _ in boxes:
-        assert 0 <= top and top + h <= 300 and 0 <= left and left + w <= 400
+        assert top >= 0 and top + h <= 300 and left >= 0 and left + w <= 400
         assert 0.08 * 300 * 400 * 0.99 <= h * w <= 300 * 400 and 3 / 4 * 0.95 <= w / h <= 4 / 3 * 1.05
     assert 60 < sum(flip for _, flip in boxes) < 140
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from support import FAST
 
 from image_finetune.checkpoints import run_config
 from image_finetune.errors import DataError, UserError
 from image_finetune.evaluate import data_config, evaluate
-from support import FAST
 
 pytest_plugins = ["trained"]  # the shared `trained` fixture
 
@@ -77,7 +77,14 @@ def test_eval_reads_original_files_never_the_training_cache(trained, compose_cfg
     assert run_config(trained.checkpoint)["data"]["cache"] == "auto"
     stored = compose_cfg(f"ckpt_path={trained.checkpoint}", config_name="eval", output_dir=tmp_path / "a")
     assert data_config(stored, str(trained.checkpoint)).cache is None
-    named = compose_cfg("ckpt_path=x", "data=imagefolder", "data.root=.", "data.cache=resized", config_name="eval", output_dir=tmp_path / "b")
+    named = compose_cfg(
+        "ckpt_path=x",
+        "data=imagefolder",
+        "data.root=.",
+        "data.cache=resized",
+        config_name="eval",
+        output_dir=tmp_path / "b",
+    )
     assert data_config(named, "x").cache is None
 
 
@@ -106,7 +113,9 @@ def test_a_class_the_checkpoint_does_not_know_is_a_clear_error(trained, compose_
     with pytest.raises(
         DataError, match=r"classes the checkpoint was not trained on: \['zebra'\].*'class_0', 'class_1', 'class_2'"
     ):
-        run_eval(compose_cfg, tmp_path / "eval", f"ckpt_path={trained.checkpoint}", "data=imagefolder", f"data.root={folder}")
+        run_eval(
+            compose_cfg, tmp_path / "eval", f"ckpt_path={trained.checkpoint}", "data=imagefolder", f"data.root={folder}"
+        )
 
 
 def with_stored_data(trained, tmp_path: Path, data: dict) -> Path:
@@ -157,17 +166,20 @@ def test_a_stored_target_is_checked_before_its_module_is_imported(trained, compo
 
 def test_a_stored_data_config_writes_nothing_where_the_checkpoint_says(trained, compose_cfg, tmp_path):
     stored = run_config(trained.checkpoint)["data"]
-    crafted = with_stored_data(trained, tmp_path, {**stored, "report_path": str(tmp_path / "r.tsv"), "cache_dir": str(tmp_path / "c")})
+    crafted = with_stored_data(
+        trained, tmp_path, {**stored, "report_path": str(tmp_path / "r.tsv"), "cache_dir": str(tmp_path / "c")}
+    )
     cfg = compose_cfg(f"ckpt_path={crafted}", config_name="eval", output_dir=tmp_path / "eval")
     data = data_config(cfg, str(crafted))
     assert data.report_path is None and data.cache_dir == cfg.paths.cache_dir and data.root == stored["root"]
 
 
 def test_split_test_without_a_test_split_is_an_error_never_val_under_the_name_test(tmp_path):
+    from support import make_image_folder
+
     from image_finetune.data import ImageFolderDataModule
     from image_finetune.errors import ConfigError
     from image_finetune.evaluate import select_split
-    from support import make_image_folder
 
     images = make_image_folder(tmp_path / "few", per_class=4)
     dm = ImageFolderDataModule(images, image_size=16, num_workers=0, cache_dir=tmp_path / "cache", test_fraction=0)

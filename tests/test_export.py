@@ -22,19 +22,19 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from messy_folder import PHOTOS
 from PIL import Image
 from safetensors.torch import load_file
+from support import FAST
 from torchvision.datasets import CIFAR10
 
+from image_finetune.data.scan import IMAGE_EXTENSIONS
 from image_finetune.errors import ConfigError, UserError
 from image_finetune.evaluate import evaluate
-from image_finetune.data.scan import IMAGE_EXTENSIONS
 from image_finetune.export import FORMATS, WRITERS, export, export_classifier, load_exported
 from image_finetune.inference import Classifier, sidecar_path
 from image_finetune.predict import predict
 from image_finetune.train import train
-from messy_folder import PHOTOS
-from support import FAST
 
 pytest_plugins = ["trained"]  # the shared `trained` fixture
 
@@ -46,7 +46,8 @@ def csv_probabilities(path: Path) -> dict[str, dict[str, float]]:
     """path -> {label: probability} from an eval or predict CSV."""
     with open(path, newline="") as f:
         return {
-            row["path"]: {row[f"label_{i}"]: float(row[f"probability_{i}"]) for i in range(1, 4)} for row in csv.DictReader(f)
+            row["path"]: {row[f"label_{i}"]: float(row[f"probability_{i}"]) for i in range(1, 4)}
+            for row in csv.DictReader(f)
         }
 
 
@@ -65,7 +66,9 @@ def assert_close(a: dict[str, float], b: dict[str, float], tolerance: float) -> 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "safetensors"])
 def test_export_round_trips(trained, compose_cfg, tmp_path, fmt):
-    path = export(compose_cfg(f"ckpt_path={trained.checkpoint}", f"format={fmt}", config_name="export", output_dir=tmp_path))
+    path = export(
+        compose_cfg(f"ckpt_path={trained.checkpoint}", f"format={fmt}", config_name="export", output_dir=tmp_path)
+    )
     assert path == tmp_path / f"model{FORMATS[fmt]}"
     classifier = trained.classifier
     meta = json.loads(sidecar_path(path).read_text())
@@ -73,7 +76,9 @@ def test_export_round_trips(trained, compose_cfg, tmp_path, fmt):
     assert meta["format"] == fmt and meta["source_checkpoint"] == str(trained.checkpoint)
     prep = meta["preprocessing"]
     assert (prep["resize"], prep["crop"]) == (37, 32)  # 32 px / crop_ratio 0.875
-    assert prep["mean"] == classifier.net.mean.flatten().tolist() and prep["std"] == classifier.net.std.flatten().tolist()
+    assert (
+        prep["mean"] == classifier.net.mean.flatten().tolist() and prep["std"] == classifier.net.std.flatten().tolist()
+    )
 
     images = sorted((trained.images / "class_1").iterdir())[:4]
     batch = torch.stack([classifier.preprocess(p) for p in images])
@@ -93,7 +98,9 @@ def test_export_round_trips(trained, compose_cfg, tmp_path, fmt):
 
 
 def test_eval_predict_api_onnx_and_torchscript_agree(trained, compose_cfg, tmp_path):
-    evaluate(compose_cfg(f"ckpt_path={trained.checkpoint}", *FAST[:2], config_name="eval", output_dir=tmp_path / "eval"))
+    evaluate(
+        compose_cfg(f"ckpt_path={trained.checkpoint}", *FAST[:2], config_name="eval", output_dir=tmp_path / "eval")
+    )
     by_eval = csv_probabilities(tmp_path / "eval" / "predictions.csv")
     paths = sorted(by_eval)
     (listing := tmp_path / "test_split.txt").write_text("\n".join(paths))
@@ -106,7 +113,9 @@ def test_eval_predict_api_onnx_and_torchscript_agree(trained, compose_cfg, tmp_p
     batch = torch.stack([classifier.preprocess(p) for p in paths]).numpy()
     exported = {}
     for fmt in ("onnx", "torchscript"):
-        path = export_classifier(classifier, fmt, tmp_path / f"model.{fmt}", source=str(trained.checkpoint), verify=False)
+        path = export_classifier(
+            classifier, fmt, tmp_path / f"model.{fmt}", source=str(trained.checkpoint), verify=False
+        )
         exported[fmt] = as_dicts(softmax(load_exported(path)(batch)), classifier.class_names)
 
     assert len(paths) == 12
@@ -144,7 +153,9 @@ def test_numpy_only_example_without_torch(trained, tmp_path):
     assert [r["path"] for r in json.loads(result.stdout)] == images
     for got, expected in zip(json.loads(result.stdout), classifier.predict(images), strict=True):
         assert got["labels"][0] == expected.label
-        assert_close(dict(zip(got["labels"], got["probabilities"])), dict(zip(expected.labels, expected.probabilities)), 1e-3)
+        assert_close(
+            dict(zip(got["labels"], got["probabilities"])), dict(zip(expected.labels, expected.probabilities)), 1e-3
+        )
 
 
 def test_the_examples_image_extensions_are_the_projects():
@@ -156,7 +167,9 @@ def test_export_onto_a_folder_or_an_unwritable_place_is_one_line(trained, tmp_pa
     with pytest.raises(UserError, match=r"output='.*out' is a folder; give a file path, e\.g\. output=.*model\.onnx"):
         export_classifier(trained.classifier, "onnx", tmp_path / "out", source="x")
     (tmp_path / "a_file").write_text("")
-    with pytest.raises(UserError, match=r"output='.*a_file/model\.onnx': cannot write there \(.*a_file is a file, not a folder\)"):
+    with pytest.raises(
+        UserError, match=r"output='.*a_file/model\.onnx': cannot write there \(.*a_file is a file, not a folder\)"
+    ):
         export_classifier(trained.classifier, "onnx", tmp_path / "a_file" / "model.onnx", source="x", verify=False)
 
 
@@ -185,17 +198,22 @@ def test_safetensors_beside_the_json_of_another_model_says_what_differs(trained,
         Classifier.from_safetensors(path)
     sidecar_path(path).write_text(json.dumps({**meta, "architecture": "resnet34"}))
     with pytest.raises(
-        UserError, match=r"does not fit resnet34, 3 classes.*another architecture \(0 tensors of another shape, \d+ missing"
+        UserError,
+        match=r"does not fit resnet34, 3 classes.*another architecture \(0 tensors of another shape, \d+ missing",
     ):
         Classifier.from_safetensors(path)
 
 
 def test_unknown_format_is_a_config_error(trained, compose_cfg, tmp_path):
     with pytest.raises(ConfigError, match=r"format='tflite': choose one of \['onnx', 'torchscript', 'safetensors'\]"):
-        export(compose_cfg(f"ckpt_path={trained.checkpoint}", "format=tflite", config_name="export", output_dir=tmp_path))
+        export(
+            compose_cfg(f"ckpt_path={trained.checkpoint}", "format=tflite", config_name="export", output_dir=tmp_path)
+        )
 
 
-def test_cifar_model_upsamples_inside_the_network_so_eval_predict_and_exports_agree(compose_cfg, pretrained, cifar_root, tmp_path):
+def test_cifar_model_upsamples_inside_the_network_so_eval_predict_and_exports_agree(
+    compose_cfg, pretrained, cifar_root, tmp_path
+):
     """CIFAR's 32 px images reach the backbone at ``model.upsample_to``: a 32x32 file gets eval's probabilities everywhere."""
     metrics = train(compose_cfg(
         "experiment=cifar10", "model.backbone.name=resnet18", "model.backbone.weights=IMAGENET1K_V1", "model.upsample_to=64",

@@ -12,11 +12,11 @@ import lightning as L
 import pytest
 import torch
 from omegaconf import DictConfig
+from support import FAST, TIMM_MODEL, make_image_folder
 
 from image_finetune import finetune
 from image_finetune.models.norms import is_norm_layer
 from image_finetune.train import Run, build, train
-from support import FAST, TIMM_MODEL, make_image_folder
 
 pytestmark = pytest.mark.usefixtures("pretrained")
 
@@ -31,10 +31,18 @@ def backbone(request: pytest.FixtureRequest) -> tuple[str, ...]:
     return ("model=timm", f"model.backbone.name={TIMM_MODEL}")
 
 
-def folder_cfg(compose_cfg: Callable[..., DictConfig], root: Path, *overrides: str, output_dir: Path | None = None) -> DictConfig:
+def folder_cfg(
+    compose_cfg: Callable[..., DictConfig], root: Path, *overrides: str, output_dir: Path | None = None
+) -> DictConfig:
     return compose_cfg(
-        "data=imagefolder", f"data.root={root}", "trainer.max_epochs=3", "logger=csv", "test=false",
-        *FAST, *overrides, output_dir=output_dir,
+        "data=imagefolder",
+        f"data.root={root}",
+        "trainer.max_epochs=3",
+        "logger=csv",
+        "test=false",
+        *FAST,
+        *overrides,
+        output_dir=output_dir,
     )
 
 
@@ -70,14 +78,18 @@ def fit_recording(cfg: DictConfig) -> tuple[Run, RecordPhases, dict[str, torch.T
     return run, recorder, before
 
 
-def run_frozen_phase(cfg: DictConfig) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], RecordPhases, L.LightningModule]:
+def run_frozen_phase(
+    cfg: DictConfig,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], RecordPhases, L.LightningModule]:
     """One epoch that never leaves the frozen phase; returns backbone state before and after."""
     run, recorder, before = fit_recording(cfg)
     return before, snapshot(run.model.net.backbone), recorder, run.model
 
 
 def test_frozen_backbone_is_bitwise_unchanged_without_train_bn(compose_cfg, image_folder, backbone):
-    before, after, recorder, _ = run_frozen_phase(folder_cfg(compose_cfg, image_folder, *backbone, *FROZEN, "finetune.train_bn=false"))
+    before, after, recorder, _ = run_frozen_phase(
+        folder_cfg(compose_cfg, image_folder, *backbone, *FROZEN, "finetune.train_bn=false")
+    )
     assert before.keys() == after.keys()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed == [], f"frozen backbone tensors changed: {changed[:5]}"
@@ -85,7 +97,9 @@ def test_frozen_backbone_is_bitwise_unchanged_without_train_bn(compose_cfg, imag
 
 
 def test_train_bn_trains_only_batchnorm_while_frozen(compose_cfg, image_folder, backbone):
-    before, after, recorder, model = run_frozen_phase(folder_cfg(compose_cfg, image_folder, *backbone, *FROZEN, "finetune.train_bn=true"))
+    before, after, recorder, model = run_frozen_phase(
+        folder_cfg(compose_cfg, image_folder, *backbone, *FROZEN, "finetune.train_bn=true")
+    )
     bn_prefixes = tuple(f"{n}." for n, m in model.net.backbone.named_modules() if isinstance(m, torch.nn.BatchNorm2d))
     bn_keys = [k for k in before if k.startswith(bn_prefixes)]
     other_keys = [k for k in before if not k.startswith(bn_prefixes)]
@@ -130,14 +144,24 @@ class RecordStages(L.Callback):
 def test_gradual_unfreezing_trains_the_last_stages_first_with_geometric_lrs(compose_cfg, image_folder):
     """finetune=gradual on ResNet-18 (stem, layer1..4): head only, then layer4, then layer3+4, then all; one named
     group per stage from the first step, LRs rising geometrically from lr * ratio (stem) towards the head's."""
-    cfg = folder_cfg(compose_cfg, image_folder, "finetune=gradual", "trainer.max_epochs=4", "model.scheduler=null",
-                     "trainer.limit_train_batches=1", "trainer.limit_val_batches=1")
+    cfg = folder_cfg(
+        compose_cfg,
+        image_folder,
+        "finetune=gradual",
+        "trainer.max_epochs=4",
+        "model.scheduler=null",
+        "trainer.limit_train_batches=1",
+        "trainer.limit_val_batches=1",
+    )
     run = build(cfg)
     recorder = RecordStages()
     run.trainer.callbacks.append(recorder)
     finetune.fit(run.trainer, run.model, run.datamodule, run.schedule)
     assert recorder.stages_with_grads == {
-        0: [], 1: ["layer4"], 2: ["layer3", "layer4"], 3: ["conv1", "layer1", "layer2", "layer3", "layer4"],
+        0: [],
+        1: ["layer4"],
+        2: ["layer3", "layer4"],
+        3: ["conv1", "layer1", "layer2", "layer3", "layer4"],
     }
     groups = {g["name"]: g for g in run.trainer.optimizers[0].param_groups}
     stages = ["stem", "layer1", "layer2", "layer3", "layer4"]
@@ -167,10 +191,26 @@ def test_full_finetune_trains_everything_from_the_start(compose_cfg, image_folde
 @pytest.mark.parametrize(
     "scheduler",
     [
-        ["model.scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau", "~model.scheduler.warmup_fraction", "model.scheduler_interval=epoch"],
-        ["model.scheduler._target_=torch.optim.lr_scheduler.OneCycleLR", "~model.scheduler.warmup_fraction", "+model.scheduler.max_lr=0.01"],
-        ["model.scheduler._target_=torch.optim.lr_scheduler.CosineAnnealingWarmRestarts", "~model.scheduler.warmup_fraction", "+model.scheduler.T_0=2"],
-        ["model.scheduler._target_=torch.optim.lr_scheduler.StepLR", "~model.scheduler.warmup_fraction", "+model.scheduler.step_size=1"],
+        [
+            "model.scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau",
+            "~model.scheduler.warmup_fraction",
+            "model.scheduler_interval=epoch",
+        ],
+        [
+            "model.scheduler._target_=torch.optim.lr_scheduler.OneCycleLR",
+            "~model.scheduler.warmup_fraction",
+            "+model.scheduler.max_lr=0.01",
+        ],
+        [
+            "model.scheduler._target_=torch.optim.lr_scheduler.CosineAnnealingWarmRestarts",
+            "~model.scheduler.warmup_fraction",
+            "+model.scheduler.T_0=2",
+        ],
+        [
+            "model.scheduler._target_=torch.optim.lr_scheduler.StepLR",
+            "~model.scheduler.warmup_fraction",
+            "+model.scheduler.step_size=1",
+        ],
     ],
     ids=["plateau", "onecycle", "warm_restarts", "step"],
 )
@@ -187,9 +227,15 @@ def test_every_scheduler_survives_the_unfreeze_and_drives_every_group(compose_cf
 def test_resume_across_every_unfreeze_matches_an_uninterrupted_run(compose_cfg, image_folder, tmp_path):
     """Three phases (frozen for 2 epochs, then layer4, then everything, with geometric LRs): checkpoints from inside
     the frozen phase and at each boundary all resume to the same final weights."""
-    common = ("finetune.freeze_epochs=2", "finetune.unfreeze=[[2,1],[3,all]]", "finetune.lr_spread=geometric",
-              "trainer.max_epochs=4", "callbacks.model_checkpoint.save_top_k=-1",
-              "callbacks.model_checkpoint.filename='e{epoch}'", "callbacks.model_checkpoint.monitor=null")
+    common = (
+        "finetune.freeze_epochs=2",
+        "finetune.unfreeze=[[2,1],[3,all]]",
+        "finetune.lr_spread=geometric",
+        "trainer.max_epochs=4",
+        "callbacks.model_checkpoint.save_top_k=-1",
+        "callbacks.model_checkpoint.filename='e{epoch}'",
+        "callbacks.model_checkpoint.monitor=null",
+    )
     full_dir = tmp_path / "full"
     full = build(folder_cfg(compose_cfg, image_folder, *common, output_dir=full_dir))
     finetune.fit(full.trainer, full.model, full.datamodule, full.schedule)
@@ -201,7 +247,9 @@ def test_resume_across_every_unfreeze_matches_an_uninterrupted_run(compose_cfg, 
         finetune.fit(resumed.trainer, resumed.model, resumed.datamodule, resumed.schedule, ckpt_path=ckpt)
         got = snapshot(resumed.model.net)
         for key in expected:
-            torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=f"resumed from epoch {epoch}: {key}")
+            torch.testing.assert_close(
+                got[key], expected[key], rtol=0, atol=1e-6, msg=f"resumed from epoch {epoch}: {key}"
+            )
 
 
 def test_a_warm_resized_cache_trains_exactly_as_the_run_that_filled_it(compose_cfg, tmp_path, monkeypatch):
@@ -211,7 +259,9 @@ def test_a_warm_resized_cache_trains_exactly_as_the_run_that_filled_it(compose_c
     images = make_image_folder(tmp_path / "large", size=64)  # training reads 32 / 0.875 = 37 px: copies are made
     weights = []
     for name in ("cold", "warm"):
-        run = build(folder_cfg(compose_cfg, images, "data.cache=resized", "trainer.max_epochs=2", output_dir=tmp_path / name))
+        run = build(
+            folder_cfg(compose_cfg, images, "data.cache=resized", "trainer.max_epochs=2", output_dir=tmp_path / name)
+        )
         finetune.fit(run.trainer, run.model, run.datamodule, run.schedule)
         weights.append(snapshot(run.model.net))
     copies = list((tmp_path / "data" / ".cache" / "resized").rglob("*.jpg"))
@@ -230,9 +280,16 @@ def test_compile_gets_a_fresh_graph_after_the_unfreeze(compose_cfg, image_folder
         return real_compile(module, backend="aot_eager")  # dynamo + AOTAutograd, without a C++ toolchain run
 
     monkeypatch.setattr(torch, "compile", compile_cheaply)
-    cfg = folder_cfg(compose_cfg, image_folder, "compile=true", "trainer.max_epochs=3", "finetune.train_bn=false",
-                     "finetune.unfreeze=[[1,1],[2,all]]", "trainer.limit_train_batches=1",
-                     "trainer.limit_val_batches=1")
+    cfg = folder_cfg(
+        compose_cfg,
+        image_folder,
+        "compile=true",
+        "trainer.max_epochs=3",
+        "finetune.train_bn=false",
+        "finetune.unfreeze=[[1,1],[2,all]]",
+        "trainer.limit_train_batches=1",
+        "trainer.limit_val_batches=1",
+    )
     run = build(cfg)
     before = snapshot(run.model._backbone.module)
     recorder = RecordStages()
@@ -260,8 +317,13 @@ def test_train_writes_checkpoints_that_load_with_weights_only(compose_cfg, image
 def test_checkpoint_bookkeeping_spans_the_unfreeze(compose_cfg, image_folder):
     """Best and last checkpoints are tracked across both fits: the best is the best of all epochs, `last.ckpt` is the
     final epoch, and no `last-v1.ckpt` appears (ModelCheckpoint must record the frozen epoch before the boundary)."""
-    cfg = folder_cfg(compose_cfg, image_folder, "trainer.max_epochs=3", "callbacks.model_checkpoint.save_top_k=-1",
-                     "callbacks.model_checkpoint.filename='e{epoch}-{val/acc:.6f}'")
+    cfg = folder_cfg(
+        compose_cfg,
+        image_folder,
+        "trainer.max_epochs=3",
+        "callbacks.model_checkpoint.save_top_k=-1",
+        "callbacks.model_checkpoint.filename='e{epoch}-{val/acc:.6f}'",
+    )
     run = build(cfg)
     finetune.fit(run.trainer, run.model, run.datamodule, run.schedule)
     ckpts = Path(cfg.paths.output_dir) / "checkpoints"
@@ -271,4 +333,6 @@ def test_checkpoint_bookkeeping_spans_the_unfreeze(compose_cfg, image_folder):
     assert len(scores) == 3
     callback = run.trainer.checkpoint_callback
     assert float(callback.best_model_score) == pytest.approx(max(scores.values()), abs=1e-6)
-    assert Path(callback.best_model_path).name in {name for name, score in scores.items() if score == max(scores.values())}
+    assert Path(callback.best_model_path).name in {
+        name for name, score in scores.items() if score == max(scores.values())
+    }

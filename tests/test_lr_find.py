@@ -63,12 +63,24 @@ def test_a_sweep_stops_when_the_loss_diverges():
 @pytest.mark.slow
 def test_lr_find_cli_writes_the_plot_the_suggestions_and_the_command(tmp_path, hub_dir, image_folder):
     run_dir = tmp_path / "lr_find"
-    overrides = ["data=imagefolder", f"data.root={image_folder}", "trainer=cpu", "data.num_workers=0",
-                 "data.image_size=32", "data.batch_size=8", "trainer.max_epochs=2", "finetune.unfreeze=[[1,1],[2,all]]",
-                 f"paths.data_dir={tmp_path / 'data'}"]
+    overrides = [
+        "data=imagefolder",
+        f"data.root={image_folder}",
+        "trainer=cpu",
+        "data.num_workers=0",
+        "data.image_size=32",
+        "data.batch_size=8",
+        "trainer.max_epochs=2",
+        "finetune.unfreeze=[[1,1],[2,all]]",
+        f"paths.data_dir={tmp_path / 'data'}",
+    ]
     result = subprocess.run(
         [sys.executable, "lr_find.py", *overrides, "lr_find.num_steps=10", f"hydra.run.dir={run_dir}"],
-        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "TORCH_HOME": str(hub_dir)},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TORCH_HOME": str(hub_dir)},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     found = json.loads((run_dir / "lr_find.json").read_text())

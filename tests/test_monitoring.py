@@ -18,6 +18,7 @@ import pytest
 import torch
 from omegaconf import DictConfig
 from PIL import Image
+from support import FAST
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -33,7 +34,6 @@ from image_finetune.callbacks.visuals import (
     image_grid,
 )
 from image_finetune.train import Run, train
-from support import FAST
 
 pytestmark = pytest.mark.usefixtures("pretrained")
 
@@ -44,7 +44,9 @@ WITH_PROGRESS_BAR = [*(o for o in FAST if "progress_bar" not in o), "callbacks.p
 CHEAP = ["finetune=full", "trainer.max_epochs=1", "test=false", *FAST]
 
 
-def folder_run(compose_cfg: Callable[..., DictConfig], root: Path, *overrides: str) -> tuple[DictConfig, dict[str, Any]]:
+def folder_run(
+    compose_cfg: Callable[..., DictConfig], root: Path, *overrides: str
+) -> tuple[DictConfig, dict[str, Any]]:
     cfg = compose_cfg("data=imagefolder", f"data.root={root}", *overrides)
     return cfg, train(cfg)
 
@@ -86,7 +88,9 @@ def test_short_run_writes_every_tag_with_sane_values(compose_cfg, image_folder, 
     built: list[Run] = []
     build = train_module.build
     monkeypatch.setattr(train_module, "build", lambda cfg: built.append(build(cfg)) or built[-1])
-    cfg, metrics = folder_run(compose_cfg, image_folder, "data.test_fraction=0.2", "trainer.max_epochs=2", *WITH_PROGRESS_BAR)
+    cfg, metrics = folder_run(
+        compose_cfg, image_folder, "data.test_fraction=0.2", "trainer.max_epochs=2", *WITH_PROGRESS_BAR
+    )
     ea = events(cfg)
     scalars = set(ea.Tags()["scalars"])
 
@@ -117,7 +121,10 @@ def test_short_run_writes_every_tag_with_sane_values(compose_cfg, image_folder, 
 
     # The hparams tab: the columns people compare (not the whole config) and the final metrics (best val epoch, test).
     plugin = hparams_data(ea)
-    start, experiment = plugin["_hparams_/session_start_info"].session_start_info, plugin["_hparams_/experiment"].experiment
+    start, experiment = (
+        plugin["_hparams_/session_start_info"].session_start_info,
+        plugin["_hparams_/experiment"].experiment,
+    )
     assert set(start.hparams) == set(HPARAM_COLUMNS) - {"augment"}  # every column the config has; it has no augment
     assert start.hparams["seed"].number_value == 42
     assert start.hparams["image_size"].number_value == 32
@@ -133,7 +140,11 @@ def test_short_run_writes_every_tag_with_sane_values(compose_cfg, image_folder, 
     trainable = values(ea, PHASE_TAG)
     assert len(trainable) == 2 and trainable[0] < 0.01 and trainable[1] == 1.0
     texts = [plugin_text(event) for event in ea.Tensors(f"{PHASE_TEXT_TAG}/text_summary")]
-    assert len(texts) == 2 and texts[0].startswith("epoch 1: backbone frozen") and texts[1].startswith("epoch 2: backbone unfrozen")
+    assert (
+        len(texts) == 2
+        and texts[0].startswith("epoch 1: backbone frozen")
+        and texts[1].startswith("epoch 2: backbone unfrozen")
+    )
     metric_tags = {info.name.tag for info in experiment.metric_infos}
     assert {"hparams/val/acc", "hparams/val/loss", "hparams/test/acc", "hparams/test/f1"} <= metric_tags
     assert values(ea, "hparams/test/acc") == pytest.approx([metrics["test/acc"]])

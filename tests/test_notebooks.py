@@ -9,10 +9,10 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from support import FAST
 
 from image_finetune.data.digits import write_digits_folder
 from image_finetune.train import train
-from support import FAST
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
@@ -29,7 +29,9 @@ def test_notebooks_are_stored_without_outputs(path):
     nbformat.validate(nb)
     for cell in nb.cells:
         if cell.cell_type == "code":
-            assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: strip the outputs before committing"
+            assert cell.outputs == [] and cell.execution_count is None, (
+                f"{path.name}: strip the outputs before committing"
+            )
 
 
 @pytest.fixture

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
+from messy_folder import truncated_jpeg
 from PIL import Image
 
 from image_finetune.errors import DataError, UserError
 from image_finetune.inference import Classifier, Preprocessing
 from image_finetune.models import ImageClassifier
 from image_finetune.predict import list_inputs, predict
-from messy_folder import truncated_jpeg
 
 pytest_plugins = ["trained"]  # the shared `trained` fixture
 
@@ -93,7 +93,9 @@ def test_list_file_and_single_image_inputs(trained, compose_cfg, tmp_path):
     assert list(rows["list"]) == [str(image), str(tmp_path / "rel.png"), str(tmp_path / "missing.jpg")]
     assert rows["list"][str(tmp_path / "missing.jpg")]["reason"] == "unreadable: no such file"
     # the same file, in a batch of 2 and alone: equal up to float noise in the last printed digit
-    assert probabilities(rows["list"][str(tmp_path / "rel.png")]) == pytest.approx(probabilities(rows["single"][str(image)]), abs=2e-6)
+    assert probabilities(rows["list"][str(tmp_path / "rel.png")]) == pytest.approx(
+        probabilities(rows["single"][str(image)]), abs=2e-6
+    )
 
 
 def test_a_fifo_named_like_an_image_is_listed_with_a_reason_never_opened(tmp_path):
@@ -120,7 +122,6 @@ def test_api_classifies_paths_and_pil_images_alike(trained):
     (bad := trained.images.parent / "bad.jpg").write_text("nope")
     with pytest.raises(DataError, match=r"bad\.jpg: not an image"):
         classifier.predict(bad)
-
 
 
 def test_checkpoint_with_another_class_count_says_what_differs(trained, tmp_path):
@@ -164,7 +165,10 @@ def test_missing_input_is_a_user_error(trained, compose_cfg, tmp_path):
 @pytest.mark.parametrize(
     ("data", "resize_crop"),
     [
-        ({"_target_": "image_finetune.data.DigitsDataModule", "image_size": 32}, (37, 32)),  # the backbone's ratio: 0.875
+        (
+            {"_target_": "image_finetune.data.DigitsDataModule", "image_size": 32},
+            (37, 32),
+        ),  # the backbone's ratio: 0.875
         ({"_target_": "image_finetune.data.ImageFolderDataModule", "image_size": 224, "crop_ratio": 1.0}, (224, 224)),
         ({"_target_": "image_finetune.data.CIFAR10DataModule", "image_size": 32}, (32, 32)),  # no crop: resized whole
     ],
@@ -175,7 +179,9 @@ def test_preprocessing_follows_the_data_module_that_trained(data, resize_crop, t
 
     backbone = Preprocessing(224, 0.875, mean=(0.5,) * 3, std=(0.25,) * 3)
     location = {"data_dir": tmp_path} if "CIFAR" in data["_target_"] else {"root": tmp_path}
-    prep = instantiate({**data, **location}, _partial_=True)(preprocessing=backbone).preprocessing  # as train.build does
+    prep = instantiate({**data, **location}, _partial_=True)(
+        preprocessing=backbone
+    ).preprocessing  # as train.build does
     assert (prep.resize, prep.size) == resize_crop and (prep.mean, prep.std) == (backbone.mean, backbone.std)
     again = Preprocessing.from_dict(prep.as_dict())  # what an export's JSON and a checkpoint's hparams give back
     assert (again.resize, again.size, again.mean, again.std) == (prep.resize, prep.size, prep.mean, prep.std)

@@ -94,7 +94,9 @@ def test_ema_weights_are_what_validation_checkpoints_and_test_use(compose_cfg, i
     assert not torch.allclose(expected, recorder.weights[-1], atol=1e-5)
     logged = run.trainer.callback_metrics["val/loss"].item()
     # Testing the checkpoint with the training trainer (as train() does) must test the average, not the raw weights.
-    tested = run.trainer.test(run.model, datamodule=run.datamodule, ckpt_path=str(last), weights_only=True, verbose=False)
+    tested = run.trainer.test(
+        run.model, datamodule=run.datamodule, ckpt_path=str(last), weights_only=True, verbose=False
+    )
     torch.testing.assert_close(run.model.net.head[1].weight, expected, rtol=0, atol=1e-6)
     # A plain trainer scores whatever weights the model holds: the average gives what was logged, the raw ones do not.
     plain = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
@@ -184,7 +186,9 @@ def test_digits_are_never_flipped_and_cifar_takes_only_its_device_presets(compos
     assert isinstance(info.value.__cause__, ConfigError)
     assert re.match(r"augment=strong: CIFAR-10 .* augment=default .* augment=none", str(info.value.__cause__))
     for preset, augmented in (("none", False), ("default", True)):
-        cifar = instantiate(compose_cfg("data=cifar10", f"paths.data_dir={cifar_root}", "data.val_size=20", f"augment={preset}").data)
+        cifar = instantiate(
+            compose_cfg("data=cifar10", f"paths.data_dir={cifar_root}", "data.val_size=20", f"augment={preset}").data
+        )
         cifar.setup("fit")
         order, _ = cifar.train_sampler().draw()
         images, _ = next(iter(cifar.train_dataloader()))  # the training batch as the device-resident loader yields it

@@ -16,6 +16,7 @@ from typing import BinaryIO
 import lightning as L
 import pytest
 import torch
+from support import FAST, make_image_folder
 
 from image_finetune import finetune
 from image_finetune.atomic import remove_orphans
@@ -25,7 +26,6 @@ from image_finetune.errors import RunInterrupted, UserError
 from image_finetune.models.classifier import ImageClassifier
 from image_finetune.rundir import LOCK_NAME, clean_run_dir, drop_checkpoints_after_last, run_dir_lock
 from image_finetune.train import build, train
-from support import FAST, make_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,9 @@ def assert_bitwise_equal(got: dict[str, torch.Tensor], expected: dict[str, torch
 
 
 # ---- last.ckpt ----------------------------------------------------------------------------------------------------
-def test_last_ckpt_is_the_final_epoch_even_when_an_earlier_epoch_was_best(compose_cfg, pretrained, image_folder, monkeypatch):
+def test_last_ckpt_is_the_final_epoch_even_when_an_earlier_epoch_was_best(
+    compose_cfg, pretrained, image_folder, monkeypatch
+):
     """With the default callbacks (save_top_k 1) and val/acc falling every epoch, the best checkpoint is the first epoch (epoch001, counted from 1) and
     `last.ckpt` must still hold the end of the final epoch (Lightning 2.6's save_last keeps a copy of the best)."""
     real_log_dict = ImageClassifier.log_dict
@@ -63,11 +65,20 @@ def test_last_ckpt_is_the_final_epoch_even_when_an_earlier_epoch_was_best(compos
 
 
 # ---- exact resume ---------------------------------------------------------------------------------------------------
-def test_a_run_stopped_by_sigterm_mid_epoch_resumes_to_the_uninterrupted_weights(compose_cfg, pretrained, tmp_path, monkeypatch):
+def test_a_run_stopped_by_sigterm_mid_epoch_resumes_to_the_uninterrupted_weights(
+    compose_cfg, pretrained, tmp_path, monkeypatch
+):
     """SIGTERM in the middle of an unfrozen epoch: `train` saves `last.ckpt` at that batch and raises RunInterrupted;
     `ckpt_path=last` then skips the batches already trained and ends bitwise where an uninterrupted run ends."""
     images = make_image_folder(tmp_path / "images", per_class=16)
-    common = ("data=imagefolder", f"data.root={images}", "trainer.max_epochs=3", "test=false", *FAST, "data.batch_size=8")
+    common = (
+        "data=imagefolder",
+        f"data.root={images}",
+        "trainer.max_epochs=3",
+        "test=false",
+        *FAST,
+        "data.batch_size=8",
+    )
     full = compose_cfg(*common, output_dir=tmp_path / "full")
     train(full)
     expected = weights(tmp_path / "full" / "checkpoints" / "last.ckpt")
@@ -88,7 +99,9 @@ def test_a_run_stopped_by_sigterm_mid_epoch_resumes_to_the_uninterrupted_weights
         return run
 
     monkeypatch.setattr("image_finetune.train.build", build_with_sigterm)
-    with pytest.raises(RunInterrupted, match=r"received SIGTERM during training; resume with hydra\.run\.dir=.* ckpt_path=last") as info:
+    with pytest.raises(
+        RunInterrupted, match=r"received SIGTERM during training; resume with hydra\.run\.dir=.* ckpt_path=last"
+    ) as info:
         train(compose_cfg(*common, output_dir=tmp_path / "stopped"))
     assert info.value.exit_code == 128 + signal.SIGTERM
     last = read_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.ckpt", mmap=True)
@@ -156,7 +169,9 @@ def test_kill_9_then_ckpt_path_last_ends_bitwise_equal_and_the_dir_is_locked_mea
     assert code == 0, output
     assert finish(full)[0] == 0
     assert_bitwise_equal(
-        weights(killed_dir / "checkpoints" / "last.ckpt"), weights(full_dir / "checkpoints" / "last.ckpt"), "resumed after kill -9"
+        weights(killed_dir / "checkpoints" / "last.ckpt"),
+        weights(full_dir / "checkpoints" / "last.ckpt"),
+        "resumed after kill -9",
     )
     assert not list(killed_dir.rglob("*.tmp")), "temporary files of the killed run are cleaned up"
 
@@ -176,7 +191,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_non_zero(tmp_path, hub_dir):
     process.send_signal(signal.SIGTERM)
     code, output = finish(process, timeout=600)
     assert code == 128 + signal.SIGTERM, output
-    assert f"interrupted: received SIGTERM during training; resume with hydra.run.dir={run_dir} ckpt_path=last" in output
+    assert (
+        f"interrupted: received SIGTERM during training; resume with hydra.run.dir={run_dir} ckpt_path=last" in output
+    )
     assert "Traceback" not in output, output
     # (the in-process test above pins the save to a batch mid-epoch; here the signal may also land at an epoch's end)
     assert read_checkpoint(last, mmap=True)["global_step"] >= step, "last.ckpt holds the state at the interruption"
@@ -190,9 +207,13 @@ def test_a_second_run_in_a_locked_dir_fails_at_once_and_a_dead_holder_leaves_no_
     )  # fmt: skip
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-        with pytest.raises(UserError, match=rf"run dir {tmp_path} is in use by another training run \(pid {holder.pid} on "):
-            with run_dir_lock(tmp_path):
-                pass
+        with (
+            pytest.raises(
+                UserError, match=rf"run dir {tmp_path} is in use by another training run \(pid {holder.pid} on "
+            ),
+            run_dir_lock(tmp_path),
+        ):
+            pass
     finally:
         holder.kill()
         holder.wait()
@@ -231,7 +252,10 @@ def test_resuming_from_last_removes_checkpoints_the_killed_run_wrote_after_it(tm
     ckpts.mkdir()
 
     def save(name: str, step: int, tracked: tuple[str, ...] = ()) -> Path:
-        state = {"best_model_path": tracked[0] if tracked else "", "best_k_models": {p: torch.tensor(0.5) for p in tracked}}
+        state = {
+            "best_model_path": tracked[0] if tracked else "",
+            "best_k_models": {p: torch.tensor(0.5) for p in tracked},
+        }
         torch.save({"state_dict": {}, "global_step": step, "callbacks": {"ModelCheckpoint{}": state}}, ckpts / name)
         return ckpts / name
 
@@ -263,14 +287,21 @@ def test_a_full_disk_names_the_checkpoint_and_keeps_the_previous_one(tmp_path, m
             self.written += len(data)
             return self.f.write(data)
 
-    with monkeypatch.context() as patch, pytest.raises(UserError, match=rf"no space left on device while saving checkpoint {target}.*previous last\.ckpt is intact"):
+    with (
+        monkeypatch.context() as patch,
+        pytest.raises(
+            UserError, match=rf"no space left on device while saving checkpoint {target}.*previous last\.ckpt is intact"
+        ),
+    ):
         patch.setattr(torch, "save", lambda obj, f: real_save(obj, FullDisk(f)))
         io_.save_checkpoint({"step": 2, "w": torch.zeros(10_000)}, target)
     assert torch.load(target, weights_only=True) == {"step": 1}
     assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]
 
 
-def test_freeze_epochs_at_or_beyond_max_epochs_warns_that_the_backbone_never_unfreezes(compose_cfg, pretrained, image_folder, caplog):
+def test_freeze_epochs_at_or_beyond_max_epochs_warns_that_the_backbone_never_unfreezes(
+    compose_cfg, pretrained, image_folder, caplog
+):
     cfg = compose_cfg("data=imagefolder", f"data.root={image_folder}", "trainer.max_epochs=1", "finetune.freeze_epochs=1",
                       "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "test=false", *FAST)  # fmt: skip
     run = build(cfg)

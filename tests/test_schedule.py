@@ -62,6 +62,7 @@ def test_geometric_spread_is_fastais_slice_and_flat_is_one_ratio():
 
 def test_the_schedule_is_a_leaf_and_no_module_imports_in_a_circle():
     """schedule.py imports nothing heavy; the model does not import the driver (finetune.py) any more."""
+
     def imports(path: Path) -> set[str]:
         tree = ast.parse(path.read_text())
         return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module} | {

@@ -31,7 +31,12 @@ print("HEAVY", ",".join(m for m in {heavy!r} if m in sys.modules), "EXIT", code)
 def probe(script: str, *args: str) -> tuple[list[str], str, str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(
-        [sys.executable, "-c", PROBE.format(heavy=HEAVY), script, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", PROBE.format(heavy=HEAVY), script, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     last = result.stdout.strip().splitlines()[-1].split()
     assert last[0] == "HEAVY", result.stdout[-2000:] + result.stderr[-2000:]
@@ -57,7 +62,12 @@ def test_train_cfg_job_and_a_config_error_import_neither_torch_nor_lightning():
 
 
 def test_the_one_line_error_helper_is_import_light():
-    code = "import sys, image_finetune.cli, image_finetune.config_checks; print(sorted(m for m in %r if m in sys.modules))" % (HEAVY,)
+    code = (
+        "import sys, image_finetune.cli, image_finetune.config_checks; "
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True
+    ).stdout
     assert out.strip() == "[]"

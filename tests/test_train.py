@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
+from support import FAST
 
 from image_finetune.evaluate import evaluate
 from image_finetune.train import train
-from support import FAST
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml"))
@@ -23,7 +23,7 @@ TRAINERS = sorted(p.stem for p in (REPO / "configs" / "trainer").glob("*.yaml"))
 
 def test_no_arguments_is_the_digits_experiment(compose_cfg):
     default, digits = compose_cfg(), compose_cfg("experiment=digits")
-    without_hydra = lambda cfg: {k: v for k, v in cfg.items() if k != "hydra"}  # noqa: E731 (records the overrides)
+    without_hydra = lambda cfg: {k: v for k, v in cfg.items() if k != "hydra"}
     assert without_hydra(default) == without_hydra(digits)
 
 
@@ -54,8 +54,15 @@ def test_digits_offline_falls_back_to_random_init_and_records_it(compose_cfg, of
 
 
 def test_fast_dev_run_cifar10_with_pretrained_resnet50(compose_cfg, pretrained, cifar_root):
-    cfg = compose_cfg("experiment=cifar10", "debug=fdr", *FAST, f"data.data_dir={cifar_root}", "data.val_size=20", "data.batch_size=4",
-                      "channels_last=false")
+    cfg = compose_cfg(
+        "experiment=cifar10",
+        "debug=fdr",
+        *FAST,
+        f"data.data_dir={cifar_root}",
+        "data.val_size=20",
+        "data.batch_size=4",
+        "channels_last=false",
+    )
     metrics = train(cfg)
     assert {"test/acc", "test/f1", "test/top5"} <= set(metrics)
 
@@ -79,7 +86,9 @@ def test_non_demo_runs_stop_when_weights_cannot_be_had(compose_cfg, offline_hub,
 
 
 def test_eval_reproduces_the_test_metrics_of_training(compose_cfg, pretrained, image_folder, tmp_path):
-    cfg = compose_cfg("data=imagefolder", f"data.root={image_folder}", "data.test_fraction=0.25", "trainer.max_epochs=2", *FAST)
+    cfg = compose_cfg(
+        "data=imagefolder", f"data.root={image_folder}", "data.test_fraction=0.25", "trainer.max_epochs=2", *FAST
+    )
     trained = train(cfg)
     best = trained["best_checkpoint"]
     evaluated = evaluate(compose_cfg(f"ckpt_path={best}", *FAST[:2], config_name="eval", output_dir=tmp_path / "eval"))
@@ -99,13 +108,25 @@ def test_ckpt_path_last_without_a_checkpoint_is_an_error(compose_cfg):
 
 def run_script(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+        [sys.executable, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
 
 
 def test_user_errors_are_one_line_not_a_traceback(tmp_path, hub_dir):
-    result = run_script("train.py", "data=imagefolder", f"data.root={tmp_path / 'nope'}", f"hydra.run.dir={tmp_path / 'run'}",
-                        "trainer=cpu", f"paths.data_dir={tmp_path}", env={"TORCH_HOME": str(hub_dir)})
+    result = run_script(
+        "train.py",
+        "data=imagefolder",
+        f"data.root={tmp_path / 'nope'}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "trainer=cpu",
+        f"paths.data_dir={tmp_path}",
+        env={"TORCH_HOME": str(hub_dir)},
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert f"error: data.root='{tmp_path / 'nope'}' does not exist" in result.stderr
@@ -119,10 +140,17 @@ def test_ddp_sim_keeps_ranks_identical_through_the_unfreeze(tmp_path, hub_dir):
         # The default callbacks and logger: the progress bar and the TensorBoard visuals run on rank 0 only, which is
         # where a stray collective would hang (Lightning #21264).
         # Three phases (head, then layer4, then all): DDP re-wrapped at each boundary with the new trainable set.
-        "train.py", "trainer=ddp_sim", "debug=limit", "trainer.max_epochs=3", "finetune.unfreeze=[[1,1],[2,all]]",
-        "data.num_workers=0", "data.batch_size=16",
-        f"hydra.run.dir={run_dir}", f"paths.data_dir={tmp_path / 'data'}",
-        env={"TORCH_HOME": str(hub_dir)}, timeout=300,  # it takes ~30 s; a hang fails here instead of stalling CI
+        "train.py",
+        "trainer=ddp_sim",
+        "debug=limit",
+        "trainer.max_epochs=3",
+        "finetune.unfreeze=[[1,1],[2,all]]",
+        "data.num_workers=0",
+        "data.batch_size=16",
+        f"hydra.run.dir={run_dir}",
+        f"paths.data_dir={tmp_path / 'data'}",
+        env={"TORCH_HOME": str(hub_dir)},
+        timeout=300,  # it takes ~30 s; a hang fails here instead of stalling CI
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     output = result.stdout + result.stderr

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 from omegaconf import DictConfig
+from support import FAST, make_image_folder
 
 from image_finetune.inference import Classifier
 from image_finetune.train import train
-from support import FAST, make_image_folder
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,9 @@ _CACHE: list[TrainedModel] = []
 
 
 @pytest.fixture
-def trained(compose_cfg: Callable[..., DictConfig], pretrained: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainedModel:
+def trained(
+    compose_cfg: Callable[..., DictConfig], pretrained: Path, tmp_path_factory: pytest.TempPathFactory
+) -> TrainedModel:
     """ResNet-18 (seeded fake "pretrained" weights) fine-tuned for 2 short epochs on 3 colour classes, 32 px.
 
     Function-scoped because ``compose_cfg`` and ``pretrained`` are, but trained only on first use: a whole training

@@ -61,7 +61,9 @@ def remove_orphans(folder: str | os.PathLike, recursive: bool = True) -> list[Pa
     caller must know no live writer uses the folder (``train`` holds the run dir's lock). Returns what was removed.
     """
     folder = Path(folder)
-    candidates = folder.rglob(f"{_TMP_PREFIX}*{_TMP_SUFFIX}") if recursive else folder.glob(f"{_TMP_PREFIX}*{_TMP_SUFFIX}")
+    candidates = (
+        folder.rglob(f"{_TMP_PREFIX}*{_TMP_SUFFIX}") if recursive else folder.glob(f"{_TMP_PREFIX}*{_TMP_SUFFIX}")
+    )
     removed = []
     for path in candidates:
         if ORPHAN_PATTERN.match(path.name) and path.is_file() and not path.is_symlink():
@@ -69,6 +71,10 @@ def remove_orphans(folder: str | os.PathLike, recursive: bool = True) -> list[Pa
                 path.unlink()
                 removed.append(path)
     if removed:
-        log.info("Removed %d unfinished temporary file(s) left by an interrupted run in %s: %s",
-                 len(removed), folder, ", ".join(str(p.relative_to(folder)) for p in removed))
+        log.info(
+            "Removed %d unfinished temporary file(s) left by an interrupted run in %s: %s",
+            len(removed),
+            folder,
+            ", ".join(str(p.relative_to(folder)) for p in removed),
+        )
     return removed

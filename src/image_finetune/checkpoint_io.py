@@ -24,7 +24,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     (Lightning #20270). A full disk is a one-line error that says where; the previous checkpoint stays as it was.
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None
+    ) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
         try:

@@ -33,7 +33,9 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | os.PathLike, key:
         return None
     path = Path(output_dir) / "checkpoints" / LAST if ckpt_path == "last" else Path(ckpt_path).expanduser()
     if not path.exists():
-        hint = " To resume a run, pass its dir too: hydra.run.dir=<run dir> ckpt_path=last." if ckpt_path == "last" else ""
+        hint = (
+            " To resume a run, pass its dir too: hydra.run.dir=<run dir> ckpt_path=last." if ckpt_path == "last" else ""
+        )
         raise UserError(f"{key}={ckpt_path!r}: no checkpoint at {path}.{hint}")
     read_checkpoint(path, key=key, mmap=True)
     return str(path)
@@ -57,7 +59,9 @@ def read_checkpoint(path: str | os.PathLike, *, key: str = "ckpt_path", mmap: bo
                 f"{prefix} holds Python objects that a safe load refuses; only checkpoints holding plain data (as this "
                 "project writes them) are loaded. Use a checkpoint written by train.py."
             ) from None
-        raise UserError(f"{prefix} is not a PyTorch checkpoint (it does not unpickle); use a .ckpt written by train.py") from None
+        raise UserError(
+            f"{prefix} is not a PyTorch checkpoint (it does not unpickle); use a .ckpt written by train.py"
+        ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(
@@ -92,7 +96,9 @@ def check_stored_targets(node: Mapping[str, Any], *, source: str, root_type: typ
             raise UserError(f"{path} holds an interpolation ({value!r}); a stored config must hold plain values only")
     root = f"{source}._target_"
     if root_type is not None and root not in dict(entries):
-        raise UserError(f"{source} names no _target_: name the data on the command line (e.g. data=imagefolder data.root=DIR)")
+        raise UserError(
+            f"{source} names no _target_: name the data on the command line (e.g. data=imagefolder data.root=DIR)"
+        )
     for path, name in entries:
         if not path.endswith("._target_"):
             continue

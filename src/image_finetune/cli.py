@@ -35,7 +35,9 @@ def to_plain(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # type: ignore[return-value]
 
 
-def compose_config(config_dir: str | os.PathLike, config_name: str, overrides: list[str], output_dir: str | os.PathLike) -> DictConfig:
+def compose_config(
+    config_dir: str | os.PathLike, config_name: str, overrides: list[str], output_dir: str | os.PathLike
+) -> DictConfig:
     """Compose a config as ``@hydra.main`` would, for scripts and tests that call ``train(cfg)`` in-process.
 
     Sets Hydra's runtime so that ``${hydra:runtime.output_dir}`` (the run dir) and ``${hydra:runtime.cwd}`` resolve.
@@ -94,7 +96,3 @@ def write_csv(path: str | os.PathLike, rows: Iterable[Sequence[object]]) -> Path
 def instantiate_group(group: DictConfig | None) -> list[Any]:
     """Instantiate every entry of a dict-of-configs group (``callbacks``, ``logger``); None entries are switched off."""
     return [instantiate(c) for c in (group or {}).values() if c is not None]
-
-
-def scalar_metrics(metrics: Mapping[str, Any], prefixes: tuple[str, ...] = ("train/", "val/", "test/")) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if k.startswith(prefixes)}

@@ -40,7 +40,7 @@ def writing(path: str | os.PathLike, key: str) -> Iterator[None]:
         raise UserError(f"{key}={str(path)!r}: cannot write there ({reason}); choose a writable {key}=PATH") from None
 
 
-class RunInterrupted(Exception):
+class RunInterrupted(Exception):  # noqa: N818 (not an error: the run was stopped from outside)
     """Training stopped on a signal (SIGTERM from a scheduler, ``kill``): a resumable checkpoint was saved.
 
     Entry points print the one-line message and exit with ``exit_code`` (128 + the signal number, as a shell reports

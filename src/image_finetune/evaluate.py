@@ -26,9 +26,10 @@ from torchmetrics.functional.classification import (
 )
 
 from image_finetune.atomic import atomic_path
+from image_finetune.callbacks import scalar_metrics
 from image_finetune.callbacks.visuals import confusion_matrix_figure
 from image_finetune.checkpoints import check_stored_targets, resolve_ckpt_path, run_config
-from image_finetune.cli import instantiate_group, save_json, scalar_metrics, write_csv
+from image_finetune.cli import instantiate_group, save_json, write_csv
 from image_finetune.data.base import ClassificationDataModule
 from image_finetune.data.files import ImageFileDataset
 from image_finetune.data.imagefolder import ImageFolderDataModule
@@ -135,7 +136,9 @@ def select_split(datamodule: ClassificationDataModule, split: str, data_from_com
 
 def _all_images(datamodule: ClassificationDataModule) -> Dataset:
     if not isinstance(datamodule, ImageFolderDataModule):
-        raise ConfigError(f"split=all needs an image-folder data module (data=imagefolder), not {type(datamodule).__name__}")
+        raise ConfigError(
+            f"split=all needs an image-folder data module (data=imagefolder), not {type(datamodule).__name__}"
+        )
     samples = sorted(sample for items in datamodule.splits.values() for sample in items)
     loader = datamodule.datasets["train"].loader  # type: ignore[attr-defined]
     return ImageFileDataset(samples, datamodule.preprocessing.transform, loader)
@@ -156,7 +159,13 @@ class CollectLogits(L.Callback):
         self.targets: list[torch.Tensor] = []
 
     def on_test_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
         self.logits.append(outputs["logits"].float().cpu())
         self.targets.append(batch[1].cpu())
@@ -176,7 +185,12 @@ def per_class_metrics(logits: torch.Tensor, targets: torch.Tensor, num_classes: 
 
 
 def write_report(
-    out_dir: Path, logits: torch.Tensor, targets: torch.Tensor, ids: Sequence[str], class_names: Sequence[str], top_k: int
+    out_dir: Path,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    ids: Sequence[str],
+    class_names: Sequence[str],
+    top_k: int,
 ) -> dict[str, dict[str, float]]:
     """``per_class_metrics.csv``, ``confusion_matrix.csv/.png``, ``predictions.csv``; returns the per-class table."""
     stats = per_class_metrics(logits, targets, len(class_names))
@@ -221,7 +235,11 @@ def tta_metrics(
 ) -> dict[str, float]:
     """The ``test/...`` metrics with ``tta``, keyed ``tta/test/...``: accuracy, macro F1, top-5 (> 5 classes) and the
     cross-entropy of the averaged probabilities, defined as the plain ones are (``ImageClassifier``'s metrics)."""
-    loader = DataLoader(tta_dataset(dataset, tta, model.preprocessing), batch_size=datamodule.batch_size, num_workers=datamodule.num_workers)
+    loader = DataLoader(
+        tta_dataset(dataset, tta, model.preprocessing),
+        batch_size=datamodule.batch_size,
+        num_workers=datamodule.num_workers,
+    )
     device = trainer.strategy.root_device
     model.to(device).eval()
     probabilities, targets = [], []
@@ -271,7 +289,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     datamodule.datasets["test"] = match_classes(dataset, datamodule.class_names, model.class_names, source)
     tta = TTA.parse(cfg.get("tta"), int(datamodule.image_size), float(getattr(datamodule, "crop_ratio", 1.0)))
     collector = CollectLogits()
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=instantiate_group(cfg.get("logger")) or False, callbacks=[collector])
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, logger=instantiate_group(cfg.get("logger")) or False, callbacks=[collector]
+    )
     if trainer.world_size > 1:
         raise ConfigError("eval.py runs on one device (per-image predictions need one process): use trainer.devices=1")
     trainer.test(model, datamodule=datamodule)

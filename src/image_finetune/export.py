@@ -39,7 +39,9 @@ def _write_onnx(net: nn.Module, example: torch.Tensor, path: Path, opset: int) -
         # dynamo=False: the dynamo exporter needs onnxscript, which is not installed; the TorchScript-based one is
         # deprecated (hence the warning) but exports these CNNs exactly (see verify_export).
         warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # upsample_to's size check: fixed by the example's size
+        warnings.simplefilter(
+            "ignore", torch.jit.TracerWarning
+        )  # upsample_to's size check: fixed by the example's size
         torch.onnx.export(
             net,
             (example,),
@@ -83,7 +85,9 @@ def export_classifier(
         raise ConfigError(f"opset={opset}: use 17 or newer")
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"output={str(path)!r} is a folder; give a file path, e.g. output={path / ('model' + FORMATS[fmt])}")
+        raise UserError(
+            f"output={str(path)!r} is a folder; give a file path, e.g. output={path / ('model' + FORMATS[fmt])}"
+        )
     net = classifier.net.cpu().eval()
     size = classifier.preprocessing.size
     example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -120,7 +124,9 @@ def load_exported(path: str | os.PathLike) -> Callable[[np.ndarray], np.ndarray]
         return lambda images: session.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
     if fmt == "torchscript":
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # deprecated like torch.jit.trace; still how TorchScript loads
+            warnings.simplefilter(
+                "ignore", FutureWarning
+            )  # deprecated like torch.jit.trace; still how TorchScript loads
             module = torch.jit.load(str(path), map_location="cpu").eval()
     else:
         module = Classifier.from_safetensors(path, device="cpu").net
@@ -141,7 +147,9 @@ def verify_export(path: str | os.PathLike, classifier: Classifier, tolerance: fl
     got = torch.from_numpy(load_exported(path)(images.numpy())).softmax(dim=-1)
     diff = (got - expected).abs().max().item()
     if not diff <= tolerance:
-        raise RuntimeError(f"{path} does not reproduce the checkpoint: probabilities differ by {diff:.2e} > {tolerance:.0e}")
+        raise RuntimeError(
+            f"{path} does not reproduce the checkpoint: probabilities differ by {diff:.2e} > {tolerance:.0e}"
+        )
     return diff
 
 
@@ -156,8 +164,12 @@ def export(cfg: DictConfig) -> Path:
         raise ConfigError(f"format={cfg.get('format')!r}: choose one of {list(FORMATS)}")
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
     assert ckpt_path is not None
-    classifier = Classifier.from_checkpoint(ckpt_path, "cpu", image_size=cfg.get("image_size"), crop_ratio=cfg.get("crop_ratio"))
+    classifier = Classifier.from_checkpoint(
+        ckpt_path, "cpu", image_size=cfg.get("image_size"), crop_ratio=cfg.get("crop_ratio")
+    )
     out = Path(cfg.output) if cfg.get("output") else Path(cfg.paths.output_dir) / f"model{FORMATS[fmt]}"
-    path = export_classifier(classifier, fmt, out, source=ckpt_path, opset=cfg.get("opset", 17), verify=cfg.get("verify", True))
+    path = export_classifier(
+        classifier, fmt, out, source=ckpt_path, opset=cfg.get("opset", 17), verify=cfg.get("verify", True)
+    )
     log.info("wrote %s and %s", path, sidecar_path(path))
     return path

@@ -174,7 +174,13 @@ class Classifier:
         names = meta["class_names"]
         preprocessing = Preprocessing.from_dict(meta["preprocessing"])
         net = ClassifierNet(
-            backbone.module, backbone.num_features, len(names), 0.0, preprocessing.mean, preprocessing.std, meta.get("upsample_to")
+            backbone.module,
+            backbone.num_features,
+            len(names),
+            0.0,
+            preprocessing.mean,
+            preprocessing.std,
+            meta.get("upsample_to"),
         )
         state = load_file(path)
         expected = f"{meta['architecture']}, {len(names)} classes, as {sidecar_path(path)} says"
@@ -197,7 +203,9 @@ class Classifier:
             return self.tta.probabilities(self.net, images).cpu()
         return self.net(images).float().softmax(dim=-1).cpu()
 
-    def predict(self, images: ImageInput | Sequence[ImageInput], top_k: int = 5, batch_size: int = 32) -> list[Prediction]:
+    def predict(
+        self, images: ImageInput | Sequence[ImageInput], top_k: int = 5, batch_size: int = 32
+    ) -> list[Prediction]:
         """Classify paths and/or PIL images (one or a list) in batches; an unreadable file raises ``DataError``."""
         items = [images] if isinstance(images, (str, os.PathLike, Image.Image)) else list(images)
         predictions: list[Prediction] = []

@@ -134,8 +134,12 @@ def lr_find(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.paths.output_dir)
     datamodule: L.LightningDataModule = instantiate(cfg.data)
     configured_lr = float(cfg.model.optimizer.lr)
-    result: dict[str, Any] = {"configured": {"model.optimizer.lr": configured_lr,
-                                             "finetune.backbone_lr_ratio": float(cfg.finetune.backbone_lr_ratio)}}
+    result: dict[str, Any] = {
+        "configured": {
+            "model.optimizer.lr": configured_lr,
+            "finetune.backbone_lr_ratio": float(cfg.finetune.backbone_lr_ratio),
+        }
+    }
     lr = configured_lr
 
     def fresh_model(lr: float, scheduled: bool = False) -> ImageClassifier:
@@ -172,15 +176,23 @@ def lr_find(cfg: DictConfig) -> dict[str, Any]:
     if model is not None:
         unfrozen_model = model
         unfrozen = _sweep(
-            cfg, settings, unfrozen_model, datamodule,
+            cfg,
+            settings,
+            unfrozen_model,
+            datamodule,
             lambda x: [g["lr"] for g in unfrozen_model.param_groups(lr=lr, backbone_lr_ratio=x / lr)],
             optimizer_state,
         )
         ratio = unfrozen["suggestion"] / lr if unfrozen["suggestion"] is not None else None
-        result["unfrozen"] = {"what": f"backbone lr (stem's, = lr x backbone_lr_ratio) with the head at lr={lr:.3g}",
-                              **unfrozen, "ratio": ratio}
-    suggested = {"model.optimizer.lr": result.get("frozen", {}).get("suggestion"),
-                 "finetune.backbone_lr_ratio": result.get("unfrozen", {}).get("ratio")}
+        result["unfrozen"] = {
+            "what": f"backbone lr (stem's, = lr x backbone_lr_ratio) with the head at lr={lr:.3g}",
+            **unfrozen,
+            "ratio": ratio,
+        }
+    suggested = {
+        "model.optimizer.lr": result.get("frozen", {}).get("suggestion"),
+        "finetune.backbone_lr_ratio": result.get("unfrozen", {}).get("ratio"),
+    }
     if not phases[0].frozen:  # finetune=full: only the second sweep, at the configured head lr
         suggested["model.optimizer.lr"] = None
     result["suggested"] = suggested
@@ -194,13 +206,23 @@ def lr_find(cfg: DictConfig) -> dict[str, Any]:
 def _trainer(cfg: DictConfig, callbacks: list[L.Callback], **overrides: Any) -> L.Trainer:
     """A Trainer of the run's kind (device, precision, strategy) that writes nothing and skips validation."""
     return instantiate(
-        cfg.trainer, callbacks=callbacks, logger=False, enable_checkpointing=False, limit_val_batches=0,
-        num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False, **overrides,
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **overrides,
     )
 
 
 def _sweep(
-    cfg: DictConfig, settings: dict[str, Any], model: ImageClassifier, datamodule: L.LightningDataModule,
+    cfg: DictConfig,
+    settings: dict[str, Any],
+    model: ImageClassifier,
+    datamodule: L.LightningDataModule,
     group_lrs: Callable[[float], Sequence[float]],
     optimizer_state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -253,7 +275,10 @@ def _report(result: dict[str, Any], out: Path) -> None:
     lines = [f"LR finder: plot {out / 'lr_find.png'}, values {out / 'lr_find.json'}"]
     for key, value in result["suggested"].items():
         configured = result["configured"][key]
-        lines.append(f"  {key}: suggested {value:.3g} (configured {configured:.3g})" if value is not None else
-                     f"  {key}: no suggestion (configured {configured:.3g})")
+        lines.append(
+            f"  {key}: suggested {value:.3g} (configured {configured:.3g})"
+            if value is not None
+            else f"  {key}: no suggestion (configured {configured:.3g})"
+        )
     lines.append(f"Train with them:\n  {result['command']}")
     print("\n".join(lines))

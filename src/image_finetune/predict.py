@@ -60,7 +60,9 @@ def list_inputs(input_path: str | os.PathLike) -> list[tuple[str, str | None]]:
         return sorted((f.path, skip_reason(f.path, f.kind)) for f in found)
     if kind != "file":
         problem = "no such file or folder" if kind.endswith("no such file") else kind
-        raise UserError(f"input={str(input_path)!r}: {problem}. Give an image, a folder of images, or a .txt list of paths.")
+        raise UserError(
+            f"input={str(input_path)!r}: {problem}. Give an image, a folder of images, or a .txt list of paths."
+        )
     if path.suffix.lower() in LIST_SUFFIXES:
         lines = (line.strip() for line in path.read_text().splitlines())
         listed = [str(path.parent / Path(line).expanduser()) for line in lines if line and not line.startswith("#")]
@@ -148,7 +150,9 @@ def predict(cfg: DictConfig) -> Path:
             "ckpt_path is required: python predict.py ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt input=PATH"
         )
     if not cfg.get("input"):
-        raise UserError("input is required: an image, a folder of images, or a .txt file listing image paths (input=PATH)")
+        raise UserError(
+            "input is required: an image, a folder of images, or a .txt file listing image paths (input=PATH)"
+        )
     if cfg.top_k < 1 or cfg.batch_size < 1:
         raise UserError(f"top_k={cfg.top_k} and batch_size={cfg.batch_size} must be at least 1")
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
@@ -161,7 +165,12 @@ def predict(cfg: DictConfig) -> Path:
         raise DataError(f"input={cfg.input!r} holds no files to classify")
     workers = default_num_workers() if cfg.get("num_workers") is None else cfg.num_workers
     rows = classify_files(
-        classifier, inputs, top_k=cfg.top_k, batch_size=cfg.batch_size, num_workers=workers, progress=cfg.get("progress", True)
+        classifier,
+        inputs,
+        top_k=cfg.top_k,
+        batch_size=cfg.batch_size,
+        num_workers=workers,
+        progress=cfg.get("progress", True),
     )
     out = write_predictions(rows, cfg.output, min(cfg.top_k, len(classifier.class_names)))
     failed = sum(row.prediction is None for row in rows)

@@ -99,8 +99,12 @@ def drop_checkpoints_after_last(checkpoint_dir: str | os.PathLike) -> list[Path]
             path.unlink()
             removed.append(path)
     if removed:
-        log.info("Removed %d checkpoint(s) the interrupted run wrote after %s (the resumed run writes them again): %s",
-                 len(removed), LAST, ", ".join(p.name for p in removed))
+        log.info(
+            "Removed %d checkpoint(s) the interrupted run wrote after %s (the resumed run writes them again): %s",
+            len(removed),
+            LAST,
+            ", ".join(p.name for p in removed),
+        )
     return removed
 
 

@@ -19,11 +19,12 @@ from image_finetune.callbacks import (
     add_test,
     flat_metrics,
     run_results,
+    scalar_metrics,
     silence_lightning_noise,
     summarize_run,
 )
 from image_finetune.checkpoints import LAST, resolve_ckpt_path
-from image_finetune.cli import instantiate_group, save_json, scalar_metrics, to_plain
+from image_finetune.cli import instantiate_group, save_json, to_plain
 from image_finetune.config_checks import check_config
 from image_finetune.errors import ConfigError, RunInterrupted
 from image_finetune.models import ImageClassifier
@@ -54,9 +55,13 @@ def build(cfg: DictConfig) -> Run:
     plain = to_plain(cfg)
     schedule = FinetuneSchedule.from_config(plain["finetune"])
     model: ImageClassifier = instantiate(cfg.model)
-    datamodule: L.LightningDataModule = instantiate(cfg.data, _partial_=True)(preprocessing=model.backbone.preprocessing)
+    datamodule: L.LightningDataModule = instantiate(cfg.data, _partial_=True)(
+        preprocessing=model.backbone.preprocessing
+    )
     callbacks = [*instantiate_group(cfg.get("callbacks")), StoreRunConfig(plain)]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")) or False)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")) or False
+    )
     for logger in trainer.loggers:
         logger.log_hyperparams(plain)
     return Run(datamodule, model, trainer, plain, schedule)
@@ -139,5 +144,9 @@ def _interrupted(cfg: DictConfig, signum: signal.Signals) -> RunInterrupted:
     finish. A requeued job resumes with the same command plus ``hydra.run.dir=<this run dir> ckpt_path=last``.
     """
     last = Path(cfg.paths.output_dir) / "checkpoints" / LAST
-    where = f"resume with hydra.run.dir={cfg.paths.output_dir} ckpt_path=last" if last.is_file() else "no checkpoint was saved"
+    where = (
+        f"resume with hydra.run.dir={cfg.paths.output_dir} ckpt_path=last"
+        if last.is_file()
+        else "no checkpoint was saved"
+    )
     return RunInterrupted(f"received {signum.name} during training; {where}", exit_code=128 + signum.value)

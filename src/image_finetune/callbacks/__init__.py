@@ -10,6 +10,7 @@ from image_finetune.callbacks.progress import (
     add_test,
     flat_metrics,
     run_results,
+    scalar_metrics,
     silence_lightning_noise,
     summarize_run,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "add_test",
     "flat_metrics",
     "run_results",
+    "scalar_metrics",
     "silence_lightning_noise",
     "summarize_run",
 ]

@@ -25,6 +25,8 @@ class CheckWeightsInSync(L.Callback):
         local = weights_fingerprint(pl_module).to(pl_module.device)
         gathered = pl_module.all_gather(local)
         if not torch.equal(gathered.min(dim=0).values, gathered.max(dim=0).values):
-            raise RuntimeError(f"epoch {trainer.current_epoch + 1}: model weights differ across the {trainer.world_size} ranks")
+            raise RuntimeError(
+                f"epoch {trainer.current_epoch + 1}: model weights differ across the {trainer.world_size} ranks"
+            )
         if trainer.is_global_zero:
             pl_module.print(f"epoch {trainer.current_epoch + 1}: weights identical on all {trainer.world_size} ranks")

@@ -36,7 +36,6 @@ from rich.table import Table
 from rich.text import Text
 
 from image_finetune.callbacks.visuals import log_step, phase_name, tensorboard_logger
-from image_finetune.cli import scalar_metrics
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +72,13 @@ _NOISE_WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's _pytree against torch >= 2.10
     r"Checkpoint directory .* exists and is not empty",  # the unfrozen fit re-opens the run's own checkpoint dir
 )
+
+
+def scalar_metrics(
+    metrics: Mapping[str, Any], prefixes: tuple[str, ...] = ("train/", "val/", "test/")
+) -> dict[str, float]:
+    """The logged metrics under ``prefixes`` as plain floats (what metrics.json, the summary and sweepers read)."""
+    return {k: float(v) for k, v in metrics.items() if k.startswith(prefixes)}
 
 
 class _DropNoise(logging.Filter):

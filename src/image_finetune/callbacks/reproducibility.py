@@ -40,7 +40,9 @@ class ReseedEveryBatch(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._reseed(trainer, trainer.current_epoch, 0)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._reseed(trainer, trainer.current_epoch, batch_idx + 1)
 
 
@@ -73,7 +75,13 @@ class LastCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self, dirpath: str | None = None, filename: str = LAST.removesuffix(".ckpt"), **kwargs: Any) -> None:
-        kwargs = {"monitor": None, "save_top_k": 1, "enable_version_counter": False, "save_on_exception": True, **kwargs}
+        kwargs = {
+            "monitor": None,
+            "save_top_k": 1,
+            "enable_version_counter": False,
+            "save_on_exception": True,
+            **kwargs,
+        }
         super().__init__(dirpath=dirpath, filename=filename, **kwargs)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:

@@ -67,9 +67,15 @@ def _fit_cell(image: Image.Image, cell: int) -> Image.Image:
     side = max(image.size)
     if side < cell:
         factor = cell // side
-        return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST) if factor > 1 else image
+        return (
+            image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+            if factor > 1
+            else image
+        )
     scale = cell / side
-    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BILINEAR)
+    return image.resize(
+        (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.BILINEAR
+    )
 
 
 def _fit_text(draw: ImageDraw.ImageDraw, text: str, width: int, font: Any) -> str:
@@ -117,7 +123,9 @@ def image_grid(
 def message_image(text: str, size: tuple[int, int] = (320, 40)) -> np.ndarray:
     """A small image that says something, so an image tag can state that there was nothing to show."""
     canvas = Image.new("RGB", size, "white")
-    ImageDraw.Draw(canvas).text((8, (size[1] - CAPTION_FONT_SIZE) // 2), text, fill=TEXT_COLOUR, font=_font(CAPTION_FONT_SIZE))
+    ImageDraw.Draw(canvas).text(
+        (8, (size[1] - CAPTION_FONT_SIZE) // 2), text, fill=TEXT_COLOUR, font=_font(CAPTION_FONT_SIZE)
+    )
     return np.asarray(canvas)
 
 
@@ -206,7 +214,9 @@ class TrainImageGrid(L.Callback):
         self.max_images, self.columns, self.cell = max_images, columns, cell
         self._done = False
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._done or self.max_images <= 0 or not trainer.is_global_zero or not image_loggers(trainer):
             return
         self._done = True
@@ -240,7 +250,13 @@ class _ValidationAccumulator(L.Callback):
             self._state = self._init_state(num_classes, pl_module.device)
 
     def on_validation_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
         if self._state is None or not isinstance(outputs, dict) or "logits" not in outputs:
             return
@@ -277,7 +293,9 @@ class ConfusionMatrixImage(_ValidationAccumulator):
         if n <= self.max_classes:
             return n
         if not self._warned:
-            log.info("%d classes > callbacks.confusion_matrix.max_classes=%d: no confusion matrix image", n, self.max_classes)
+            log.info(
+                "%d classes > callbacks.confusion_matrix.max_classes=%d: no confusion matrix image", n, self.max_classes
+            )
             self._warned = True
         return 0
 
@@ -401,10 +419,14 @@ class MisclassifiedGrid(_ValidationAccumulator):
         names = class_names(trainer, pl_module)
         captions = [
             f"true: {names[t]}\npred: {names[p]} ({s:.0%})"
-            for t, p, s in zip(state["target"][order].tolist(), state["pred"][order].tolist(), state["score"][order].tolist())
+            for t, p, s in zip(
+                state["target"][order].tolist(), state["pred"][order].tolist(), state["score"][order].tolist()
+            )
         ]
         colours = [WRONG_COLOUR] * len(captions)
-        grid = image_grid(state["images"][order], captions, columns=self.columns, cell=self.cell, caption_colours=colours)
+        grid = image_grid(
+            state["images"][order], captions, columns=self.columns, cell=self.cell, caption_colours=colours
+        )
         _add_image(trainer, MISCLASSIFIED_TAG, grid)
 
 

@@ -178,12 +178,19 @@ class ClassificationDataModule(L.LightningDataModule):
 
     # ---- loaders --------------------------------------------------------------------------------------------------
     def _loader(
-        self, split: str, sampler: Any = None, dataset: Dataset | None = None, batch_size: int | None = None, drop_last: bool = False
+        self,
+        split: str,
+        sampler: Any = None,
+        dataset: Dataset | None = None,
+        batch_size: int | None = None,
+        drop_last: bool = False,
     ) -> DataLoader:
         """The loader of ``split`` (of ``dataset``, when given, read as that split is)."""
         if dataset is None:
             if split not in self.datasets:
-                raise RuntimeError(f"no {split!r} split: call setup() first, or give the data a {split}/ folder or fraction")
+                raise RuntimeError(
+                    f"no {split!r} split: call setup() first, or give the data a {split}/ folder or fraction"
+                )
             dataset = self.datasets[split]
         on_gpu = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
         return DataLoader(
@@ -270,4 +277,3 @@ class ClassificationDataModule(L.LightningDataModule):
         images = images.float().div_(255) if images.dtype == torch.uint8 else images
         training = self.trainer is not None and self.trainer.training
         return self.device_transform(images, train=training), labels
-

@@ -149,7 +149,9 @@ class CIFAR10DataModule(ClassificationDataModule):
                 f"show the backbone {image_size}x{image_size} images, set model.upsample_to={image_size} (the network upsamples, "
                 f"so eval, predict and exports do the same) and leave data.image_size at {CIFAR_SIZE}"
             )
-        self.save_hyperparameters({"data_dir": str(data_dir), "image_size": image_size, "val_size": val_size, "seed": seed})
+        self.save_hyperparameters(
+            {"data_dir": str(data_dir), "image_size": image_size, "val_size": val_size, "seed": seed}
+        )
         self.data_dir = Path(data_dir).expanduser()
         self.image_size, self.val_size, self.download = image_size, val_size, download
         self._on_device: dict[tuple[str, int, str], tuple[torch.Tensor, torch.Tensor]] = {}

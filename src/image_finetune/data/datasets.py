@@ -51,7 +51,11 @@ def as_uint8_chw(image: Any, source: str) -> torch.Tensor:
     if isinstance(image, Image.Image):
         return to_uint8_tensor(image.convert("RGB"))
     if isinstance(image, np.ndarray):
-        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1) if image.ndim == 3 else torch.from_numpy(image)
+        image = (
+            torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+            if image.ndim == 3
+            else torch.from_numpy(image)
+        )
     if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8:
         kind = f"{type(image).__name__} of {image.dtype}" if isinstance(image, torch.Tensor) else type(image).__name__
         raise DataError(

@@ -20,7 +20,6 @@ import simplejpeg
 import torch
 from PIL import ExifTags, Image
 
-
 log = logging.getLogger(__name__)
 
 # Transparent pixels are composited onto white: images with alpha are nearly always cut-outs, logos and

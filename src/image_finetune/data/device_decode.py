@@ -65,7 +65,9 @@ def center_box(height: int, width: int, crop_ratio: float = 0.875) -> Box:
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def crop_resize(images: Sequence[torch.Tensor], boxes: Sequence[Box], size: int, flips: Sequence[bool] | None = None) -> torch.Tensor:
+def crop_resize(
+    images: Sequence[torch.Tensor], boxes: Sequence[Box], size: int, flips: Sequence[bool] | None = None
+) -> torch.Tensor:
     """Crop each image to its box and resize it to ``size`` x ``size`` (bilinear, antialiased), on the images' device.
 
     Returns one uint8 NCHW batch, as the CPU path collates it. Images differ in size, so this is one small resize per

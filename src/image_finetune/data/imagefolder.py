@@ -82,10 +82,14 @@ class ImageFolderDataModule(ClassificationDataModule):
         """``preprocessing`` is the backbone's (``train`` hands it over); ``image_size``/``crop_ratio`` override it."""
         super().__init__(batch_size, num_workers, seed, pin_memory, persistent_workers, min_steps_per_epoch)
         if isinstance(test_fraction, str) and test_fraction != "auto":
-            raise ConfigError(f"data.test_fraction={test_fraction!r}: use auto or a fraction in [0, 1), e.g. 0.15 (0: no test split)")
+            raise ConfigError(
+                f"data.test_fraction={test_fraction!r}: use auto or a fraction in [0, 1), e.g. 0.15 (0: no test split)"
+            )
         largest_test = AUTO_TEST_FRACTION if test_fraction == "auto" else float(test_fraction)
         if not 0 <= val_fraction < 1 or not 0 <= largest_test < 1 or val_fraction + largest_test >= 1:
-            raise ConfigError(f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must be in [0, 1) and sum to < 1")
+            raise ConfigError(
+                f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must be in [0, 1) and sum to < 1"
+            )
         if cache not in CACHE_MODES:
             raise ConfigError(
                 f"data.cache={cache!r}: use auto (keep resized copies when the images are large), resized (always) "
@@ -95,8 +99,13 @@ class ImageFolderDataModule(ClassificationDataModule):
         self.preprocessing = backbone_preprocessing.override(size=image_size, crop_ratio=crop_ratio)
         self.image_size, self.crop_ratio = self.preprocessing.size, self.preprocessing.crop_ratio
         self.save_hyperparameters(
-            {"root": str(root), "image_size": self.image_size, "val_fraction": val_fraction, "test_fraction": test_fraction,
-             "seed": seed}  # fmt: skip
+            {
+                "root": str(root),
+                "image_size": self.image_size,
+                "val_fraction": val_fraction,
+                "test_fraction": test_fraction,
+                "seed": seed,
+            }
         )
         self.root = Path(root).expanduser()
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
@@ -118,7 +127,9 @@ class ImageFolderDataModule(ClassificationDataModule):
 
     def _check_root(self) -> None:
         if not self.root.is_dir():
-            raise DataError(f"data.root={str(self.root)!r} does not exist or is not a folder. Point data.root at a folder of class folders.")
+            raise DataError(
+                f"data.root={str(self.root)!r} does not exist or is not a folder. Point data.root at a folder of class folders."
+            )
 
     def _discover(self) -> tuple[list[str], dict[str, Samples], dict[str, FolderScan]]:
         """Scan the folder(s) and split; returns class names, samples per split, and the scans (for the report)."""
@@ -136,13 +147,22 @@ class ImageFolderDataModule(ClassificationDataModule):
             splits = {split: list(scan.samples) for split, scan in scans.items()}
             # What train/ must give up: val when there is no val/ folder, test when there is no test/ folder.
             names = [name for name in ("val", "test") if name not in splits]
-            fractions = {"val": self.val_fraction or 0.15, "test": self._test_fraction(splits["train"], classes, "train/")}
+            fractions = {
+                "val": self.val_fraction or 0.15,
+                "test": self._test_fraction(splits["train"], classes, "train/"),
+            }
             if any(fractions[name] > 0 for name in names):
-                splits.update(self._stratified_split(splits["train"], [fractions[name] for name in names], names, classes))
+                splits.update(
+                    self._stratified_split(splits["train"], [fractions[name] for name in names], names, classes)
+                )
             return classes, splits, scans
         scan = self._scan(self.root)
         fractions = [self.val_fraction, self._test_fraction(scan.samples, scan.classes, "data.root")]
-        return scan.classes, self._stratified_split(list(scan.samples), fractions, ["val", "test"], scan.classes), {"all": scan}
+        return (
+            scan.classes,
+            self._stratified_split(list(scan.samples), fractions, ["val", "test"], scan.classes),
+            {"all": scan},
+        )
 
     def _test_fraction(self, pool: Samples, classes: list[str], where: str) -> float:
         """``data.test_fraction``, with ``auto`` resolved for ``pool``: AUTO_TEST_FRACTION when every class has at
@@ -161,13 +181,17 @@ class ImageFolderDataModule(ClassificationDataModule):
         )  # fmt: skip
         return 0.0
 
-    def _stratified_split(self, samples: Samples, fractions: list[float], names: list[str], classes: list[str]) -> dict[str, Samples]:
+    def _stratified_split(
+        self, samples: Samples, fractions: list[float], names: list[str], classes: list[str]
+    ) -> dict[str, Samples]:
         """Hold out ``fractions`` of each class (at least one image per class per held-out split)."""
         rng = random.Random(self.seed)
         by_class: dict[int, Samples] = {}
         for sample in sorted(samples):
             by_class.setdefault(sample[1], []).append(sample)
-        out: dict[str, Samples] = {name: [] for name in ["train", *names] if name == "train" or fractions[names.index(name)] > 0}
+        out: dict[str, Samples] = {
+            name: [] for name in ["train", *names] if name == "train" or fractions[names.index(name)] > 0
+        }
         for label, items in sorted(by_class.items()):
             rng.shuffle(items)
             sizes = split_sizes(len(items), fractions)
@@ -195,7 +219,10 @@ class ImageFolderDataModule(ClassificationDataModule):
                 "Resume in a new run dir (or delete the manifest) to split afresh."
             )
         log.info("Reusing the data split in %s", self.manifest_path)
-        return {split: [(str(self.root / rel), label) for rel, label in items] for split, items in manifest["splits"].items()}
+        return {
+            split: [(str(self.root / rel), label) for rel, label in items]
+            for split, items in manifest["splits"].items()
+        }
 
     def _write_manifest(self) -> None:
         if self.manifest_path is None:
@@ -203,7 +230,10 @@ class ImageFolderDataModule(ClassificationDataModule):
         manifest = {
             "root": str(self.root),
             "classes": self.class_names,
-            "splits": {split: [(os.path.relpath(path, self.root), label) for path, label in items] for split, items in self.splits.items()},
+            "splits": {
+                split: [(os.path.relpath(path, self.root), label) for path, label in items]
+                for split, items in self.splits.items()
+            },
         }
         atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1))
 
@@ -263,7 +293,11 @@ class ImageFolderDataModule(ClassificationDataModule):
                     median, short_side, cache.cache_dir,
                 )  # fmt: skip
             else:
-                log.info("data.cache=auto: reading the original files (median short side %s px, training reads %d px)", median, short_side)
+                log.info(
+                    "data.cache=auto: reading the original files (median short side %s px, training reads %d px)",
+                    median,
+                    short_side,
+                )
         return cache if large else None
 
 
@@ -279,7 +313,9 @@ def median_short_side(paths: Sequence[str], probe: int, seed: int) -> int | None
     for path in random.Random(seed).sample(list(paths), min(probe, len(paths))):
         try:
             sides.append(stored_short_side(path))
-        except Exception:  # a file that broke after the scan (or became a decompression bomb); the loader will report it
+        except (
+            Exception
+        ):  # a file that broke after the scan (or became a decompression bomb); the loader will report it
             continue
     return round(statistics.median(sides)) if sides else None
 

@@ -273,7 +273,6 @@ def skip_reason(path: str, kind: str) -> str | None:
 class Found(NamedTuple):
     """One path under a scanned folder: ``kind`` is 'file' (a regular file) or the reason it is skipped."""
 
-
     path: str
     kind: str  # 'file' or a skip reason
     real: str = ""

@@ -62,12 +62,16 @@ class ClassifierNet(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         if upsample_to is not None and upsample_to < 1:
-            raise ConfigError(f"model.upsample_to={upsample_to} must be a positive size in pixels, or null for no upsampling")
+            raise ConfigError(
+                f"model.upsample_to={upsample_to} must be a positive size in pixels, or null for no upsampling"
+            )
         self.upsample_to = upsample_to
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.upsample_to is not None and images.shape[-2:] != (self.upsample_to, self.upsample_to):
-            images = F.interpolate(images, size=(self.upsample_to, self.upsample_to), mode="bilinear", align_corners=False)
+            images = F.interpolate(
+                images, size=(self.upsample_to, self.upsample_to), mode="bilinear", align_corners=False
+            )
         return self.head(self.backbone((images - self.mean) / self.std))
 
 
@@ -407,7 +411,9 @@ class ImageClassifier(L.LightningModule):
         checkpoint = read_checkpoint(path)
         hparams = dict(checkpoint.get("hyper_parameters") or {})
         if "backbone" not in hparams or not hparams.get("class_names"):
-            raise UserError(f"{path} is not a checkpoint of image_finetune.ImageClassifier (no backbone/class_names hparams)")
+            raise UserError(
+                f"{path} is not a checkpoint of image_finetune.ImageClassifier (no backbone/class_names hparams)"
+            )
         # An allow-listed builder, no weights (they come from the checkpoint): nothing read from disk chooses code.
         backbone = rebuild_backbone(hparams["backbone"], source=str(path))
         model = cls(
@@ -420,7 +426,9 @@ class ImageClassifier(L.LightningModule):
         )
         model.hparams["pretrained"] = hparams.get("pretrained")
         model.hparams["backbone"] = dict(hparams["backbone"])  # as trained (its weights name), not as rebuilt
-        check_weights_fit(model, checkpoint["state_dict"], source=str(path), expected=f"{_describe(hparams)}, as its hparams say")
+        check_weights_fit(
+            model, checkpoint["state_dict"], source=str(path), expected=f"{_describe(hparams)}, as its hparams say"
+        )
         model.load_state_dict(checkpoint["state_dict"])
         return model.to(map_location).eval()
 
@@ -429,7 +437,9 @@ class ImageClassifier(L.LightningModule):
         if self.net is not None and self.strict_loading:
             theirs = _describe(checkpoint.get("hyper_parameters") or {})
             ours = _describe(self.hparams)
-            check_weights_fit(self, checkpoint["state_dict"], source=f"the checkpoint ({theirs})", expected=f"this model ({ours})")
+            check_weights_fit(
+                self, checkpoint["state_dict"], source=f"the checkpoint ({theirs})", expected=f"this model ({ours})"
+            )
 
 
 def _describe(hparams: Mapping[str, Any]) -> str:
@@ -445,7 +455,9 @@ def check_weights_fit(module: nn.Module, state_dict: Mapping[str, torch.Tensor],
     """
     own = module.state_dict()
     shapes = {
-        k: (tuple(state_dict[k].shape), tuple(v.shape)) for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape
+        k: (tuple(state_dict[k].shape), tuple(v.shape))
+        for k, v in own.items()
+        if k in state_dict and state_dict[k].shape != v.shape
     }
     problems = []
     head = next((k for k in shapes if k.endswith("head.1.weight")), None)
@@ -455,7 +467,9 @@ def check_weights_fit(module: nn.Module, state_dict: Mapping[str, torch.Tensor],
         problems.append(f"its head is {width}->{n} ({n} classes), not {own_width}->{own_n} ({own_n} classes)")
     missing, unexpected = [k for k in own if k not in state_dict], [k for k in state_dict if k not in own]
     if shapes or missing or unexpected:
-        examples = [f"{k} is {list(a)}, not {list(b)}" for k, (a, b) in shapes.items()][:2] + [f"{k} is missing" for k in missing[:1]]
+        examples = [f"{k} is {list(a)}, not {list(b)}" for k, (a, b) in shapes.items()][:2] + [
+            f"{k} is missing" for k in missing[:1]
+        ]
         problems.append(
             f"its backbone is another architecture ({len(shapes)} tensors of another shape, {len(missing)} missing, "
             f"{len(unexpected)} unexpected; e.g. {'; '.join(examples or unexpected[:1])})"

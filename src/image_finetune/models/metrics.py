@@ -27,7 +27,10 @@ class SyncFreeMacroF1(MulticlassF1Score):
     def update(self, preds: Tensor, target: Tensor) -> None:
         preds = preds.argmax(dim=1) if preds.is_floating_point() else preds
         classes = _classes(self.num_classes, preds.device)
-        predicted, actual = preds.view(-1, 1) == classes, target.view(-1, 1) == classes  # (N, C) one-hot, no bounds check
+        predicted, actual = (
+            preds.view(-1, 1) == classes,
+            target.view(-1, 1) == classes,
+        )  # (N, C) one-hot, no bounds check
         tp = (predicted & actual).sum(0)
         fp, fn = predicted.sum(0) - tp, actual.sum(0) - tp
         self._update_state(tp, fp, target.numel() - tp - fp - fn, fn)
