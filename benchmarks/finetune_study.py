@@ -89,7 +89,7 @@ RECIPES = {r.name: r for r in [
 PUBLISHED = ("defaults", "before", "fastai", "fastai-bs32")
 
 # What a study run switches off: per-epoch images and files it does not read (accuracy and timing are unaffected).
-QUIET = ("~logger", "++callbacks.model_checkpoint=null", "++trainer.enable_checkpointing=false", "++callbacks.lr_monitor=null",
+QUIET = ("~logger", "++callbacks.model_checkpoint=null", "++callbacks.last_checkpoint=null", "++trainer.enable_checkpointing=false", "++callbacks.lr_monitor=null",
          "++callbacks.progress_bar=null", "++callbacks.model_summary=null", "++callbacks.train_images=null",
          "++callbacks.confusion_matrix=null", "++callbacks.misclassified=null", "++callbacks.per_class_accuracy=null",
          "++callbacks.run_summary=null", "++trainer.enable_progress_bar=false", "++trainer.enable_model_summary=false",
@@ -148,7 +148,7 @@ def run_template(
     metrics = train(cfg)
     seconds = time.perf_counter() - start
     shutil.rmtree(out, ignore_errors=True)
-    return Result(task.name, recipe.name, seed, float(metrics["val/acc"]), seconds, key)
+    return Result(task.name, recipe.name, seed, float(metrics["last/val/acc"]), seconds, key)
 
 
 def run_fastai(

@@ -217,7 +217,7 @@ def test_timm_model_trains_offline_and_eval_predict_export_and_the_api_use_its_c
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    ckpt = json.loads((run_dir / "metrics.json").read_text())["best_checkpoint"]
+    ckpt = json.loads((run_dir / "metrics.json").read_text())["best"]["checkpoint"]
     hparams = torch.load(ckpt, weights_only=True)["hyper_parameters"]
     assert hparams["pretrained"] is True and hparams["backbone"]["name"] == TIMM_MODEL
     assert hparams["preprocessing"]["crop"] == 32 and hparams["preprocessing"]["interpolation"] == "bicubic"
@@ -230,7 +230,7 @@ def test_timm_model_trains_offline_and_eval_predict_export_and_the_api_use_its_c
     script("eval.py", "trainer=cpu", f"hydra.run.dir={tmp_path / 'eval'}")
     evaluated = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     trained = json.loads((run_dir / "metrics.json").read_text())
-    assert evaluated["test/acc"] == pytest.approx(trained["test/acc"], abs=1e-6)
+    assert evaluated["test/acc"] == pytest.approx(trained["test"]["acc"], abs=1e-6)  # metrics.json of train is nested
     script("predict.py", f"input={images / 'class_1'}", "num_workers=0", "device=cpu", f"hydra.run.dir={tmp_path}/p")
     assert len((tmp_path / "p" / "predictions.csv").read_text().splitlines()) == 1 + 12
     script("export.py", "format=onnx", f"hydra.run.dir={tmp_path / 'export'}")  # verify=true: within 1e-4

@@ -134,7 +134,8 @@ def test_two_torchrun_nodes_train_through_the_unfreeze_in_one_run_dir(tmp_path, 
     assert [p.name for p in runs.iterdir()] == ["torchrun-twonodes"]  # one run dir, named by the rendezvous id
     run_dir = runs / "torchrun-twonodes"
     both = "".join(outputs)
-    assert "epoch 0: weights identical on all 2 ranks" in both and "epoch 1: weights identical on all 2 ranks" in both
-    assert "Unfreezing the backbone" in both
-    assert (run_dir / "checkpoints" / "unfreeze.ckpt").is_file() and (run_dir / "metrics.json").is_file()
+    # epochs counted from 1, as everywhere a person reads them
+    assert "epoch 1: weights identical on all 2 ranks" in both and "epoch 2: weights identical on all 2 ranks" in both
+    assert "Unfreezing after epoch 1" in both
+    assert (run_dir / "checkpoints" / "phase1.ckpt").is_file() and (run_dir / "metrics.json").is_file()
     assert not list(run_dir.glob("**/.pl_ddp*")) and not list(run_dir.glob("*/.hydra"))  # no per-rank output dirs

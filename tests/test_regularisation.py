@@ -113,7 +113,7 @@ def test_ema_weights_are_what_validation_checkpoints_and_test_use(compose_cfg, i
 
 def test_ema_mixup_and_strong_augmentation_resume_exactly_across_the_unfreeze(compose_cfg, image_folder, tmp_path):
     """From the last frozen epoch's checkpoint (the hard case: the uninterrupted run crosses the boundary through
-    ``unfreeze.ckpt``, saved after the fit): the same raw and averaged weights."""
+    ``phase1.ckpt``, saved after the fit): the same raw and averaged weights."""
     common = ("callbacks=ema", "callbacks.ema.decay=0.6", "augment=strong", "model.mixup.mixup_alpha=0.4",
               "model.mixup.cutmix_alpha=1.0", "finetune.freeze_epochs=1", "trainer.max_epochs=2",
               *EVERY_EPOCH)  # fmt: skip
@@ -150,7 +150,7 @@ def test_augment_presets_choose_the_training_transform(compose_cfg, image_folder
         "default": ["RandomResizedCrop", "RandomHorizontalFlip"],
         "strong": ["RandomResizedCrop", "RandomHorizontalFlip", "TrivialAugmentWide", "RandomErasing"],
     }
-    scales = {"light": (0.35, 1.0), "default": (0.08, 1.0), "strong": (0.08, 1.0)}
+    scales = {"light": (0.35, 1.0), "default": (0.5, 1.0), "strong": (0.5, 1.0)}  # default/strong: data.crop_scale
     for preset, names in expected.items():
         _, train = train_set(compose_cfg, image_folder, f"augment={preset}")
         assert steps(train.transform) == names, preset
