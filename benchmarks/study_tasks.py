@@ -192,7 +192,7 @@ class Scale:
     pretrain_epochs: int = 3
     pretrain_photo_patches: int = 60  # per pretraining photograph
     val_per_class: int = 20
-    few_shot_epochs: int = 8  # 1 frozen + 7 unfrozen (issue 10's finding used 1 + 15; halved to fit this machine)
+    few_shot_epochs: int = 16  # 1 frozen + 15 unfrozen: issue 10's budget
     large_epochs: int = 2
     photo_pool: int = 200  # training patches per fine-tuning photograph to draw shots from
     pretrain_digits_per_class: int | None = None  # None: every scan of digits 0-4 (~900)

@@ -159,10 +159,11 @@ def test_kill_9_then_ckpt_path_last_ends_bitwise_equal_and_the_dir_is_locked_mea
     killed = start(train_command(killed_dir, images), env, tmp_path / "killed.log")
 
     wait_for_epoch(killed_dir / "checkpoints" / "last.ckpt", 2, killed)
+    killed.send_signal(signal.SIGSTOP)  # alive and holding the lock, however slowly the second run starts
     code, output = finish(start(train_command(killed_dir, images), env, tmp_path / "second.log"), timeout=600)
     assert code == 2 and "Traceback" not in output, output
     assert f"error: run dir {killed_dir} is in use by another training run (pid {killed.pid} on" in output
-    killed.kill()  # SIGKILL
+    killed.kill()  # SIGKILL (its data loader worker may outlive it for seconds: it must not hold the lock)
     killed.wait()
 
     code, output = finish(start(train_command(killed_dir, images, "ckpt_path=last"), env, tmp_path / "resumed.log"))
@@ -220,6 +221,29 @@ def test_a_second_run_in_a_locked_dir_fails_at_once_and_a_dead_holder_leaves_no_
     with run_dir_lock(tmp_path) as lock:
         assert lock == tmp_path / LOCK_NAME
         assert f"pid {os.getpid()} on" in lock.read_text()
+
+
+def test_a_forked_worker_that_outlives_a_killed_trainer_does_not_keep_the_dir_locked(tmp_path):
+    """Data loader workers are forked while the lock is held; one still alive after its trainer died (as after
+    `kill -9`, until its watchdog notices) must not hold the lock: a flock belongs to the open file, not the process."""
+    script = (
+        "import os, sys, time; from image_finetune.rundir import run_dir_lock\n"
+        "with run_dir_lock(sys.argv[1]):\n"
+        "    if os.fork() == 0:\n        time.sleep(600)\n"
+        "    print('locked', flush=True); time.sleep(600)"
+    )
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path)], env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+        stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert trainer.stdout is not None and trainer.stdout.readline().strip() == "locked"
+        trainer.kill()  # the trainer only; its forked child lives on
+        trainer.wait()
+        with run_dir_lock(tmp_path) as lock:
+            assert lock == tmp_path / LOCK_NAME
+    finally:
+        os.killpg(trainer.pid, signal.SIGKILL)
 
 
 def test_ranks_other_than_zero_take_no_lock(tmp_path, monkeypatch):

@@ -2,7 +2,8 @@
 
 The lock is ``fcntl.flock`` on ``<run dir>/.train.lock``, held by the process for as long as it trains. The kernel
 drops it when the process ends however it ends (``kill -9`` included), so there is never a stale lock to delete by
-hand. Under DDP only the launching process (global rank 0) takes it: the other ranks of the same run must not block
+hand. Forked children (data loader workers) close their copy of the descriptor at once: a flock belongs to the open
+file, so a worker outliving a killed trainer by the seconds its watchdog takes would otherwise keep the dir locked. Under DDP only the launching process (global rank 0) takes it: the other ranks of the same run must not block
 on it. The rank is read from the launchers' environment variables, because the lock is taken before any Trainer exists.
 """
 
@@ -29,6 +30,19 @@ LOCK_NAME = ".train.lock"
 _RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
 
 
+_held: set[int] = set()  # lock descriptors of this process, closed in every forked child
+
+
+def _close_in_child() -> None:
+    for fd in _held:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
+
+
 def is_launcher() -> bool:
     """Whether this process is global rank 0 of its run (a plain run is): every rank variable set is 0."""
     return all(os.environ.get(name, "0").strip() in ("0", "") for name in _RANK_VARIABLES)
@@ -48,6 +62,7 @@ def run_dir_lock(run_dir: str | os.PathLike) -> Iterator[Path | None]:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    _held.add(fd)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -62,6 +77,7 @@ def run_dir_lock(run_dir: str | os.PathLike) -> Iterator[Path | None]:
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}".encode(), 0)
         yield path
     finally:
+        _held.discard(fd)
         os.close(fd)  # releases the lock
 
 
