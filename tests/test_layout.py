@@ -69,3 +69,18 @@ def test_building_blocks_never_import_the_layers_above(layer):
         m: sorted(GRAPH[m] & above) for m in GRAPH if m.startswith(f"image_finetune.{layer}") and GRAPH[m] & above
     }
     assert offenders == {}
+
+
+def test_drawing_lives_in_one_module():
+    """Grids, the confusion matrix and the LR finder's curves are drawn by `plots` only (matplotlib is imported there)."""
+
+    def draws(path: Path) -> bool:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            if any(name == "matplotlib" or name.startswith("matplotlib.") for name in names):
+                return True
+        return False
+
+    assert sorted(module_name(p) for p in PACKAGE.rglob("*.py") if draws(p)) == ["image_finetune.plots"]

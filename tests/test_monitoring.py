@@ -31,8 +31,8 @@ from image_finetune.callbacks.visuals import (
     PHASE_TAG,
     PHASE_TEXT_TAG,
     TRAIN_IMAGES_TAG,
-    image_grid,
 )
+from image_finetune.plots import image_grid
 from image_finetune.train import Run, train
 
 pytestmark = pytest.mark.usefixtures("pretrained")

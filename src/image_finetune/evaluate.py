@@ -27,7 +27,6 @@ from torchmetrics.functional.classification import (
 
 from image_finetune.atomic import atomic_path
 from image_finetune.callbacks import scalar_metrics
-from image_finetune.callbacks.visuals import confusion_matrix_figure
 from image_finetune.checkpoints import check_stored_targets, resolve_ckpt_path, run_config
 from image_finetune.cli import instantiate_group, save_json, write_csv
 from image_finetune.data.base import ClassificationDataModule
@@ -37,6 +36,7 @@ from image_finetune.data.preprocessing import Preprocessing
 from image_finetune.errors import ConfigError, DataError, UserError
 from image_finetune.inference import prediction_cells, prediction_header, to_float, top_k_predictions
 from image_finetune.models import ImageClassifier
+from image_finetune.plots import confusion_matrix_figure
 from image_finetune.tta import TTA
 
 log = logging.getLogger(__name__)

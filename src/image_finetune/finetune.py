@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import lightning as L
-import torch
 
+from image_finetune.checkpoints import read_checkpoint
 from image_finetune.schedule import FinetuneSchedule, Phase
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ def resume_epoch(ckpt_path: str | Path) -> int:
     Lightning sets ``current_epoch`` to the checkpoint's processed-epoch count on resume (``_FitLoop.on_run_start``):
     an end-of-epoch checkpoint resumes at the next epoch, a mid-epoch one re-enters its own epoch.
     """
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(ckpt_path, mmap=True)
     try:
         return int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
     except KeyError:

@@ -34,6 +34,7 @@ from image_finetune import finetune
 from image_finetune.cli import save_json, to_plain
 from image_finetune.errors import ConfigError
 from image_finetune.models import ImageClassifier
+from image_finetune.plots import lr_find_figure, render_figure
 from image_finetune.schedule import FinetuneSchedule, Phase
 
 log = logging.getLogger(__name__)
@@ -247,27 +248,12 @@ def _command(suggested: dict[str, float | None]) -> str:
 
 def _plot(result: dict[str, Any], out: Path) -> None:
     """``lr_find.png`` in the run dir and the same figure as TensorBoard image ``lr_find``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from torch.utils.tensorboard import SummaryWriter
 
-    sweeps = [(name, result[name]) for name in ("frozen", "unfrozen") if name in result]
-    fig, axes = plt.subplots(1, len(sweeps), figsize=(6 * len(sweeps), 4), squeeze=False)
-    for ax, (name, sweep) in zip(axes[0], sweeps):
-        ax.plot(sweep["lrs"], sweep["losses"])
-        ax.set_xscale("log")
-        ax.set_xlabel("backbone lr" if name == "unfrozen" else "head lr")
-        ax.set_ylabel("training loss (smoothed)")
-        ax.set_title(f"{name} phase")
-        if sweep["suggestion"] is not None:
-            ax.axvline(sweep["suggestion"], color="red", linestyle="--", label=f"suggestion {sweep['suggestion']:.2g}")
-            ax.legend()
-    fig.tight_layout()
+    fig = lr_find_figure([(name, result[name]) for name in ("frozen", "unfrozen") if name in result])
     fig.savefig(out / "lr_find.png", dpi=100)
     writer = SummaryWriter(str(out / "tensorboard"))
-    writer.add_figure("lr_find", fig)  # closes the figure
+    writer.add_image("lr_find", render_figure(fig), dataformats="HWC")
     writer.close()
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime
 import logging
 import math
-import pickle
 import shlex
 import sys
 import time
@@ -36,6 +35,8 @@ from rich.table import Table
 from rich.text import Text
 
 from image_finetune.callbacks.visuals import log_step, phase_name, tensorboard_logger
+from image_finetune.checkpoints import read_checkpoint
+from image_finetune.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -328,8 +329,8 @@ class RunSummary(L.Callback):
 def _checkpoint_step(path: str) -> int | None:
     """A checkpoint's global step, read without loading its tensors (memory-mapped)."""
     try:
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
-    except (OSError, RuntimeError, KeyError, TypeError, ValueError, pickle.UnpicklingError):
+        return int(read_checkpoint(path, mmap=True)["global_step"])
+    except (UserError, KeyError, TypeError, ValueError):
         # unreadable or foreign: the caller falls back to the first epoch with the best score
         return None
 

@@ -8,7 +8,8 @@ and a resumed run sees exactly the batches an uninterrupted one would; images ar
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,8 @@ from torch.utils.data import Dataset
 
 from image_finetune.data.base import ClassificationDataModule, seeded_rngs
 from image_finetune.data.decode import to_uint8_tensor
+from image_finetune.data.preprocessing import Preprocessing
+from image_finetune.data.transforms import Augmentation, SameSizeAugmentation
 from image_finetune.errors import ConfigError, DataError
 
 
@@ -30,20 +33,20 @@ class SeededDataset(Dataset):
     batches become float (and are normalised) on the device, inside the network.
     """
 
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
+    def __init__(self, dataset: Dataset, augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self.dataset, self.augment = dataset, augment
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, seed = key if isinstance(key, tuple) else (key, None)
-        if seed is None:
+        with seeded_rngs(seed) if seed is not None else contextlib.nullcontext():
             image, label = self.dataset[index]
-        else:
-            with seeded_rngs(seed):
-                image, label = self.dataset[index]
-        return as_uint8_chw(image, source=type(self.dataset).__name__), int(label)
+            image = as_uint8_chw(image, source=type(self.dataset).__name__)
+            if self.augment is not None:
+                image = self.augment(image)
+        return image, int(label)
 
 
 def as_uint8_chw(image: Any, source: str) -> torch.Tensor:
@@ -70,7 +73,10 @@ class DatasetDataModule(ClassificationDataModule):
     """Train/val(/test) datasets given as objects (Hydra instantiates them from ``_target_`` configs).
 
     ``class_names`` defaults to the training dataset's ``classes`` attribute, as torchvision's datasets have it.
-    Every image of a split must have one size (give the dataset a resize/crop transform), as a batch needs.
+    Every image of a split must have one size (give the dataset a resize/crop transform), as a batch needs. The
+    ``augment=...`` preset runs on the training images after the dataset's own transform, at their size (a random
+    resized crop at ``crop_scale``, the flip unless ``hflip=false``, the preset's ops); ``augment=none`` leaves them as
+    the dataset returns them.
     """
 
     def __init__(
@@ -85,8 +91,15 @@ class DatasetDataModule(ClassificationDataModule):
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
         min_steps_per_epoch: int = 8,
+        augment: Augmentation | None = None,
+        crop_scale: Sequence[float] = (0.5, 1.0),
+        hflip: bool = True,
+        preprocessing: Preprocessing | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers, seed, pin_memory, persistent_workers, min_steps_per_epoch)
+        # The backbone's (train passes it): what eval/predict/exports apply to files. Your datasets' eval transform
+        # should match it (e.g. Resize(256) + CenterCrop(224) for the torchvision weights' 224 / 0.875).
+        self.preprocessing = Preprocessing.coerce(preprocessing)
         names = class_names if class_names is not None else getattr(train, "classes", None)
         if not names:
             raise ConfigError(
@@ -95,4 +108,7 @@ class DatasetDataModule(ClassificationDataModule):
             )
         self.class_names = [str(name) for name in names]
         splits = {"train": train, "val": val, **({"test": test} if test is not None else {})}
-        self.datasets = {split: SeededDataset(dataset) for split, dataset in splits.items()}
+        on_train = SameSizeAugmentation(augment, crop_scale, hflip) if augment is not None else None
+        self.datasets = {
+            split: SeededDataset(dataset, on_train if split == "train" else None) for split, dataset in splits.items()
+        }

@@ -68,6 +68,26 @@ def train_transform(
     return v2.Compose(steps)
 
 
+class SameSizeAugmentation:
+    """A preset on images that already have their final size (a dataset's own transform sized them): a random resized
+    crop back to that size, the flip, the preset's ops. ``DatasetDataModule`` applies it to its training split."""
+
+    def __init__(self, augment: Augmentation, crop_scale: Sequence[float] = (0.5, 1.0), hflip: bool = True) -> None:
+        self.augment, self.crop_scale, self.hflip = augment, tuple(crop_scale), hflip
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        steps: list[Callable[[torch.Tensor], torch.Tensor]] = []
+        if self.augment.random_crop:
+            scale = self.augment.crop_scale or self.crop_scale
+            steps.append(v2.RandomResizedCrop((height, width), scale=scale, antialias=True))
+        if self.augment.hflip and self.hflip:
+            steps.append(v2.RandomHorizontalFlip())
+        for step in (*steps, *self.augment.ops):
+            image = step(image)
+        return image
+
+
 def eval_transform(size: int, crop_ratio: float = 0.875, interpolation: str = "bilinear") -> v2.Compose:
     """Resize the short side to ``size / crop_ratio``, centre-crop ``size``: how the pretrained weights were scored."""
     mode = v2.InterpolationMode(interpolation)

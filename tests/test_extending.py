@@ -1,0 +1,144 @@
+"""README "Extending", done exactly as the section shows it: a dataset, a backbone, a callback, an experiment."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import torch
+import torchvision
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import EarlyStopping
+from PIL import Image
+from torch import nn
+
+from image_finetune.cli import compose_config
+from image_finetune.data.preprocessing import Preprocessing
+from image_finetune.errors import UserError
+from image_finetune.inference import Classifier
+from image_finetune.models.backbones import Backbone
+from image_finetune.models.registry import BUILDERS
+from image_finetune.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+# small, quick runs on the CPU; nothing here changes what the section's lines do
+QUICK = [
+    "trainer=cpu",
+    "data.num_workers=0",
+    "logger=csv",
+    "~callbacks.progress_bar",
+    "~callbacks.model_summary",
+    "++trainer.enable_progress_bar=false",
+    "++trainer.enable_model_summary=false",
+]
+
+
+class FakeFlowers102(torch.utils.data.Dataset):
+    """Stands in for ``torchvision.datasets.Flowers102`` (same arguments, PIL images of assorted sizes) offline."""
+
+    classes: ClassVar[list[str]] = ["pink primrose", "hard-leaved pocket orchid", "canterbury bells"]
+
+    def __init__(self, root: str, split: str = "train", transform=None, target_transform=None, download=False) -> None:
+        self.split, self.transform = split, transform
+        self.n = {"train": 12, "val": 6, "test": 6}[split]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> tuple[object, int]:
+        generator = torch.Generator().manual_seed(100 * len(self.split) + index)
+        size = (300 + 10 * index, 260)
+        pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8).numpy()
+        image = Image.fromarray(pixels)
+        return (self.transform(image) if self.transform else image), index % len(self.classes)
+
+
+def test_a_dataset_config_as_shipped_trains_with_the_augment_preset_on_its_training_split(
+    compose_cfg, pretrained, monkeypatch
+):
+    """`python train.py data=flowers102` (configs/data/flowers102.yaml), the dataset itself replaced offline."""
+    monkeypatch.setattr(torchvision.datasets, "Flowers102", FakeFlowers102)
+    cfg = compose_cfg("data=flowers102", "augment=default", *QUICK, "data.batch_size=4", "trainer.max_epochs=2",
+                      "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1")  # fmt: skip
+    data = instantiate(cfg.data)
+    assert data.class_names == FakeFlowers102.classes
+    train_set, val_set = data.datasets["train"], data.datasets["val"]
+    image, _ = train_set[(0, 1)]
+    assert image.dtype == torch.uint8 and tuple(image.shape) == (3, 224, 224)
+    assert torch.equal(train_set[(0, 1)][0], image), "augmentation is a function of the sample seed"
+    assert not torch.equal(train_set[(0, 2)][0], image), "the augment preset acts on the training split"
+    plain = FakeFlowers102(".", "val", instantiate(cfg.data.val.transform))[0][0]
+    assert torch.equal(val_set[0][0], plain), "validation images are the dataset's own"
+
+    metrics = train(cfg)
+    assert {"test/acc", "last/val/acc"} <= set(metrics)
+
+
+# ---- a backbone: a function returning a Backbone, named by model.backbone._target_ --------------------------------
+def tiny_backbone(
+    name: str = "tiny", weights: str | None = None, *, allow_random_init: bool = False, drop_path_rate=None
+) -> Backbone:
+    """The README's contract: the network without its head, its feature width, preprocessing, stages, and the call that
+    rebuilds it (``config``) as plain values."""
+    module = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    )  # fmt: skip
+    return Backbone(
+        module,
+        num_features=16,
+        preprocessing=Preprocessing(size=32, crop_ratio=1.0),
+        pretrained=False,
+        stages=(("0.", "1."), ("3.",)),
+        config={"_target_": f"{__name__}.tiny_backbone", "name": name},
+    )
+
+
+def test_your_own_backbone_trains_from_the_config_and_reloads_once_allow_listed(compose_cfg, image_folder, monkeypatch):
+    cfg = compose_cfg(
+        "data=imagefolder", f"data.root={image_folder}", f"model.backbone._target_={__name__}.tiny_backbone",
+        "data.image_size=32", "data.batch_size=8", "trainer.max_epochs=2", *QUICK,
+    )  # fmt: skip
+    best = train(cfg)["best_checkpoint"]
+    with pytest.raises(UserError, match=r"Add yours to image_finetune\.models\.registry\.BUILDERS"):
+        Classifier.from_checkpoint(best, device="cpu")  # checkpoints never choose code...
+    monkeypatch.setitem(BUILDERS, f"{__name__}.tiny_backbone", tiny_backbone)  # ...until you list your builder
+    classifier = Classifier.from_checkpoint(best, device="cpu")
+    predictions = classifier.predict(sorted(image_folder.rglob("*.png"))[:3], top_k=1)
+    assert len(predictions) == 3 and all(p.label in classifier.class_names for p in predictions)
+
+
+def test_a_callback_from_the_command_line_is_on_the_trainer(compose_cfg, image_folder, pretrained, monkeypatch):
+    """`+callbacks.stop._target_=lightning.pytorch.callbacks.EarlyStopping +callbacks.stop.monitor=val/acc ...`"""
+    checked: list[int] = []
+    real = EarlyStopping.on_validation_end
+
+    def spy(self: EarlyStopping, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            checked.append(trainer.current_epoch)
+        real(self, trainer, pl_module)
+
+    monkeypatch.setattr(EarlyStopping, "on_validation_end", spy)
+    cfg = compose_cfg(
+        "data=imagefolder", f"data.root={image_folder}", "data.image_size=32", "trainer.max_epochs=2", *QUICK,
+        "+callbacks.stop._target_=lightning.pytorch.callbacks.EarlyStopping", "+callbacks.stop.monitor=val/acc",
+        "+callbacks.stop.mode=max",
+    )  # fmt: skip
+    train(cfg)
+    assert checked == [0, 1], "EarlyStopping ran after each epoch's validation (both phases)"
+
+
+def test_an_experiment_copied_from_the_example_runs_by_name(tmp_path, image_folder, pretrained):
+    """Copy configs/experiment/imagefolder.yaml to pets.yaml, edit it, `python train.py experiment=pets`."""
+    configs = tmp_path / "configs"
+    shutil.copytree(REPO / "configs", configs)
+    example = (configs / "experiment" / "imagefolder.yaml").read_text()
+    edited = example.replace("${paths.data_dir}/my_images", str(image_folder)).replace("resnet50", "resnet18")
+    (configs / "experiment" / "pets.yaml").write_text(edited.replace("image_size: 224", "image_size: 32"))
+    cfg = compose_config(configs, "train", ["experiment=pets", f"paths.log_dir={tmp_path / 'logs'}",
+                                            "trainer.max_epochs=2", *QUICK], tmp_path / "run")  # fmt: skip
+    assert cfg.data.root == str(image_folder)
+    metrics = train(cfg)
+    assert metrics["last/val/acc"] >= 0.0 and (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
