@@ -302,6 +302,47 @@ def test_compile_gets_a_fresh_graph_after_the_unfreeze(compose_cfg, image_folder
     assert not [k for k in run.model.state_dict() if "_orig_mod" in k], "checkpoints must not depend on compile"
 
 
+TIMM = ("model=timm", f"model.backbone.name={TIMM_MODEL}")
+
+
+def test_a_timm_backbone_resumes_exactly_from_the_unfreeze_boundary(
+    compose_cfg, image_folder, tmp_path, timm_pretrained
+):
+    """The resume guarantee on timm's EfficientNet (BatchNormAct2d, its own stage split): the boundary checkpoint
+    resumes, through the unfreeze, to an uninterrupted run's weights."""
+    common = (*TIMM, "finetune.freeze_epochs=1", "trainer.max_epochs=3", "callbacks.model_checkpoint.monitor=null",
+              "callbacks.model_checkpoint.save_top_k=-1", "callbacks.model_checkpoint.filename='e{epoch}'")  # fmt: skip
+    full = build(folder_cfg(compose_cfg, image_folder, *common, output_dir=tmp_path / "full"))
+    finetune.fit(full.trainer, full.model, full.datamodule, full.schedule)
+    resumed = build(folder_cfg(compose_cfg, image_folder, *common, output_dir=tmp_path / "resumed"))
+    boundary = tmp_path / "full" / "checkpoints" / "phase1.ckpt"
+    finetune.fit(resumed.trainer, resumed.model, resumed.datamodule, resumed.schedule, ckpt_path=boundary)
+    expected, got = snapshot(full.model.net), snapshot(resumed.model.net)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_a_compiled_timm_backbone_gets_a_fresh_graph_after_the_unfreeze(
+    compose_cfg, image_folder, monkeypatch, timm_pretrained
+):
+    compiled: list[torch.nn.Module] = []
+    real_compile = torch.compile
+
+    def compile_cheaply(module: torch.nn.Module, **kwargs: object) -> torch.nn.Module:
+        compiled.append(module)
+        return real_compile(module, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", compile_cheaply)
+    cfg = folder_cfg(compose_cfg, image_folder, *TIMM, "compile=true", "trainer.max_epochs=2", "finetune.train_bn=false",
+                     "trainer.limit_train_batches=1", "trainer.limit_val_batches=1")  # fmt: skip
+    run, recorder, before = fit_recording(cfg)
+    assert len(compiled) == 2, "one compiled graph per phase"
+    assert recorder.backbone_grads == {0: False, 1: True}
+    after = snapshot(run.model.net.backbone)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
+    assert not [k for k in run.model.state_dict() if "_orig_mod" in k]
+
+
 def test_train_writes_checkpoints_that_load_with_weights_only(compose_cfg, image_folder):
     cfg = folder_cfg(compose_cfg, image_folder, "trainer.max_epochs=2", "test=true")
     metrics = train(cfg)
