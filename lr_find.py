@@ -1,16 +1,27 @@
-"""Find learning rates for the fine-tuning schedule: ``python lr_find.py [experiment=...] [overrides]`` (see README)."""
+"""Find learning rates for the fine-tuning schedule: ``python lr_find.py [experiment=...] [overrides]`` (see README).
+
+``lr_find.apply=true`` then trains with the suggestions, as ``train.py`` would, in the same run dir.
+"""
 
 import hydra
 from omegaconf import DictConfig
 
 from image_finetune.cli import user_errors
-from image_finetune.lr_find import lr_find
+from image_finetune.config_checks import check_config
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="lr_find")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
     with user_errors():
-        lr_find(cfg)
+        check_config(cfg)  # before the heavy imports, as train.py
+        from image_finetune.lr_find import apply_suggestions, lr_find
+
+        result = lr_find(cfg)
+        if not cfg.lr_find.apply:
+            return None
+        from image_finetune.train import optimized_value, train
+
+        return optimized_value(train(apply_suggestions(cfg, result)), cfg.get("optimized_metric"))
 
 
 if __name__ == "__main__":

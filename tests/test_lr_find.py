@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from image_finetune.checkpoints import read_checkpoint
 from image_finetune.lr_find import LRSweep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +76,14 @@ def test_lr_find_cli_writes_the_plot_the_suggestions_and_the_command(tmp_path, h
         f"paths.data_dir={tmp_path / 'data'}",
     ]
     result = subprocess.run(
-        [sys.executable, "lr_find.py", *overrides, "lr_find.num_steps=10", f"hydra.run.dir={run_dir}"],
+        [
+            sys.executable,
+            "lr_find.py",
+            *overrides,
+            "lr_find.num_steps=10",
+            "lr_find.apply=true",
+            f"hydra.run.dir={run_dir}",
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -92,3 +100,7 @@ def test_lr_find_cli_writes_the_plot_the_suggestions_and_the_command(tmp_path, h
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     applied = f"model.optimizer.lr={lr:.3g} finetune.backbone_lr_ratio={ratio:.3g}"
     assert f"{shlex.join(['python', 'train.py', *overrides])} {applied}\n" in result.stdout
+    # lr_find.apply=true: then it trained, in the same run dir, at the suggested values
+    trained = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert trained["epoch"] == 1 and trained["run_config"]["model"]["optimizer"]["lr"] == pytest.approx(lr)
+    assert trained["run_config"]["finetune"]["backbone_lr_ratio"] == pytest.approx(ratio)

@@ -28,7 +28,7 @@ from typing import Any
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from image_finetune import finetune
 from image_finetune.cli import save_json, to_plain
@@ -202,6 +202,17 @@ def lr_find(cfg: DictConfig) -> dict[str, Any]:
     _plot(result, out)
     _report(result, out)
     return result
+
+
+def apply_suggestions(cfg: DictConfig, result: dict[str, Any]) -> DictConfig:
+    """``cfg`` with the suggested values in place of the configured ones (``lr_find.apply=true``); a sweep that gave no
+    suggestion leaves its key as configured."""
+    applied = cfg.copy()
+    with open_dict(applied):
+        for key, value in result["suggested"].items():
+            if value is not None:
+                OmegaConf.update(applied, key, float(value))
+    return applied
 
 
 def _trainer(cfg: DictConfig, callbacks: list[L.Callback], **overrides: Any) -> L.Trainer:
