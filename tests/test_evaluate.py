@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -88,8 +89,12 @@ def test_eval_reads_original_files_never_the_training_cache(trained, compose_cfg
     assert data_config(named, "x").cache is None
 
 
-def test_split_val_evaluates_the_val_files(trained, compose_cfg, tmp_path):
+def test_split_val_evaluates_the_val_files(trained, compose_cfg, tmp_path, caplog, monkeypatch):
+    caplog.set_level("INFO")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        monkeypatch.setattr(logging.getLogger(name), "filters", [])  # as in a fresh `python eval.py` process
     _, saved = run_eval(compose_cfg, tmp_path / "eval", f"ckpt_path={trained.checkpoint}", "split=val")
+    assert "Tip:" not in caplog.text, "Lightning's adverts are silenced in eval.py as in train.py"
     assert saved["split"] == "val"
     assert {row["path"] for row in read_csv(tmp_path / "eval" / "predictions.csv")} == manifest_split(trained, "val")
 

@@ -26,7 +26,7 @@ from torchmetrics.functional.classification import (
 )
 
 from image_finetune.atomic import atomic_path
-from image_finetune.callbacks import scalar_metrics
+from image_finetune.callbacks import scalar_metrics, silence_lightning_noise
 from image_finetune.checkpoints import check_stored_targets, resolve_ckpt_path, run_config
 from image_finetune.cli import instantiate_group, save_json, write_csv
 from image_finetune.data.base import ClassificationDataModule
@@ -278,6 +278,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise UserError("ckpt_path is required: python eval.py ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt")
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
     assert ckpt_path is not None
+    silence_lightning_noise()
     model = ImageClassifier.from_checkpoint(ckpt_path)
     data_from_command_line = cfg.get("data") is not None
     # The checkpoint's own preprocessing (stored values), whatever the data config says or lacks.

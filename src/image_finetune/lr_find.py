@@ -31,6 +31,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from image_finetune import finetune
+from image_finetune.callbacks import silence_lightning_noise
 from image_finetune.cli import save_json, to_plain
 from image_finetune.errors import ConfigError
 from image_finetune.models import ImageClassifier
@@ -129,6 +130,7 @@ class SweepCallback(L.Callback):
 
 def lr_find(cfg: DictConfig) -> dict[str, Any]:
     """Run both sweeps; write ``lr_find.json`` and ``lr_find.png`` (also to TensorBoard) and print the overrides."""
+    silence_lightning_noise()
     settings = dict(to_plain(cfg.lr_find))
     schedule = FinetuneSchedule.from_config(to_plain(cfg.finetune))
     phases = schedule.phases()
