@@ -160,9 +160,11 @@ def test_kill_9_then_ckpt_path_last_ends_bitwise_equal_and_the_dir_is_locked_mea
 
     wait_for_epoch(killed_dir / "checkpoints" / "last.ckpt", 2, killed)
     killed.send_signal(signal.SIGSTOP)  # alive and holding the lock, however slowly the second run starts
-    code, output = finish(start(train_command(killed_dir, images), env, tmp_path / "second.log"), timeout=600)
+    record = (killed_dir / ".hydra" / "overrides.yaml").read_text()
+    code, output = finish(start(train_command(killed_dir, images, "seed=7"), env, tmp_path / "second.log"), timeout=600)
     assert code == 2 and "Traceback" not in output, output
     assert f"error: run dir {killed_dir} is in use by another training run (pid {killed.pid} on" in output
+    assert (killed_dir / ".hydra" / "overrides.yaml").read_text() == record, "the refused run overwrote the record"
     killed.kill()  # SIGKILL (its data loader worker may outlive it for seconds: it must not hold the lock)
     killed.wait()
 

@@ -81,6 +81,19 @@ def user_errors() -> Iterator[None]:
         sys.exit(2)
 
 
+def record_hydra_config(cfg: DictConfig, output_dir: str | os.PathLike) -> Path:
+    """Write ``<run dir>/.hydra/{config,hydra,overrides}.yaml``, as Hydra would, but only once this run holds the run
+    dir's lock (``train.yaml`` sets ``hydra.output_subdir: null``): a second run started in a busy dir is refused
+    without first overwriting the running one's record."""
+    out = Path(output_dir) / ".hydra"
+    task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+    hydra_cfg = HydraConfig.get()
+    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(task))
+    atomic_write_text(out / "hydra.yaml", OmegaConf.to_yaml({"hydra": hydra_cfg}))
+    atomic_write_text(out / "overrides.yaml", OmegaConf.to_yaml(list(hydra_cfg.overrides.task)))
+    return out
+
+
 def save_json(data: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Atomic write: a killed run never leaves half a metrics file."""
     return atomic_write_text(path, json.dumps(dict(data), indent=2, sort_keys=True))

@@ -24,7 +24,7 @@ from image_finetune.callbacks import (
     summarize_run,
 )
 from image_finetune.checkpoints import LAST, resolve_ckpt_path
-from image_finetune.cli import instantiate_group, save_json, to_plain
+from image_finetune.cli import instantiate_group, record_hydra_config, save_json, to_plain
 from image_finetune.config_checks import check_config
 from image_finetune.errors import ConfigError, RunInterrupted
 from image_finetune.models import ImageClassifier
@@ -81,6 +81,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     with run_dir_lock(output_dir) as lock:
         ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
         if lock is not None:  # rank 0 of the run: nobody else writes here
+            record_hydra_config(cfg, output_dir)
             clean_run_dir(output_dir)
             if ckpt_path is not None and Path(ckpt_path) == output_dir / "checkpoints" / LAST:
                 drop_checkpoints_after_last(output_dir / "checkpoints")
