@@ -149,6 +149,7 @@ def test_augment_presets_choose_the_training_transform(compose_cfg, image_folder
         "light": ["RandomResizedCrop", "RandomHorizontalFlip"],
         "default": ["RandomResizedCrop", "RandomHorizontalFlip"],
         "strong": ["RandomResizedCrop", "RandomHorizontalFlip", "TrivialAugmentWide", "RandomErasing"],
+        "randaugment": ["RandomResizedCrop", "RandomHorizontalFlip", "RandAugment"],
     }
     scales = {"light": (0.35, 1.0), "default": (0.5, 1.0), "strong": (0.5, 1.0)}  # default/strong: data.crop_scale
     for preset, names in expected.items():
@@ -162,8 +163,9 @@ def test_augment_presets_choose_the_training_transform(compose_cfg, image_folder
     assert train.transform.transforms[0].scale == (0.5, 1.0)
 
 
-def test_strong_augmentation_is_a_function_of_the_sample_seed(compose_cfg, image_folder):
-    _, train = train_set(compose_cfg, image_folder, "augment=strong")
+@pytest.mark.parametrize("preset", ["strong", "randaugment"])
+def test_strong_augmentation_is_a_function_of_the_sample_seed(compose_cfg, image_folder, preset):
+    _, train = train_set(compose_cfg, image_folder, f"augment={preset}")
     first = [train[(i, 1000 + i)][0] for i in range(6)]
     assert all(torch.equal(a, train[(i, 1000 + i)][0]) for i, a in enumerate(first))
     assert any(not torch.equal(a, train[(i, 7)][0]) for i, a in enumerate(first))

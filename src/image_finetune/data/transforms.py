@@ -16,7 +16,7 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 @dataclass(frozen=True)
 class Augmentation:
-    """A training augmentation preset (``configs/augment/*.yaml``, chosen with ``augment=none|light|default|strong``).
+    """A training augmentation preset (``configs/augment/*.yaml``, chosen with ``augment=none|light|default|strong|randaugment``).
 
     It names how strongly to augment; the data says what its images allow: ``data.crop_scale`` is the default crop
     scale and ``data.hflip=false`` (digits: a mirrored 2 is not a 2) vetoes every preset's flip. Everything runs in
