@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
-from support import FAST
+from support import FAST, TIMM_MODEL, make_image_folder
 
 from image_finetune.evaluate import evaluate
 from image_finetune.train import train
@@ -133,9 +133,16 @@ def test_user_errors_are_one_line_not_a_traceback(tmp_path, hub_dir):
 
 
 @pytest.mark.slow
-def test_ddp_sim_keeps_ranks_identical_through_the_unfreeze(tmp_path, hub_dir):
-    """Two gloo processes; CheckWeightsInSync compares a fingerprint of every weight across ranks after each epoch."""
+@pytest.mark.parametrize("zoo", ["torchvision", "timm"])
+def test_ddp_sim_keeps_ranks_identical_through_the_unfreeze(tmp_path, hub_dir, zoo, request):
+    """Two gloo processes; CheckWeightsInSync compares a fingerprint of every weight across ranks after each epoch.
+    Also on timm's tiny EfficientNet (its own stages and BatchNormAct2d layers), from a seeded HF cache."""
     run_dir = tmp_path / "ddp"
+    zoo_args, zoo_env = [], {}
+    if zoo == "timm":
+        zoo_args = ["model=timm", f"model.backbone.name={TIMM_MODEL}", "data=imagefolder",
+                    f"data.root={make_image_folder(tmp_path / 'images', per_class=12)}", "data.image_size=32"]  # fmt: skip
+        zoo_env = {"HF_HUB_CACHE": str(request.getfixturevalue("hf_cache")), "HF_HUB_OFFLINE": "1"}
     result = run_script(
         # The default callbacks and logger: the progress bar and the TensorBoard visuals run on rank 0 only, which is
         # where a stray collective would hang (Lightning #21264).
@@ -149,7 +156,8 @@ def test_ddp_sim_keeps_ranks_identical_through_the_unfreeze(tmp_path, hub_dir):
         "data.batch_size=16",
         f"hydra.run.dir={run_dir}",
         f"paths.data_dir={tmp_path / 'data'}",
-        env={"TORCH_HOME": str(hub_dir)},
+        *zoo_args,
+        env={"TORCH_HOME": str(hub_dir), **zoo_env},
         timeout=300,  # it takes ~30 s; a hang fails here instead of stalling CI
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
