@@ -85,6 +85,18 @@ RECIPES = {r.name: r for r in [
     Recipe("freeze-0", ("finetune.freeze_epochs=0",)),
     Recipe("freeze-3", ("finetune.freeze_epochs=3",)),
     Recipe("warmup-0.1", ("model.scheduler.warmup_fraction=0.1",)),
+    Recipe("geometric", ("finetune.lr_spread=geometric",)),
+    Recipe("geometric-0.01", ("finetune.lr_spread=geometric", "finetune.backbone_lr_ratio=0.01"),
+           note="fastai's slice(lr/100, lr) spread"),
+    Recipe("ratio-0.01", ("finetune.backbone_lr_ratio=0.01",)),
+    Recipe("lr-2.5e-4", ("model.optimizer.lr=2.5e-4",)),
+    Recipe("bs32-steps4", ("data.batch_size=32", "data.min_steps_per_epoch=4")),
+    Recipe("bs32-steps4-noflip", ("data.batch_size=32", "data.min_steps_per_epoch=4", "data.hflip=false")),
+    Recipe("bs32-steps4-noaug", ("data.batch_size=32", "data.min_steps_per_epoch=4", "augment=none")),
+    Recipe("bs32-steps4-noaug-lr2e-3", ("data.batch_size=32", "data.min_steps_per_epoch=4", "augment=none",
+                                        "model.optimizer.lr=2e-3")),
+    Recipe("bs32-steps4-noflip-crop0.75", ("data.batch_size=32", "data.min_steps_per_epoch=4", "data.hflip=false",
+                                           "data.crop_scale=[0.75,1.0]")),
 ]}  # fmt: skip
 PUBLISHED = ("defaults", "before", "fastai", "fastai-bs32")
 
