@@ -6,6 +6,8 @@ STAMP := $(VENV)/.install-stamp
 # torch/torchvision pinned to the releases this project is tested with; pip never picks a newer torch.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 ARGS ?=
+# test workers (pytest-xdist; each runs one compute thread, see tests/conftest.py): 2 suits a 2-core machine
+TEST_WORKERS ?= 2
 # e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu for CPU-only torch wheels (~0.2 GB instead of ~6 GB of CUDA)
 TORCH_INDEX ?=
 
@@ -25,14 +27,14 @@ train: install
 	$(BIN)/python train.py $(ARGS)
 
 test: install
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal $(ARGS)
 
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow" $(ARGS)
 
 benchmark: install
 	$(BIN)/python benchmarks/data_pipeline.py $(ARGS)

@@ -15,6 +15,7 @@ config) runs again, so the study can be extended or resumed; ``--fresh`` starts 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -49,8 +50,8 @@ class Recipe:
 
 # The template before the study (issue 10's finding), spelled out so that it keeps meaning "before" as defaults move.
 BEFORE = ("data.batch_size=64", "data.crop_scale=[0.08,1.0]", "data.hflip=true", "data.min_steps_per_epoch=1",
-          "model.optimizer.lr=1e-3", "model.optimizer.weight_decay=0.05", "finetune.backbone_lr_ratio=0.1",
-          "model.label_smoothing=0.1", "model.dropout=0.2")  # fmt: skip
+          "augment=standard", "model.optimizer.lr=1e-3", "model.optimizer.weight_decay=0.05",
+          "finetune.backbone_lr_ratio=0.1", "model.label_smoothing=0.1", "model.dropout=0.2")  # fmt: skip
 
 RECIPES = {r.name: r for r in [
     Recipe("defaults", note="this template's defaults (only data.root, image size and weights set)"),
@@ -153,8 +154,8 @@ def run_template(
     shown.pop("hydra", None)
     shown.pop("paths", None)
     key = "template:" + hashlib.sha256(json.dumps(shown, sort_keys=True).encode()).hexdigest()[:16]
-    if key in done or not run:
-        return done.get(key)
+    if key in done or not run:  # the same composed config, perhaps run under another recipe's name: reuse it
+        return dataclasses.replace(done[key], task=task.name, recipe=recipe.name, seed=seed) if key in done else None
     quiet_logs()
     start = time.perf_counter()
     metrics = train(cfg)

@@ -25,6 +25,13 @@ from image_finetune.cli import compose_config
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 REPO = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers (pytest -n 2) on this 2-core machine: one compute thread each, for the workers and
+    # the train.py subprocesses they start, instead of four threads fighting over two cores. Tiny 32 px models gain
+    # little from a second thread; the second worker overlaps the imports and waits of the subprocess tests.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -60,7 +60,7 @@ def test_a_dataset_config_as_shipped_trains_with_the_augment_preset_on_its_train
 ):
     """`python train.py data=flowers102` (configs/data/flowers102.yaml), the dataset itself replaced offline."""
     monkeypatch.setattr(torchvision.datasets, "Flowers102", FakeFlowers102)
-    cfg = compose_cfg("data=flowers102", "augment=default", *QUICK, "data.batch_size=4", "trainer.max_epochs=2",
+    cfg = compose_cfg("data=flowers102", "augment=standard", *QUICK, "data.batch_size=4", "trainer.max_epochs=2",
                       "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1")  # fmt: skip
     data = instantiate(cfg.data)
     assert data.class_names == FakeFlowers102.classes

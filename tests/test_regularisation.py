@@ -147,11 +147,11 @@ def test_augment_presets_choose_the_training_transform(compose_cfg, image_folder
     expected = {
         "none": ["Resize", "CenterCrop"],
         "light": ["RandomResizedCrop", "RandomHorizontalFlip"],
-        "default": ["RandomResizedCrop", "RandomHorizontalFlip"],
+        "standard": ["RandomResizedCrop", "RandomHorizontalFlip"],
         "strong": ["RandomResizedCrop", "RandomHorizontalFlip", "TrivialAugmentWide", "RandomErasing"],
         "randaugment": ["RandomResizedCrop", "RandomHorizontalFlip", "RandAugment"],
     }
-    scales = {"light": (0.35, 1.0), "default": (0.5, 1.0), "strong": (0.5, 1.0)}  # default/strong: data.crop_scale
+    scales = {"light": (0.35, 1.0), "standard": (0.5, 1.0), "strong": (0.5, 1.0)}  # standard/strong: data.crop_scale
     for preset, names in expected.items():
         _, train = train_set(compose_cfg, image_folder, f"augment={preset}")
         assert steps(train.transform) == names, preset
@@ -186,8 +186,8 @@ def test_digits_are_never_flipped_and_cifar_takes_only_its_device_presets(compos
     with pytest.raises(InstantiationException) as info:
         instantiate(compose_cfg("data=cifar10", f"paths.data_dir={cifar_root}", "augment=strong").data)
     assert isinstance(info.value.__cause__, ConfigError)
-    assert re.match(r"augment=strong: CIFAR-10 .* augment=default .* augment=none", str(info.value.__cause__))
-    for preset, augmented in (("none", False), ("default", True)):
+    assert re.match(r"augment=strong: CIFAR-10 .* augment=standard .* augment=none", str(info.value.__cause__))
+    for preset, augmented in (("none", False), ("standard", True)):
         cifar = instantiate(
             compose_cfg("data=cifar10", f"paths.data_dir={cifar_root}", "data.val_size=20", f"augment={preset}").data
         )

@@ -156,7 +156,7 @@ class ClassificationDataModule(L.LightningDataModule):
         seed: int = 42,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
-        min_steps_per_epoch: int = 8,
+        min_steps_per_epoch: int = 4,
     ) -> None:
         super().__init__()
         self.batch_size = batch_size

@@ -137,7 +137,7 @@ class CIFAR10DataModule(ClassificationDataModule):
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
         preprocessing: Preprocessing | Mapping[str, Any] | None = None,
-        min_steps_per_epoch: int = 8,
+        min_steps_per_epoch: int = 4,
     ) -> None:
         super().__init__(batch_size, num_workers, seed, pin_memory, persistent_workers, min_steps_per_epoch)
         # Whole 32x32 images (resized, never cropped) with the backbone's mean/std: what eval, predict, exports repeat.
@@ -159,7 +159,7 @@ class CIFAR10DataModule(ClassificationDataModule):
         if augment.ops or augment.crop_scale is not None:
             raise ConfigError(
                 f"augment={augment.name}: CIFAR-10 is augmented on the device with a padded random crop and a flip, "
-                "not with the image-folder presets. Use augment=default (crop + flip) or augment=none"
+                "not with the image-folder presets. Use augment=standard (crop + flip) or augment=none"
             )
         self.device_crop, self.device_flip = augment.random_crop, augment.hflip
 

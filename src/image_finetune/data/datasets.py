@@ -90,7 +90,7 @@ class DatasetDataModule(ClassificationDataModule):
         seed: int = 42,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
-        min_steps_per_epoch: int = 8,
+        min_steps_per_epoch: int = 4,
         augment: Augmentation | None = None,
         crop_scale: Sequence[float] = (0.5, 1.0),
         hflip: bool = True,

@@ -77,7 +77,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
         preprocessing: Preprocessing | Mapping[str, Any] | None = None,
-        min_steps_per_epoch: int = 8,
+        min_steps_per_epoch: int = 4,
     ) -> None:
         """``preprocessing`` is the backbone's (``train`` hands it over); ``image_size``/``crop_ratio`` override it."""
         super().__init__(batch_size, num_workers, seed, pin_memory, persistent_workers, min_steps_per_epoch)

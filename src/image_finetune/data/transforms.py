@@ -16,14 +16,14 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 @dataclass(frozen=True)
 class Augmentation:
-    """A training augmentation preset (``configs/augment/*.yaml``, chosen with ``augment=none|light|default|strong|randaugment``).
+    """A training augmentation preset (``configs/augment/*.yaml``, chosen with ``augment=none|light|standard|strong|randaugment``).
 
     It names how strongly to augment; the data says what its images allow: ``data.crop_scale`` is the default crop
     scale and ``data.hflip=false`` (digits: a mirrored 2 is not a 2) vetoes every preset's flip. Everything runs in
     the workers, on the uint8 image, seeded per sample by ``EpochSampler``'s ``(index, sample_seed)``.
     """
 
-    name: str = "default"
+    name: str = "standard"
     random_crop: bool = True
     """False: the eval crop (resize + centre crop), so training sees whole, unmoved images."""
     crop_scale: tuple[float, float] | None = None
