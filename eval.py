@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from image_finetune.cli import user_errors
+from image_finetune.cli import quick_help, user_errors
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
@@ -14,5 +14,5 @@ def main(cfg: DictConfig) -> None:
         evaluate(cfg)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and not quick_help(__file__, "eval"):  # Hydra's own --help takes ~2 s
     main()

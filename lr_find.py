@@ -6,7 +6,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from image_finetune.cli import user_errors
+from image_finetune.cli import quick_help, user_errors
 from image_finetune.config_checks import check_config
 
 
@@ -24,5 +24,5 @@ def main(cfg: DictConfig) -> float | None:
         return optimized_value(train(apply_suggestions(cfg, result)), cfg.get("optimized_metric"))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and not quick_help(__file__, "lr_find"):  # Hydra's own --help takes ~2 s
     main()

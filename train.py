@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from image_finetune.cli import user_errors
+from image_finetune.cli import quick_help, user_errors
 from image_finetune.config_checks import check_config
 from image_finetune.multirun import multirun_job
 
@@ -18,5 +18,5 @@ def main(cfg: DictConfig) -> float | None:
         return optimized_value(train(cfg), cfg.get("optimized_metric"))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and not quick_help(__file__, "train"):  # Hydra's own --help takes ~2 s
     main()

@@ -71,3 +71,26 @@ def test_the_one_line_error_helper_is_import_light():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_quick_help_lists_the_groups_and_options_hydra_finds_and_the_composed_config():
+    """`--help` is ours (Hydra's lists options by composing every group, ~2 s here): the same groups and options."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
+
+    result = subprocess.run(
+        [sys.executable, "train.py", "--help", "data=imagefolder"], cwd=REPO, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")}, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    listed = dict(line.split(": ", 1) for line in text.split("== Config groups ==\n")[1].split("\n\n")[0].splitlines())
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(REPO / "configs")))
+    for group, options in listed.items():
+        if group.startswith("hydra/"):  # ours, beside the options Hydra's plugins bring
+            ours = options.removesuffix(" (and Hydra's own, --hydra-help)").split(", ")
+            assert set(ours) < set(loader.get_group_options(group)), group
+        else:
+            assert options.split(", ") == sorted(loader.get_group_options(group)), group
+    assert {"model", "data", "augment", "finetune", "trainer", "hydra/launcher"} <= set(listed)
+    assert "_target_: image_finetune.data.ImageFolderDataModule" in text.split("== Config ==")[1]  # the overrides apply
