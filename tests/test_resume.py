@@ -179,6 +179,33 @@ def test_kill_9_then_ckpt_path_last_ends_bitwise_equal_and_the_dir_is_locked_mea
     assert not list(killed_dir.rglob("*.tmp")), "temporary files of the killed run are cleaned up"
 
 
+def test_a_sigterm_between_two_phases_stops_the_run_as_one_inside_a_fit_does(
+    compose_cfg, pretrained, tmp_path, monkeypatch
+):
+    """Lightning handles SIGTERM only inside a fit. One that lands at the unfreeze, between the two phases' fits, used
+    to kill the process outright (exit -15, nothing said); it must end the run as any SIGTERM does (exit 143)."""
+    seen: list[int] = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))  # also: no pytest killed
+    real = finetune.fit_phase
+
+    def fit_phase_then_sigterm(*args: object, **kwargs: object) -> bool:
+        done = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # the fit has ended: Lightning's handler is gone
+        return done
+
+    monkeypatch.setattr(finetune, "fit_phase", fit_phase_then_sigterm)
+    images = make_image_folder(tmp_path / "images", per_class=8)
+    cfg = compose_cfg("data=imagefolder", f"data.root={images}", "trainer.max_epochs=2", "test=false", *FAST)
+    try:
+        with pytest.raises(RunInterrupted, match="received SIGTERM during training; resume with") as info:
+            train(cfg)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert info.value.exit_code == 128 + signal.SIGTERM
+    assert seen == [signal.SIGTERM], "a handler installed before the run still gets the signal"
+    assert finetune.resume_epoch(tmp_path / "run" / "checkpoints" / "last.ckpt") == 1, "resumable at the boundary"
+
+
 # ---- the run dir ------------------------------------------------------------------------------------------------------
 def test_sigterm_saves_a_checkpoint_and_exits_non_zero(tmp_path, hub_dir):
     """What a scheduler sees: exit code 143 (never 0) and one line saying how to resume; `last.ckpt` is written at

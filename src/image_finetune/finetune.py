@@ -22,12 +22,17 @@ The design, and why
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from image_finetune.checkpoints import read_checkpoint
 from image_finetune.schedule import FinetuneSchedule, Phase
@@ -92,15 +97,42 @@ def fit(
             schedule.freeze_epochs, trainer.max_epochs,
         )  # fmt: skip
     first = schedule.phase_at(resume_epoch(ckpt_path)) if ckpt_path else 0
-    for k in range(first, len(phases)):
-        if not fit_phase(trainer, model, datamodule, phases[k], ckpt_path):
-            return  # linear probe, early stop, interruption, fast_dev_run, or max_epochs reached first
-        # Saved after the fit has finished, so every callback (ModelCheckpoint's best and last included) has recorded
-        # the phase's last epoch first; a callback's own save would come before ModelCheckpoint, which runs last.
-        ckpt_path = Path(trainer.default_root_dir) / "checkpoints" / boundary_checkpoint(k + 1)
-        trainer.save_checkpoint(ckpt_path, weights_only=False)
-        trainer.should_stop = False
-        log.info("Unfreezing after epoch %d: %s train(s) from now on", phases[k].end, phases[k + 1].describe())
+    with _sigterm_between_fits() as sigterm_received:
+        for k in range(first, len(phases)):
+            if k > first and sigterm_received():
+                raise SIGTERMException  # as Lightning raises it inside a fit: the caller's interruption path
+            if not fit_phase(trainer, model, datamodule, phases[k], ckpt_path):
+                return  # linear probe, early stop, interruption, fast_dev_run, or max_epochs reached first
+            # Saved after the fit has finished, so every callback (ModelCheckpoint's best and last included) has
+            # recorded the phase's last epoch first; a callback's own save would come before ModelCheckpoint's.
+            ckpt_path = Path(trainer.default_root_dir) / "checkpoints" / boundary_checkpoint(k + 1)
+            trainer.save_checkpoint(ckpt_path, weights_only=False)
+            trainer.should_stop = False
+            log.info("Unfreezing after epoch %d: %s train(s) from now on", phases[k].end, phases[k + 1].describe())
+
+
+@contextlib.contextmanager
+def _sigterm_between_fits() -> Iterator[Callable[[], bool]]:
+    """Note a SIGTERM that lands between two phases' fits, where Lightning has no handler (its signal connector sets
+    one at each fit's start and restores the previous one at its end), so it would kill the process outright (exit
+    -15, nothing said). Inside a fit Lightning composes this handler with its own and raises ``SIGTERMException``
+    itself; between fits ``fit`` raises it before the next phase starts. A handler that was there before still runs."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        yield lambda: False
+        return
+    received: list[int] = []
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def note(signum: int, frame: Any) -> None:
+        received.append(signum)
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, note)
+    try:
+        yield lambda: bool(received)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def fit_phase(
