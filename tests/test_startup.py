@@ -52,9 +52,10 @@ def test_entry_scripts_help_imports_neither_torch_nor_lightning(script):
 
 
 @pytest.mark.slow
-def test_train_cfg_job_and_a_config_error_import_neither_torch_nor_lightning():
+def test_train_cfg_job_and_a_config_error_import_neither_torch_nor_lightning(tmp_path):
     assert probe("train.py", "--cfg", "job")[:2] == ([], "0")
-    heavy, code, stderr = probe("train.py", "data.batch_size=0")
+    # (Hydra makes the run dir and its train.log before the job runs: keep them out of the repo's logs/)
+    heavy, code, stderr = probe("train.py", "data.batch_size=0", f"hydra.run.dir={tmp_path / 'run'}")
     assert (heavy, code) == ([], "2")
     assert stderr.strip().splitlines() == [
         "error: data.batch_size=0 must be a positive number of images per batch (per device), e.g. data.batch_size=64"
