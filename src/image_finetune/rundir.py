@@ -3,7 +3,8 @@
 The lock is ``fcntl.flock`` on ``<run dir>/.train.lock``, held by the process for as long as it trains. The kernel
 drops it when the process ends however it ends (``kill -9`` included), so there is never a stale lock to delete by
 hand. Forked children (data loader workers) close their copy of the descriptor at once: a flock belongs to the open
-file, so a worker outliving a killed trainer by the seconds its watchdog takes would otherwise keep the dir locked. Under DDP only the launching process (global rank 0) takes it: the other ranks of the same run must not block
+file, so a worker outliving a killed trainer by the seconds its watchdog takes would otherwise keep the dir locked.
+Under DDP only the launching process (global rank 0) takes it: the other ranks of the same run must not block
 on it. The rank is read from the launchers' environment variables, because the lock is taken before any Trainer exists.
 """
 
