@@ -206,6 +206,41 @@ def test_a_sigterm_between_two_phases_stops_the_run_as_one_inside_a_fit_does(
     assert finetune.resume_epoch(tmp_path / "run" / "checkpoints" / "last.ckpt") == 1, "resumable at the boundary"
 
 
+def test_a_sigterm_as_the_next_phase_starts_stops_the_run_before_it_trains(
+    compose_cfg, pretrained, tmp_path, monkeypatch
+):
+    """A SIGTERM in the next fit's set-up and restore, before Lightning registers its handler (which clears what it
+    saw), used to be forgotten: the run trained on to the end and exited 0 (found by the subprocess test in CI)."""
+    seen: list[int] = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+
+    class SigtermAtSecondFitStart(L.Callback):  # `on_fit_start` runs before Lightning's signal connector registers
+        fits = 0
+
+        def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            SigtermAtSecondFitStart.fits += 1
+            if SigtermAtSecondFitStart.fits == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    def build_with_sigterm(cfg):  # type: ignore[no-untyped-def]
+        run = build(cfg)
+        run.trainer.callbacks.append(SigtermAtSecondFitStart())
+        return run
+
+    monkeypatch.setattr("image_finetune.train.build", build_with_sigterm)
+    images = make_image_folder(tmp_path / "images", per_class=8)
+    cfg = compose_cfg("data=imagefolder", f"data.root={images}", "trainer.max_epochs=3", "test=false", *FAST)
+    try:
+        with pytest.raises(RunInterrupted, match="received SIGTERM during training; resume with") as info:
+            train(cfg)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert info.value.exit_code == 128 + signal.SIGTERM
+    assert seen == [signal.SIGTERM]
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert finetune.resume_epoch(last) == 1, "no unfrozen epoch was trained after the signal"
+
+
 # ---- the run dir ------------------------------------------------------------------------------------------------------
 def test_sigterm_saves_a_checkpoint_and_exits_non_zero(tmp_path, hub_dir):
     """What a scheduler sees: exit code 143 (never 0) and one line saying how to resume; `last.ckpt` is written at

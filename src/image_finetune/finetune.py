@@ -27,7 +27,7 @@ import logging
 import signal
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -97,9 +97,9 @@ def fit(
             schedule.freeze_epochs, trainer.max_epochs,
         )  # fmt: skip
     first = schedule.phase_at(resume_epoch(ckpt_path)) if ckpt_path else 0
-    with _sigterm_between_fits() as sigterm_received:
+    with _SigtermAcrossFits.installed(trainer) as sigterm:
         for k in range(first, len(phases)):
-            if k > first and sigterm_received():
+            if k > first and sigterm.received:
                 raise SIGTERMException  # as Lightning raises it inside a fit: the caller's interruption path
             if not fit_phase(trainer, model, datamodule, phases[k], ckpt_path):
                 return  # linear probe, early stop, interruption, fast_dev_run, or max_epochs reached first
@@ -111,28 +111,44 @@ def fit(
             log.info("Unfreezing after epoch %d: %s train(s) from now on", phases[k].end, phases[k + 1].describe())
 
 
-@contextlib.contextmanager
-def _sigterm_between_fits() -> Iterator[Callable[[], bool]]:
-    """Note a SIGTERM that lands between two phases' fits, where Lightning has no handler (its signal connector sets
-    one at each fit's start and restores the previous one at its end), so it would kill the process outright (exit
-    -15, nothing said). Inside a fit Lightning composes this handler with its own and raises ``SIGTERMException``
-    itself; between fits ``fit`` raises it before the next phase starts. A handler that was there before still runs."""
-    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
-        yield lambda: False
-        return
-    received: list[int] = []
-    previous = signal.getsignal(signal.SIGTERM)
+class _SigtermAcrossFits(L.Callback):
+    """Holds a SIGTERM for the whole schedule, not only inside each fit.
 
-    def note(signum: int, frame: Any) -> None:
-        received.append(signum)
-        if callable(previous):
-            previous(signum, frame)
+    Lightning's signal connector handles SIGTERM from just before a fit's first step to its teardown, and clears
+    what it saw when the next fit registers it again. A SIGTERM at the unfreeze (after one fit, or in the next fit's
+    setup and restore) would otherwise kill the process outright (exit -15, nothing saved) or be forgotten and the
+    run would train on to the end. This handler notes the signal; ``fit`` raises ``SIGTERMException`` before the
+    next phase, and ``on_train_start`` raises it inside a fit that began after the signal, the same exception
+    Lightning raises, so the run saves ``last.ckpt`` and exits 143. Inside a fit Lightning composes this handler with
+    its own; a handler installed before the run still runs.
+    """
 
-    signal.signal(signal.SIGTERM, note)
-    try:
-        yield lambda: bool(received)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    def __init__(self, previous: Any) -> None:
+        self.previous, self.received = previous, False
+
+    def note(self, signum: int, frame: Any) -> None:
+        self.received = True
+        if callable(self.previous):
+            self.previous(signum, frame)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.received:
+            raise SIGTERMException
+
+    @classmethod
+    @contextlib.contextmanager
+    def installed(cls, trainer: L.Trainer) -> Iterator[_SigtermAcrossFits]:
+        guard = cls(signal.getsignal(signal.SIGTERM))
+        if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+            yield guard
+            return
+        signal.signal(signal.SIGTERM, guard.note)
+        trainer.callbacks.append(guard)
+        try:
+            yield guard
+        finally:
+            trainer.callbacks.remove(guard)
+            signal.signal(signal.SIGTERM, guard.previous)
 
 
 def fit_phase(
