@@ -360,8 +360,9 @@ def _plain_batches(datamodule: Any, device: torch.device) -> Iterator[tuple[torc
                     random_crop_flip(images[index], seeds[start : start + batch_size]).float().div_(255),
                     labels[index],
                 )
+    loader = datamodule.train_dataloader()  # once, as a hand-written loop does: its persistent workers stay up
     while True:
-        for images, labels in datamodule.train_dataloader():
+        for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             yield datamodule.device_transform(images.float().div_(255), train=True), labels
 
