@@ -74,19 +74,23 @@ def test_per_class_report_agrees_with_a_direct_count(trained, compose_cfg, tmp_p
         assert png.format == "PNG" and min(png.size) > 100
 
 
-def test_eval_reads_original_files_never_the_training_cache(trained, compose_cfg, tmp_path):
+def test_eval_reads_original_files_never_the_training_cache_and_decodes_them_on_the_cpu(trained, compose_cfg, tmp_path):
+    """As predict.py and the exports read them; also, a checkpoint trained with data.decode=gpu evaluates anywhere."""
     assert run_config(trained.checkpoint)["data"]["cache"] == "auto"
     stored = compose_cfg(f"ckpt_path={trained.checkpoint}", config_name="eval", output_dir=tmp_path / "a")
     assert data_config(stored, str(trained.checkpoint)).cache is None
+    assert data_config(stored, str(trained.checkpoint)).decode == "cpu"
     named = compose_cfg(
         "ckpt_path=x",
         "data=imagefolder",
         "data.root=.",
         "data.cache=resized",
+        "data.decode=gpu",
         config_name="eval",
         output_dir=tmp_path / "b",
     )
     assert data_config(named, "x").cache is None
+    assert data_config(named, "x").decode == "cpu"
 
 
 def test_split_val_evaluates_the_val_files(trained, compose_cfg, tmp_path, caplog, monkeypatch):

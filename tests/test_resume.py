@@ -65,12 +65,16 @@ def test_last_ckpt_is_the_final_epoch_even_when_an_earlier_epoch_was_best(
 
 
 # ---- exact resume ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("decode", ["cpu", "gpu"])
 def test_a_run_stopped_by_sigterm_mid_epoch_resumes_to_the_uninterrupted_weights(
-    compose_cfg, pretrained, tmp_path, monkeypatch
+    compose_cfg, pretrained, tmp_path, monkeypatch, decode
 ):
     """SIGTERM in the middle of an unfrozen epoch: `train` saves `last.ckpt` at that batch and raises RunInterrupted;
-    `ckpt_path=last` then skips the batches already trained and ends bitwise where an uninterrupted run ends."""
+    `ckpt_path=last` then skips the batches already trained and ends bitwise where an uninterrupted run ends. Also
+    with `data.decode=gpu` (its crops drawn on the host from the sample seeds; the CPU decoder stands in for nvJPEG)."""
     images = make_image_folder(tmp_path / "images", per_class=16)
+    if decode == "gpu":
+        monkeypatch.setattr("image_finetune.data.imagefolder.require_gpu", lambda: torch.device("cpu"))
     common = (
         "data=imagefolder",
         f"data.root={images}",
@@ -78,6 +82,8 @@ def test_a_run_stopped_by_sigterm_mid_epoch_resumes_to_the_uninterrupted_weights
         "test=false",
         *FAST,
         "data.batch_size=8",
+        f"data.decode={decode}",
+        "augment=standard",
     )
     full = compose_cfg(*common, output_dir=tmp_path / "full")
     train(full)

@@ -68,6 +68,8 @@ def data_config(cfg: DictConfig, ckpt_path: str) -> DictConfig:
         data = OmegaConf.create(stored)
     if "cache" in data:
         data.cache = None
+    if "decode" in data:
+        data.decode = "cpu"  # decoded as predict.py and the exports decode; a GPU-trained checkpoint evaluates anywhere
     data.pop("augment", None)
     return data
 

@@ -202,6 +202,7 @@ class ClassificationDataModule(L.LightningDataModule):
             pin_memory=on_gpu if self.pin_memory is None else self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
             drop_last=drop_last,
+            collate_fn=getattr(dataset, "collate_fn", None),  # a dataset whose items need their own batching says so
             # Its own generator: creating an iterator must not consume the global RNG (dropout draws from it), or
             # a resumed run, whose first iterator is made at a different moment, would diverge.
             generator=torch.Generator().manual_seed(self.seed),

@@ -49,7 +49,7 @@ class ImageFileDataset(Dataset):
         self,
         samples: Sequence[tuple[str, int]],
         transform: Callable[[torch.Tensor], torch.Tensor] | None,
-        loader: Callable[[str], np.ndarray | Image.Image],
+        loader: Callable[[str], np.ndarray | Image.Image | torch.Tensor],
     ) -> None:
         self.samples = list(samples)
         self.transform = transform
@@ -62,20 +62,24 @@ class ImageFileDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, seed = key if isinstance(key, tuple) else (key, None)
+        loaded, label, _ = self.load(index)
+        # A loader that returns a tensor has made its own layout (``data.decode=gpu``: JPEG bytes); arrays become CHW.
+        image = loaded if isinstance(loaded, torch.Tensor) else to_uint8_tensor(loaded, channels_last=True)
+        if self.transform is not None:
+            image = self._transform(image, seed)
+        return image.contiguous(), label
+
+    def load(self, index: int) -> tuple[np.ndarray | Image.Image | torch.Tensor, int, str]:
+        """What the loader makes of sample ``index`` (or of the next one that loads), its label and its path."""
         n = len(self.samples)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} samples")
         for step in range(n):
             path, label = self.samples[(index + step) % n]
             try:
-                img = self.loader(path)
+                return self.loader(path), label, path
             except Exception as e:  # whatever broke the file, the run goes on with the next sample
-                self._record_failure(path, e)
-                continue
-            image = to_uint8_tensor(img, channels_last=True)  # the faster layout for resizing
-            if self.transform is not None:
-                image = self._transform(image, seed)
-            return image.contiguous(), label
+                self.record_failure(path, e)
         raise DataError(
             f"None of the {n:,} images could be loaded (first failure: {self.failures[0][0]}: {self.failures[0][1]}). "
             "The files changed since the scan; check that the data folder is still mounted and readable."
@@ -88,7 +92,7 @@ class ImageFileDataset(Dataset):
         with seeded_rngs(seed):
             return self.transform(image)
 
-    def _record_failure(self, path: str, error: Exception) -> None:
+    def record_failure(self, path: str, error: Exception) -> None:
         if path in self._failed:
             return
         self._failed.add(path)

@@ -26,6 +26,13 @@ from image_finetune.atomic import atomic_write_text
 from image_finetune.data.base import ClassificationDataModule
 from image_finetune.data.cache import ResizedCache
 from image_finetune.data.decode import stored_short_side
+from image_finetune.data.device_decode import (
+    DeviceCrops,
+    DeviceJpegLoader,
+    EncodedBatch,
+    EncodedImageDataset,
+    require_gpu,
+)
 from image_finetune.data.files import ImageFileDataset, ImageLoader
 from image_finetune.data.preprocessing import Preprocessing
 from image_finetune.data.scan import FolderScan, scan_image_folder, summarize, write_scan_report
@@ -38,6 +45,7 @@ Samples = list[tuple[str, int]]
 SPLIT_DIRS = ("train", "val", "test")
 CacheMode = Literal["auto", "resized"] | None
 CACHE_MODES: tuple[CacheMode, ...] = (None, "auto", "resized")
+DecodeMode = Literal["cpu", "gpu"]
 # data.cache=auto keeps resized copies when the median training image is at least this many times (per side) what
 # training reads: a 1600x1200 photo cached at 256 px decodes ~6x faster; a 500x375 one would gain nothing.
 AUTO_CACHE_MIN_SHRINK = 2
@@ -78,6 +86,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         persistent_workers: bool = True,
         preprocessing: Preprocessing | Mapping[str, Any] | None = None,
         min_steps_per_epoch: int = 4,
+        decode: DecodeMode = "cpu",
     ) -> None:
         """``preprocessing`` is the backbone's (``train`` hands it over); ``image_size``/``crop_ratio`` override it."""
         super().__init__(batch_size, num_workers, seed, pin_memory, persistent_workers, min_steps_per_epoch)
@@ -95,6 +104,18 @@ class ImageFolderDataModule(ClassificationDataModule):
                 f"data.cache={cache!r}: use auto (keep resized copies when the images are large), resized (always) "
                 "or null (read the original files every epoch)"
             )
+        if decode not in ("cpu", "gpu"):
+            raise ConfigError(
+                f"data.decode={decode!r}: use cpu (decode in the loader workers) or gpu (nvJPEG on the training GPU)"
+            )
+        if decode == "gpu":
+            require_gpu()
+            if augment is not None and augment.ops:
+                raise ConfigError(
+                    f"data.decode=gpu crops and flips on the GPU, but augment={augment.name} also has ops that run on "
+                    "CPU images: use augment=none|light|standard with data.decode=gpu, or data.decode=cpu"
+                )
+        self.decode = decode
         backbone_preprocessing = Preprocessing.coerce(preprocessing) or Preprocessing()
         self.preprocessing = backbone_preprocessing.override(size=image_size, crop_ratio=crop_ratio)
         self.image_size, self.crop_ratio = self.preprocessing.size, self.preprocessing.crop_ratio
@@ -274,8 +295,38 @@ class ImageFolderDataModule(ClassificationDataModule):
             split: ImageFileDataset(items, train_tf if split == "train" else eval_tf, loaders.get(split, original))
             for split, items in self.splits.items()
         }
+        if self.decode == "gpu":
+            self._decode_on_device(short_side, verbose)
         if self.balance:
             self.sample_weights = balanced_weights([label for _, label in self.splits["train"]], len(self.class_names))
+
+    def _decode_on_device(self, short_side: int, verbose: bool) -> None:
+        """``data.decode=gpu``: the train and val splits read JPEG bytes, decoded and cropped on the device (see
+        ``on_before_batch_transfer``). The test split keeps the CPU path, so its numbers are what eval.py computes."""
+        augment = self.augment
+        random_crop = augment.random_crop if augment is not None else True
+        hflip = self.hflip and (augment.hflip if augment is not None else True)
+        scale = (augment.crop_scale if augment is not None else None) or self.crop_scale
+        self.device_crops = DeviceCrops(
+            self.image_size, self.crop_ratio, self.preprocessing.interpolation, random_crop,
+            (float(scale[0]), float(scale[1])), hflip, min_size=short_side,
+        )  # fmt: skip
+        loader = DeviceJpegLoader(min_size=short_side)
+        for split in ("train", "val"):
+            self.datasets[split] = EncodedImageDataset(self.splits[split], loader)
+        if verbose:
+            log.info(
+                "data.decode=gpu: train and val JPEGs are decoded and cropped on the training device (nvJPEG); other "
+                "files are decoded in the workers. data.cache is not used."
+            )
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """``data.decode=gpu``: an ``EncodedBatch`` becomes ``(uint8 NCHW images, labels)`` on the training device."""
+        if not isinstance(batch, EncodedBatch):
+            return batch
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        training = self.trainer is not None and self.trainer.training
+        return self.device_crops(batch, device, train=training)
 
     def _resized_cache(self, short_side: int, verbose: bool) -> ResizedCache | None:
         """The cache for ``data.cache``; ``auto`` decides from the headers of a seeded sample of training images."""
