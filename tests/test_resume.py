@@ -185,21 +185,36 @@ def test_kill_9_then_ckpt_path_last_ends_bitwise_equal_and_the_dir_is_locked_mea
     assert not list(killed_dir.rglob("*.tmp")), "temporary files of the killed run are cleaned up"
 
 
-def test_a_sigterm_between_two_phases_stops_the_run_as_one_inside_a_fit_does(
-    compose_cfg, pretrained, tmp_path, monkeypatch
+@pytest.mark.parametrize(
+    "hook, fit", [("on_fit_end", 1), ("on_fit_start", 2)], ids=["after_the_first_fit", "as_the_second_fit_starts"]
+)
+def test_a_sigterm_at_the_unfreeze_stops_the_run_as_one_inside_a_fit_does(
+    compose_cfg, pretrained, tmp_path, monkeypatch, hook, fit
 ):
-    """Lightning handles SIGTERM only inside a fit. One that lands at the unfreeze, between the two phases' fits, used
-    to kill the process outright (exit -15, nothing said); it must end the run as any SIGTERM does (exit 143)."""
+    """Lightning handles SIGTERM from just before a fit's first step to its teardown, and forgets what it saw when the
+    next fit registers its handler again. One after the first fit's teardown (``on_fit_end`` runs after it) used to
+    kill the process outright (exit -15, nothing said); one in the second fit's set-up (``on_fit_start`` runs before
+    Lightning registers) was forgotten, and the run trained on to the end and exited 0 (found by the subprocess test
+    in CI). Both must end the run as any SIGTERM does: exit 143, resumable at the boundary."""
     seen: list[int] = []
     before = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))  # also: no pytest killed
-    real = finetune.fit_phase
 
-    def fit_phase_then_sigterm(*args: object, **kwargs: object) -> bool:
-        done = real(*args, **kwargs)
-        os.kill(os.getpid(), signal.SIGTERM)  # the fit has ended: Lightning's handler is gone
-        return done
+    class SigtermAtTheUnfreeze(L.Callback):
+        calls = 0
 
-    monkeypatch.setattr(finetune, "fit_phase", fit_phase_then_sigterm)
+        def send(self, *args: object) -> None:
+            SigtermAtTheUnfreeze.calls += 1
+            if SigtermAtTheUnfreeze.calls == fit:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    setattr(SigtermAtTheUnfreeze, hook, SigtermAtTheUnfreeze.send)
+
+    def build_with_sigterm(cfg):  # type: ignore[no-untyped-def]
+        run = build(cfg)
+        run.trainer.callbacks.append(SigtermAtTheUnfreeze())
+        return run
+
+    monkeypatch.setattr("image_finetune.train.build", build_with_sigterm)
     images = make_image_folder(tmp_path / "images", per_class=8)
     cfg = compose_cfg("data=imagefolder", f"data.root={images}", "trainer.max_epochs=2", "test=false", *FAST)
     try:
@@ -209,42 +224,8 @@ def test_a_sigterm_between_two_phases_stops_the_run_as_one_inside_a_fit_does(
         signal.signal(signal.SIGTERM, before)
     assert info.value.exit_code == 128 + signal.SIGTERM
     assert seen == [signal.SIGTERM], "a handler installed before the run still gets the signal"
-    assert finetune.resume_epoch(tmp_path / "run" / "checkpoints" / "last.ckpt") == 1, "resumable at the boundary"
-
-
-def test_a_sigterm_as_the_next_phase_starts_stops_the_run_before_it_trains(
-    compose_cfg, pretrained, tmp_path, monkeypatch
-):
-    """A SIGTERM in the next fit's set-up and restore, before Lightning registers its handler (which clears what it
-    saw), used to be forgotten: the run trained on to the end and exited 0 (found by the subprocess test in CI)."""
-    seen: list[int] = []
-    before = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
-
-    class SigtermAtSecondFitStart(L.Callback):  # `on_fit_start` runs before Lightning's signal connector registers
-        fits = 0
-
-        def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            SigtermAtSecondFitStart.fits += 1
-            if SigtermAtSecondFitStart.fits == 2:
-                os.kill(os.getpid(), signal.SIGTERM)
-
-    def build_with_sigterm(cfg):  # type: ignore[no-untyped-def]
-        run = build(cfg)
-        run.trainer.callbacks.append(SigtermAtSecondFitStart())
-        return run
-
-    monkeypatch.setattr("image_finetune.train.build", build_with_sigterm)
-    images = make_image_folder(tmp_path / "images", per_class=8)
-    cfg = compose_cfg("data=imagefolder", f"data.root={images}", "trainer.max_epochs=3", "test=false", *FAST)
-    try:
-        with pytest.raises(RunInterrupted, match="received SIGTERM during training; resume with") as info:
-            train(cfg)
-    finally:
-        signal.signal(signal.SIGTERM, before)
-    assert info.value.exit_code == 128 + signal.SIGTERM
-    assert seen == [signal.SIGTERM]
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    assert finetune.resume_epoch(last) == 1, "no unfrozen epoch was trained after the signal"
+    assert finetune.resume_epoch(last) == 1, "resumable at the boundary; no unfrozen epoch trained after the signal"
 
 
 # ---- the run dir ------------------------------------------------------------------------------------------------------
