@@ -5,9 +5,9 @@
     python benchmarks/train_throughput.py --baseline --modes eager compiled --repeats 2 experiment=cifar10 ...
 
 ``--baseline`` also trains a plain PyTorch loop (``plain_loop``) on the same model, precision, memory format, batch,
-data and augmentation, alternated with the template in this process (template, plain, template, plain, ... for each
-of ``--modes``), and prints template/plain per phase (frozen, unfrozen): the ratio is measured in one run, on one
-machine, under the same load.
+data and augmentation, alternated with the template in this process (ABBA: template then plain, plain then template,
+... for each of ``--modes``), and prints template/plain per phase (frozen, unfrozen): the ratio is measured in one run,
+on one machine, under the same load.
 
 On a machine without internet, ``--fake-data`` writes CIFAR-10-shaped batches of random pixels and ``--fake-weights``
 seeds the torch hub cache with randomly initialised weights under the official file names (shared/GUIDE.md s.7):
@@ -230,20 +230,38 @@ def compare(
     baseline: bool,
     fake_train: int = 50_000,
 ) -> dict[str, Any]:
-    """Template (and, with ``baseline``, the plain loop right after it) for each mode, ``repeats`` alternated rounds."""
+    """Template (and, with ``baseline``, the plain loop) for each mode, ``repeats`` rounds in ABBA order.
+
+    Round 0 runs the template first (its phases give the step counts), round 1 the plain loop first, and so on: on a
+    shared machine whose speed drifts during a run, a fixed order would favour whichever loop runs second.
+    """
     overrides = _prepare(scratch, overrides, fake_data, fake_weights, fake_train)
     if not modes:
         modes = ["compiled" if compose_config(CONFIGS, "train", overrides, scratch / "probe").compile else "eager"]
     rounds: list[dict[str, Any]] = []
+    steps: dict[str, list[tuple[bool, int]]] = {}  # per mode: (frozen, timed steps) of each phase, from round 0
     for r in range(repeats):
         for mode in modes:
             mode_overrides = [*overrides, f"compile={mode == 'compiled'}"]
+            compiled = mode == "compiled"
+            plain_first = baseline and r % 2 == 1 and mode in steps
+            entry: dict[str, Any] = {
+                "round": r,
+                "mode": mode,
+                "order": "plain first" if plain_first else "template first",
+            }
+            if plain_first:
+                cfg = compose_config(CONFIGS, "train", [*mode_overrides, "test=false", "logger=csv"], scratch / "plain")
+                run = build(cfg)
+                run.datamodule.setup("fit")  # the splits and datasets the plain loop reads
+                entry["plain"] = plain_loop(cfg, run, steps[mode], warmup, compiled=compiled)
+                del run
             template, run, cfg = _template(scratch / f"run_{mode}_{r}", warmup, mode_overrides)
-            entry = {"round": r, "mode": mode, "template": template}
-            if baseline:
-                steps = [(p["backbone_frozen"], p["steps_timed"]) for p in template["phases"]]
+            entry["template"] = template
+            steps.setdefault(mode, [(p["backbone_frozen"], p["steps_timed"]) for p in template["phases"]])
+            if baseline and not plain_first:
                 run.model.cpu()  # the plain loop's own model takes its place on the device
-                entry["plain"] = plain_loop(cfg, run, steps, warmup, compiled=mode == "compiled")
+                entry["plain"] = plain_loop(cfg, run, steps[mode], warmup, compiled=compiled)
             rounds.append(entry)
             del run
     return {

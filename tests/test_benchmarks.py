@@ -50,8 +50,10 @@ def test_train_throughput_benchmark_times_both_phases(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_train_throughput_baseline_prints_template_over_plain_per_phase(tmp_path: Path) -> None:
-    """``--baseline`` times a plain PyTorch loop after the template and prints the ratio per phase (not its value)."""
-    out = run("benchmarks/train_throughput.py", "--baseline", "--fake-weights", "--warmup", "1", "--json", str(tmp_path / "t.json"),
+    """``--baseline`` times a plain PyTorch loop next to the template, in ABBA order over ``--repeats`` rounds, on the
+    same steps, and prints the ratio per phase (not its value)."""
+    out = run("benchmarks/train_throughput.py", "--baseline", "--repeats", "2", "--fake-weights", "--warmup", "1",
+              "--json", str(tmp_path / "t.json"),
               "experiment=digits", f"paths.data_dir={tmp_path / 'data'}", "trainer=cpu", "trainer.max_epochs=2",
               "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "data.batch_size=8", "data.num_workers=0",
               "data.image_size=16", "~callbacks.model_summary", "~callbacks.progress_bar")  # fmt: skip
@@ -60,12 +62,11 @@ def test_train_throughput_baseline_prints_template_over_plain_per_phase(tmp_path
     )
     assert [row[0] for row in rows] == ["frozen", "unfrozen"]
     result = json.loads((tmp_path / "t.json").read_text())
-    (entry,) = result["rounds"]
-    plain = entry["plain"]["phases"]
-    assert [(p["backbone_frozen"], p["steps_timed"]) for p in plain] == [
-        (True, 3 - 1),
-        (False, 3 - 1),
-    ]  # as the template
+    assert [entry["order"] for entry in result["rounds"]] == ["template first", "plain first"]
+    for entry in result["rounds"]:
+        steps = [(p["backbone_frozen"], p["steps_timed"]) for p in entry["plain"]["phases"]]
+        assert steps == [(True, 3 - 1), (False, 3 - 1)]  # as the template's
+    plain = result["rounds"][0]["plain"]["phases"]
     for (_, template, plain_rate, ratio), _phase in zip(rows, plain):
         assert float(plain_rate.replace(",", "")) > 0 and float(ratio) > 0
         assert abs(float(template.replace(",", "")) / float(plain_rate.replace(",", "")) - float(ratio)) < 0.05 * float(
