@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -14,12 +15,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from support import FAST, make_image_folder
 
 from image_finetune import finetune
 from image_finetune.atomic import remove_orphans
+from image_finetune.callbacks.reproducibility import reseed_globals
 from image_finetune.checkpoint_io import AtomicCheckpointIO
 from image_finetune.checkpoints import read_checkpoint
 from image_finetune.errors import RunInterrupted, UserError
@@ -65,6 +68,20 @@ def test_last_ckpt_is_the_final_epoch_even_when_an_earlier_epoch_was_best(
 
 
 # ---- exact resume ---------------------------------------------------------------------------------------------------
+def test_reseeding_per_batch_draws_what_seed_everything_draws():
+    """``ReseedEveryBatch`` seeds the global generators itself (Lightning's ``seed_everything`` costs up to ~2 ms of
+    host time per batch); every stream must draw what it would after ``seed_everything``."""
+
+    def draws() -> tuple[list[float], float, float, str | None]:
+        return torch.rand(3).tolist(), random.random(), float(np.random.rand()), os.environ.get("PL_GLOBAL_SEED")
+
+    L.seed_everything(1234, workers=True, verbose=False)
+    expected = draws()
+    L.seed_everything(99, workers=True, verbose=False)
+    reseed_globals(1234)
+    assert draws() == expected
+
+
 @pytest.mark.parametrize("decode", ["cpu", "gpu"])
 def test_a_run_stopped_by_sigterm_mid_epoch_resumes_to_the_uninterrupted_weights(
     compose_cfg, pretrained, tmp_path, monkeypatch, decode
@@ -280,15 +297,16 @@ def test_a_forked_worker_that_outlives_a_killed_trainer_does_not_keep_the_dir_lo
     script = (
         "import os, sys, time; from image_finetune.rundir import run_dir_lock\n"
         "with run_dir_lock(sys.argv[1]):\n"
-        "    if os.fork() == 0:\n        time.sleep(600)\n"
+        "    if os.fork() == 0:\n        print('forked', flush=True); time.sleep(600)\n"
         "    print('locked', flush=True); time.sleep(600)"
-    )
+    )  # the child prints once its at-fork handlers have run (before os.fork returns in it)
     trainer = subprocess.Popen(
         [sys.executable, "-c", script, str(tmp_path)], env={**os.environ, "PYTHONPATH": str(REPO / "src")},
         stdout=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     try:
-        assert trainer.stdout is not None and trainer.stdout.readline().strip() == "locked"
+        assert trainer.stdout is not None
+        assert sorted(trainer.stdout.readline().strip() for _ in range(2)) == ["forked", "locked"]
         trainer.kill()  # the trainer only; its forked child lives on
         trainer.wait()
         with run_dir_lock(tmp_path) as lock:
