@@ -142,9 +142,10 @@ def render(results: dict[str, Any], args: argparse.Namespace) -> str:
             continue
         for line in r["table"][2:]:
             cells = [c.strip() for c in line.strip("|").split("|")]
-            mode, phase, template, plain, ratio = cells
+            mode, phase, template, plain, ratio, spread, cpu = cells
             rows.append(
-                f"| throughput {mode} | {phase} | template {template} img/s, plain {plain} img/s | {ratio.split()[-1]} |"
+                f"| throughput {mode} | {phase} | template {template} img/s, plain {plain} img/s (rounds {spread}; "
+                f"host CPU ms/step {cpu}) | {ratio.split()[-1]} |"
             )
         memory = r.get("peak_gpu_memory_gib")
         if memory:

@@ -58,8 +58,9 @@ class Throughput(L.Callback):
         self._reset()
 
     def _reset(self) -> None:
-        self.steps, self.timed_steps, self.images, self.elapsed = 0, 0, 0, 0.0
+        self.steps, self.timed_steps, self.images, self.elapsed, self.cpu = 0, 0, 0, 0.0, 0.0
         self.start: float | None = None
+        self.cpu_start = 0.0
         self.fit_start = time.perf_counter()
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -71,7 +72,7 @@ class Throughput(L.Callback):
     ) -> None:
         if self.start is None and self.steps >= self.warmup:
             _sync()
-            self.start = time.perf_counter()
+            self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -92,6 +93,7 @@ class Throughput(L.Callback):
                 "steps_timed": self.timed_steps,
                 "seconds_timed": self.elapsed,
                 "images_per_s": self.images / self.elapsed if self.images else float("nan"),
+                "cpu_ms_per_step": 1e3 * self.cpu / self.timed_steps if self.timed_steps else float("nan"),
                 "fit_seconds": time.perf_counter() - self.fit_start,
             }
         )
@@ -100,6 +102,7 @@ class Throughput(L.Callback):
         if self.start is not None:
             _sync()
             self.elapsed += time.perf_counter() - self.start
+            self.cpu += time.process_time() - self.cpu_start
             self.start = None
 
 
@@ -273,22 +276,30 @@ def compare(
 
 
 def ratio_table(rounds: list[dict[str, Any]]) -> list[str]:
-    """Markdown: per mode and phase, median img/s of template and plain loop and the median of per-round ratios."""
-    lines = ["| mode | phase | template img/s | plain img/s | template/plain |", "| --- | --- | ---: | ---: | ---: |"]
+    """Markdown: per mode and phase, median img/s of template and plain loop, the median and range of the per-round
+    ratios, and the training process's CPU time per step (its host work, whatever the machine's other load does to
+    the wall clock; data loader workers are other processes)."""
+    lines = [
+        "| mode | phase | template img/s | plain img/s | template/plain | rounds' ratios | CPU ms/step, template / plain |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     keys = dict.fromkeys((e["mode"], p["backbone_frozen"]) for e in rounds for p in e["template"]["phases"])
     for mode, frozen in keys:
         pairs = [
-            (t["images_per_s"], p["images_per_s"])
+            (t, p)
             for e in rounds if e["mode"] == mode
             for t, p in zip(e["template"]["phases"], e["plain"]["phases"]) if t["backbone_frozen"] == frozen
         ]  # fmt: skip
         if not pairs:
             continue
-        ratio = statistics.median(t / p for t, p in pairs)
-        phase = "frozen" if frozen else "unfrozen"
+        ratios = [t["images_per_s"] / p["images_per_s"] for t, p in pairs]
+        rates = [statistics.median(phase[side]["images_per_s"] for phase in pairs) for side in (0, 1)]
+        cpu = [
+            statistics.median(phase[side].get("cpu_ms_per_step", float("nan")) for phase in pairs) for side in (0, 1)
+        ]
         lines.append(
-            f"| {mode} | {phase} | {statistics.median(t for t, _ in pairs):,.1f} | {statistics.median(p for _, p in pairs):,.1f} "
-            f"| ratio {ratio:.3f} |"
+            f"| {mode} | {'frozen' if frozen else 'unfrozen'} | {rates[0]:,.1f} | {rates[1]:,.1f} "
+            f"| ratio {statistics.median(ratios):.3f} | {min(ratios):.3f}-{max(ratios):.3f} | {cpu[0]:,.1f} / {cpu[1]:,.1f} |"
         )
     return lines
 
@@ -331,11 +342,12 @@ def plain_loop(
             forward = torch.compile(net)
         _sync()
         started = None
+        cpu_started = 0.0
         images_seen = 0
         for step in range(warmup + steps):
             if step == warmup:
                 _sync()
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), time.process_time()
             images, labels = next(batches)
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -355,9 +367,11 @@ def plain_loop(
                 images_seen += labels.shape[0]
         _sync()
         elapsed = time.perf_counter() - started if started is not None else 0.0
+        cpu = time.process_time() - cpu_started
         results.append(
             {"backbone_frozen": frozen, "steps_timed": steps, "seconds_timed": elapsed,
-             "images_per_s": images_seen / elapsed if elapsed > 0 else float("nan")}
+             "images_per_s": images_seen / elapsed if elapsed > 0 else float("nan"),
+             "cpu_ms_per_step": 1e3 * cpu / steps if steps else float("nan")}
         )  # fmt: skip
     return {"phases": results, "peak_gpu_memory_gib": _peak_memory_gib()}
 
