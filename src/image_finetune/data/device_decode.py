@@ -199,15 +199,20 @@ class DeviceCrops:
         return self.crop(images, batch.seeds, train), labels.to(device, non_blocking=True)
 
     def crop(self, images: Sequence[torch.Tensor], seeds: Sequence[int] | None, train: bool) -> torch.Tensor:
+        """One uint8 batch of ``size`` x ``size`` crops; training crops and flips are drawn from ``seeds``."""
         sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
-        if train and (seeds is None or len(seeds) != len(images)):
+        if not train:
+            return crop_resize(
+                images, [center_box(h, w, self.crop_ratio) for h, w in sizes], self.size, None, self.interpolation
+            )
+        if seeds is None or len(seeds) != len(images):
             raise ValueError("training crops need one seed per image")
-        if train and self.random_crop:
-            drawn = [random_resized_box(h, w, int(seed), self.scale) for (h, w), seed in zip(sizes, seeds)]  # type: ignore[arg-type]
+        if self.random_crop:
+            drawn = [random_resized_box(h, w, int(seed), self.scale) for (h, w), seed in zip(sizes, seeds)]
             boxes, flips = [box for box, _ in drawn], [flip and self.hflip for _, flip in drawn]
         else:
             boxes = [center_box(h, w, self.crop_ratio) for h, w in sizes]
-            flips = [self.hflip and flip_coin(int(seed)) for seed in seeds] if train else None  # type: ignore[union-attr]
+            flips = [self.hflip and flip_coin(int(seed)) for seed in seeds]
         return crop_resize(images, boxes, self.size, flips, self.interpolation)
 
     def decode(self, batch: EncodedBatch, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:

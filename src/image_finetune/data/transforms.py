@@ -55,17 +55,27 @@ def train_transform(
     ``hflip=False`` means the data must never be mirrored, whatever the preset says.
     """
     augment = augment or Augmentation()
-    if augment.random_crop:
-        scale = augment.crop_scale or tuple(crop_scale)
+    scale, flip = crop_and_flip(augment, crop_scale, hflip)
+    if scale is not None:
         steps: list[Callable[[torch.Tensor], torch.Tensor]] = [
             v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode(interpolation), antialias=True)
         ]
     else:
         steps = list(eval_transform(size, crop_ratio, interpolation).transforms)
-    if augment.hflip and hflip:
+    if flip:
         steps.append(v2.RandomHorizontalFlip())
     steps.extend(augment.ops)
     return v2.Compose(steps)
+
+
+def crop_and_flip(
+    augment: Augmentation | None, crop_scale: Sequence[float], hflip: bool
+) -> tuple[tuple[float, float] | None, bool]:
+    """What a preset does to the geometry on this data: the random resized crop's area range (None: no random crop)
+    and whether to flip (``hflip=False``, the data's veto, wins). The CPU transforms and ``data.decode=gpu`` share it."""
+    augment = augment or Augmentation()
+    scale = augment.crop_scale or crop_scale
+    return ((float(scale[0]), float(scale[1])) if augment.random_crop else None), augment.hflip and hflip
 
 
 class SameSizeAugmentation:
@@ -78,10 +88,10 @@ class SameSizeAugmentation:
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         height, width = image.shape[-2:]
         steps: list[Callable[[torch.Tensor], torch.Tensor]] = []
-        if self.augment.random_crop:
-            scale = self.augment.crop_scale or self.crop_scale
+        scale, flip = crop_and_flip(self.augment, self.crop_scale, self.hflip)
+        if scale is not None:
             steps.append(v2.RandomResizedCrop((height, width), scale=scale, antialias=True))
-        if self.augment.hflip and self.hflip:
+        if flip:
             steps.append(v2.RandomHorizontalFlip())
         for step in (*steps, *self.augment.ops):
             image = step(image)
