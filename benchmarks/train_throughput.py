@@ -254,7 +254,9 @@ def compare(
                 "order": "plain first" if plain_first else "template first",
             }
             if plain_first:
-                cfg = compose_config(CONFIGS, "train", [*mode_overrides, "test=false", "logger=csv"], scratch / "plain")
+                cfg = compose_config(
+                    CONFIGS, "train", [*mode_overrides, "test=false", "logger=csv"], scratch / f"plain_{mode}_{r}"
+                )
                 run = build(cfg)
                 run.datamodule.setup("fit")  # the splits and datasets the plain loop reads
                 entry["plain"] = plain_loop(cfg, run, steps[mode], warmup, compiled=compiled)
