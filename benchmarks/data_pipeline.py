@@ -12,6 +12,10 @@ tensors, collated as uint8 (normalising belongs on the accelerator, inside the m
 where data.cache=auto (the default) would keep resized copies, in the first epoch (filling the cache) and in later
 ones (reading it). Baseline: ImageFolder with PIL loading and the classic v1 transforms (ToTensor + Normalize on the
 CPU, float32 batches).
+
+With a GPU (or ``--device-decode cuda``), a second table times ``data.decode=gpu`` on training crops against our CPU
+path, per worker count: workers only read the bytes, nvJPEG decodes, crops and flips on the device
+(``--device-decode cpu`` runs the same path with the CPU decoder standing in, to check it runs).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import sklearn.datasets
@@ -35,6 +40,7 @@ from torchvision import transforms as v1
 from torchvision.transforms import v2
 
 from image_finetune.data.cache import ResizedCache
+from image_finetune.data.device_decode import DeviceCrops, DeviceJpegLoader, EncodedImageDataset
 from image_finetune.data.files import ImageFileDataset, ImageLoader
 from image_finetune.data.imagefolder import auto_cache_pays
 from image_finetune.data.scan import scan_image_folder
@@ -117,16 +123,41 @@ def schedule(workers: int, warmup: int, batches: int) -> tuple[int, int]:
     return max(warmup, per_round), -(-batches // per_round) * per_round
 
 
-def images_per_second(ds: Dataset, keys: list, workers: int, batch_size: int, warmup: int, batches: int) -> float:
+def images_per_second(
+    ds: Dataset,
+    keys: list,
+    workers: int,
+    batch_size: int,
+    warmup: int,
+    batches: int,
+    device_step: Callable[[Any], int] | None = None,
+) -> float:
+    """Images/s of a loader over ``ds``; ``device_step`` (``data.decode=gpu``) finishes each batch and counts it."""
     untimed, timed = schedule(workers, warmup, batches)
-    loader = DataLoader(ds, batch_size=batch_size, sampler=keys[: (untimed + timed) * batch_size], num_workers=workers)
+    loader = DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=keys[: (untimed + timed) * batch_size],
+        num_workers=workers,
+        collate_fn=getattr(ds, "collate_fn", None),
+    )
+    finish = device_step or (lambda batch: len(batch[1]))
     it = iter(loader)
     for _ in range(untimed):
-        next(it)
+        finish(next(it))
     started = time.perf_counter()
-    count = sum(len(batch[1]) for batch in it)
+    count = sum(finish(batch) for batch in it)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     assert count == timed * batch_size
     return count / (time.perf_counter() - started)
+
+
+def device_decoded(samples: Sequence[tuple[str, int]], device: torch.device) -> tuple[Dataset, Callable[[Any], int]]:
+    """``data.decode=gpu`` as ``ImageFolderDataModule`` runs it for training: workers read the bytes, ``device``
+    decodes, crops (random resized, at 224) and flips."""
+    crops = DeviceCrops(CROP, scale=(0.08, 1.0), min_size=RESIZE)
+    return EncodedImageDataset(samples, DeviceJpegLoader(min_size=RESIZE)), lambda b: len(crops(b, device, True)[0])
 
 
 def main() -> None:
@@ -141,6 +172,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["camera", "imagenet"])
+    parser.add_argument(
+        "--device-decode",
+        choices=["cuda", "cpu", "none"],
+        default="cuda" if torch.cuda.is_available() else "none",
+        help="also time data.decode=gpu on training crops (cpu: the CPU decoder stands in; default: cuda if present)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)  # both pipelines get one core per process; PIL is single-threaded anyway
 
@@ -152,7 +189,7 @@ def main() -> None:
     keys = [(int(i), 1_000 + int(i)) for i in np.random.default_rng(0).permutation(args.n)[:per_run]]
     indices = [i for i, _ in keys]
 
-    rows = []
+    rows, device_rows = [], []
     for name in args.sizes:
         folder = build_folder(args.root, name, args.n)
         scan_cache = args.root / "scan-cache" / name
@@ -201,6 +238,25 @@ def main() -> None:
                 row = [name, "train" if train else "eval", workers, *rates]
                 rows.append(row)
                 print("  ", _format(row), flush=True)
+        if args.device_decode != "none":  # training crops: the CPU path as above vs the device path, interleaved
+            dataset, step = device_decoded(scan.samples, torch.device(args.device_decode))
+            for workers in args.workers:
+                rates = [0.0, 0.0]
+                for _ in range(args.repeats):
+                    rates[0] = max(
+                        rates[0],
+                        images_per_second(
+                            ours(scan.samples, True), keys, workers, args.batch_size, args.warmup, args.batches
+                        ),
+                    )
+                    rates[1] = max(
+                        rates[1],
+                        images_per_second(dataset, keys, workers, args.batch_size, args.warmup, args.batches, step),
+                    )
+                device_rows.append(
+                    f"| {name} {'x'.join(map(str, SIZES[name]))} | train | {workers} | {rates[0]:,.0f} | {rates[1]:,.0f} | {rates[1] / rates[0]:.2f}x |"
+                )
+                print("  ", device_rows[-1], flush=True)
 
     print(
         f"\n{os.cpu_count()} CPUs, batch size {args.batch_size}, best of {args.repeats} interleaved runs of at least "
@@ -213,6 +269,12 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         print(_format(row))
+    if device_rows:
+        standing_in = " (the CPU decoder standing in for nvJPEG)" if args.device_decode == "cpu" else ""
+        print(f"\ndata.decode=gpu on {args.device_decode}{standing_in}, training crops, best of {args.repeats}:")
+        print("| images | pipeline | workers | ours, data.decode=cpu | ours, data.decode=gpu | ratio |")
+        print("|---|---|---:|---:|---:|---:|")
+        print("\n".join(device_rows))
 
 
 def _format(row: list) -> str:

@@ -22,15 +22,25 @@ def run(*args: str) -> str:
 @pytest.mark.slow
 def test_data_pipeline_benchmark_prints_every_column(tmp_path: Path) -> None:
     out = run("benchmarks/data_pipeline.py", "--root", str(tmp_path), "--n", "192", "--batch-size", "32", "--batches", "2",
-              "--warmup", "1", "--repeats", "1", "--workers", "0", "2")  # fmt: skip
+              "--warmup", "1", "--repeats", "1", "--workers", "0", "2", "--device-decode", "cpu")  # fmt: skip
     assert "camera: data.cache=auto keeps resized copies (median short side 1200 px)" in out
     assert "imagenet: data.cache=auto reads the originals (median short side 375 px)" in out
-    rows = [line for line in out.splitlines() if line.startswith(("| camera", "| imagenet"))]  # the final table
+    first_table = out.split("data.decode=gpu on")[0]
+    rows = [line for line in first_table.splitlines() if line.startswith(("| camera", "| imagenet"))]  # the final table
     assert [row.split(" | ")[1:3] for row in rows] == [[mode, w] for mode in ("train", "eval") for w in ("0", "2")] * 2
     for row in rows:
         ratios = re.findall(r"(\d+\.\d\d)x", row)
         assert len(ratios) == (3 if row.startswith("| camera") else 1) and all(float(r) > 0 for r in ratios)
     assert len(list((tmp_path / "camera").rglob("*.jpg"))) == 192
+    # data.decode=gpu's own table (here the CPU decoder stands in for nvJPEG): training crops, per worker count
+    assert "data.decode=gpu on cpu (the CPU decoder standing in for nvJPEG)" in out
+    device_rows = re.findall(
+        r"^\| (camera|imagenet) \S+ \| train \| (\d) \| [\d,]+ \| [\d,]+ \| (\d+\.\d\d)x \|$", out, re.M
+    )
+    assert [(size, workers) for size, workers, _ in device_rows[-4:]] == [
+        (size, w) for size in ("camera", "imagenet") for w in ("0", "2")
+    ]
+    assert all(float(ratio) > 0 for _, _, ratio in device_rows)
 
 
 @pytest.mark.slow
