@@ -45,15 +45,16 @@ ORIENTATION_TRANSPOSE: dict[int, Image.Transpose] = {
 }
 
 
-def decode_rgb(path: str | Path, *, min_size: int | None = None) -> np.ndarray:
+def decode_rgb(path: str | Path, *, min_size: int | None = None, data: bytes | None = None) -> np.ndarray:
     """Decode `path` to an HxWx3 uint8 RGB array; with `min_size`, JPEGs decode at 1/2, 1/4 or 1/8 scale, short side >= min_size.
 
     Reduced-scale decoding skips most of the IDCT, upsampling and colour conversion (a third of the decode time of a
     1600x1200 photo here; reading every Huffman-coded byte remains), and leaves far fewer pixels for the resize after.
     The scale is the one Pillow's ``draft`` picks, and the pixels are Pillow's too (tests/test_decode.py checks).
-    Raises OSError / PIL errors on unreadable files; the array is writable and owns its memory.
+    Raises OSError / PIL errors on unreadable files; the array is writable and owns its memory. ``data``: the file's
+    bytes, when the caller has read them already.
     """
-    data = Path(path).read_bytes()
+    data = Path(path).read_bytes() if data is None else data
     im = Image.open(io.BytesIO(data))  # reads the headers only: format, mode, size, EXIF; refuses decompression bombs
     _draft(im, min_size)  # sets im.size to the drafted scale, which either decoder below then produces
     if im.format in ("JPEG", "MPO") and im.mode in FAST_JPEG_MODES:

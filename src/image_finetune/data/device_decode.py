@@ -143,7 +143,7 @@ class DeviceJpegLoader:
             device_reads_it = im.format == "JPEG" and im.mode == "RGB" and exif_transpose_method(im, path) is None
         if device_reads_it:
             return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        return to_uint8_tensor(decode_rgb(path, min_size=self.min_size))
+        return to_uint8_tensor(decode_rgb(path, min_size=self.min_size, data=data))
 
 
 @dataclass
