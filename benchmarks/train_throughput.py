@@ -202,10 +202,15 @@ def measure(scratch: Path, warmup: int, overrides: list[str], fake_data: bool, f
     return result
 
 
-def _template(run_dir: Path, warmup: int, overrides: list[str]) -> tuple[dict[str, Any], Any, DictConfig]:
+def _build(run_dir: Path, overrides: list[str]) -> tuple[Any, DictConfig]:
+    """The run as ``train.py`` builds it, without the test split's evaluation and with a CSV logger."""
     cfg = compose_config(CONFIGS, "train", [*overrides, "test=false", "logger=csv"], run_dir)
+    return build(cfg), cfg
+
+
+def _template(run_dir: Path, warmup: int, overrides: list[str]) -> tuple[dict[str, Any], Any, DictConfig]:
     _reset_peak_memory()
-    run = build(cfg)
+    run, cfg = _build(run_dir, overrides)
     meter = Throughput(warmup)
     run.trainer.callbacks.append(meter)
     started = time.perf_counter()
@@ -254,10 +259,7 @@ def compare(
                 "order": "plain first" if plain_first else "template first",
             }
             if plain_first:
-                cfg = compose_config(
-                    CONFIGS, "train", [*mode_overrides, "test=false", "logger=csv"], scratch / f"plain_{mode}_{r}"
-                )
-                run = build(cfg)
+                run, cfg = _build(scratch / f"plain_{mode}_{r}", mode_overrides)
                 run.datamodule.setup("fit")  # the splits and datasets the plain loop reads
                 entry["plain"] = plain_loop(cfg, run, steps[mode], warmup, compiled=compiled)
                 del run
