@@ -98,6 +98,9 @@ class TrainImageGrid(L.Callback):
 class _ValidationAccumulator(L.Callback):
     """Accumulate per rank on validation batches (on the device, no sync); at epoch end, on every rank, ``_finish``.
 
+    Counts are added with ``scatter_add_`` into fixed-size tensors: ``torch.bincount`` sizes its output from the
+    largest index, which on CUDA reads it back to the host every batch (tests/test_device_reads.py finds such reads).
+
     State is created at every validation epoch start, so every rank holds it (and joins the reductions in
     ``_finish``) even one that saw no batch.
     """
@@ -174,7 +177,8 @@ class ConfusionMatrixImage(_ValidationAccumulator):
         assert self._state is not None
         matrix = self._state["matrix"]
         n = matrix.shape[0]
-        matrix += torch.bincount(targets * n + logits.argmax(dim=-1), minlength=n * n).view(n, n)
+        cells = targets.long() * n + logits.argmax(dim=-1)
+        matrix.view(-1).scatter_add_(0, cells, torch.ones_like(cells))  # not bincount: see _ValidationAccumulator
 
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         assert self._state is not None
@@ -206,11 +210,9 @@ class PerClassAccuracy(_ValidationAccumulator):
     def _update(self, images: torch.Tensor, targets: torch.Tensor, logits: torch.Tensor) -> None:
         assert self._state is not None
         counts = self._state["counts"]
-        n = counts.shape[1]
-        # one integer bincount over (class, correct) pairs: exact, and allowed in deterministic mode
-        pairs = torch.bincount(targets * 2 + (logits.argmax(dim=-1) == targets).long(), minlength=2 * n).view(n, 2)
-        counts[0] += pairs[:, 1]
-        counts[1] += pairs.sum(dim=1)
+        targets = targets.long()
+        counts[0].scatter_add_(0, targets, (logits.argmax(dim=-1) == targets).long())
+        counts[1].scatter_add_(0, targets, torch.ones_like(targets))
 
     def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         assert self._state is not None
