@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -84,3 +85,66 @@ def test_train_throughput_baseline_prints_template_over_plain_per_phase(tmp_path
         assert abs(float(template.replace(",", "")) / float(plain_rate.replace(",", "")) - float(ratio)) < 0.05 * float(
             ratio
         )
+
+
+def test_steady_clock_leaves_out_a_span_in_which_torch_compile_compiled() -> None:
+    """A recompile (a new batch shape) in the timed steps is a one-off cost, not throughput: its span is dropped."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import torch
+    from train_throughput import SteadyClock
+
+    double = torch.compile(lambda x: x * 2, backend="eager")  # dynamo traces each new shape: no inductor needed
+    double(torch.ones(4))
+    clock = SteadyClock()
+    clock.start()
+    for size in (4, 4, 3, 3):  # size 3 is new: dynamo traces again in the third step
+        double(torch.ones(size))
+        clock.step(size)
+        if not clock.running:
+            clock.start()
+    clock.pause()
+    figures = clock.figures()
+    assert figures["compile_spans_dropped"] == 1
+    assert figures["steps_timed"] == 1 and clock.images == 3  # the span of steps 1-3 went; step 4 counts
+    assert figures["images_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_on_a_cpu_prints_one_row_per_measurement(tmp_path: Path) -> None:
+    """The one-command GPU check runs end to end (toy sizes, CPU) and every part gives figures, not an error row:
+    a lent GPU's few minutes must not be spent finding a broken script. (The compiled part is left out here: its
+    inductor compile alone takes about a minute on 2 cores; its table goes through the same rendering, below.)"""
+    result = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--tiny", "--parts", "eager", "cifar", "decode"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "OUT": str(tmp_path)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert result.stdout.rstrip().endswith(table.rstrip())  # what it prints is what it writes
+    rows = table.splitlines()[2:]
+    assert not [row for row in rows if "exit " in row or "timed out" in row or "Error" in row], table
+    assert [r.split(" | ")[1] for r in rows if r.startswith("| throughput eager")][:2] == ["frozen", "unfrozen"]
+    assert re.search(r"\| CIFAR-10 experiment \| 2 epochs, .* \| val/acc \d\.\d{3}, test/acc \d\.\d{3}, ", table)
+    assert (
+        len([r for r in rows if r.startswith("| JPEG decode")]) == 5
+    )  # CPU and data.decode=gpu at 0/1 workers, ceiling
+    assert (tmp_path / "eager.log").exists() and (tmp_path / "decode.log").exists()
+
+
+def test_gpu_check_table_keeps_the_note_on_spans_left_out_for_compiling() -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import argparse
+
+    from gpu_check import render
+
+    table = [
+        "| mode | phase | template img/s | plain img/s | template/plain | rounds' ratios | CPU ms/step, template / plain |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| compiled | unfrozen | 6,500.0 | 6,400.0 | ratio 1.016 | 1.016-1.016 | 20.0 / 19.0 |",
+        "",
+        "Spans of steps left out because torch.compile compiled in them: template 1, plain 1 (SteadyClock).",
+    ]
+    out = render({"compiled": {"table": table, "seconds": 100.0}}, argparse.Namespace(device="cpu", tiny=True))
+    assert "| throughput compiled | unfrozen | template 6,500.0 img/s, plain 6,400.0 img/s" in out
+    assert "| throughput compiled | | Spans of steps left out because torch.compile compiled in them" in out
+    assert all(line.startswith("|") for line in out.splitlines())
