@@ -297,9 +297,9 @@ def test_a_forked_worker_that_outlives_a_killed_trainer_does_not_keep_the_dir_lo
     script = (
         "import os, sys, time; from image_finetune.rundir import run_dir_lock\n"
         "with run_dir_lock(sys.argv[1]):\n"
-        "    if os.fork() == 0:\n        print('forked', flush=True); time.sleep(600)\n"
-        "    print('locked', flush=True); time.sleep(600)"
-    )  # the child prints once its at-fork handlers have run (before os.fork returns in it)
+        "    if os.fork() == 0:\n        os.write(1, b'forked\\n'); time.sleep(600)\n"
+        "    os.write(1, b'locked\\n'); time.sleep(600)"
+    )  # the child writes once its at-fork handlers have run; one os.write each: lines never interleave in the pipe
     trainer = subprocess.Popen(
         [sys.executable, "-c", script, str(tmp_path)], env={**os.environ, "PYTHONPATH": str(REPO / "src")},
         stdout=subprocess.PIPE, text=True, start_new_session=True,
