@@ -23,7 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 import image_finetune.train as train_module
-from image_finetune.callbacks import MisclassifiedGrid, PerClassAccuracy, TrainingProgressBar
+from image_finetune.callbacks import ConfusionMatrixImage, MisclassifiedGrid, PerClassAccuracy, TrainingProgressBar
 from image_finetune.callbacks.progress import HPARAM_COLUMNS
 from image_finetune.callbacks.visuals import (
     CONFUSION_MATRIX_TAG,
@@ -240,6 +240,14 @@ def test_per_class_accuracy_counts_correct_and_total_per_class():
     acc._update(torch.zeros(5, 3, 2, 2), torch.tensor([0, 0, 1, 2, 2]), one_hot_logits([0, 1, 1, 0, 2], [0.9] * 5))
     acc._update(torch.zeros(1, 3, 2, 2), torch.tensor([0]), one_hot_logits([0], [0.9]))
     assert acc._state["counts"].tolist() == [[2, 1, 1], [3, 1, 2]]
+
+
+def test_confusion_matrix_counts_true_class_by_predicted_class_across_batches():
+    matrix = ConfusionMatrixImage()
+    matrix._state = matrix._init_state(3, torch.device("cpu"))
+    matrix._update(torch.zeros(5, 3, 2, 2), torch.tensor([0, 0, 1, 2, 2]), one_hot_logits([0, 1, 1, 0, 2], [0.9] * 5))
+    matrix._update(torch.zeros(2, 3, 2, 2), torch.tensor([0, 2]), one_hot_logits([0, 0], [0.9] * 2))
+    assert matrix._state["matrix"].tolist() == [[2, 1, 0], [0, 1, 0], [2, 0, 1]]  # rows: true class
 
 
 def test_image_grid_draws_a_caption_under_every_image():
