@@ -55,7 +55,7 @@ def _is_mask(index: object) -> bool:
 
 
 def _where() -> str:
-    """The calling frames below this module and torch's dispatch machinery, innermost last."""
+    """The innermost seven calling frames (this module's own left out), for the failure message."""
     frames = traceback.extract_stack()[:-2]
     return "".join(traceback.format_list(frames[-7:]))
 
