@@ -89,7 +89,7 @@ class DeviceReads(L.Callback):
         if HOST_ONLY[0] in where and f"in {HOST_ONLY[1]}" in where:
             return
         assert self._key is not None
-        self.reads.setdefault(self._key, Counter())[f"{what} at\n{where}"] += 1
+        self.reads[self._key][f"{what} at\n{where}"] += 1  # _start made the entry
 
     def _start(self, key: tuple[str, int]) -> None:
         self._stop()

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))  # train_throughput and gpu_check, imported by the unit tests below
 
 
 def run(*args: str) -> str:
@@ -89,7 +90,6 @@ def test_train_throughput_baseline_prints_template_over_plain_per_phase(tmp_path
 
 def test_steady_clock_leaves_out_a_span_in_which_torch_compile_compiled() -> None:
     """A recompile (a new batch shape) in the timed steps is a one-off cost, not throughput: its span is dropped."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
     import torch
     from train_throughput import SteadyClock
 
@@ -132,7 +132,6 @@ def test_gpu_check_dry_run_on_a_cpu_prints_one_row_per_measurement(tmp_path: Pat
 
 
 def test_gpu_check_table_keeps_the_note_on_spans_left_out_for_compiling() -> None:
-    sys.path.insert(0, str(REPO / "benchmarks"))
     import argparse
 
     from gpu_check import render
