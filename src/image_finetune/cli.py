@@ -18,11 +18,12 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from image_finetune.atomic import atomic_write_text
-from image_finetune.errors import RunInterrupted, UserError
+from image_finetune.errors import RunInterrupted, UserError, writing
 from image_finetune.slurm import register_resolvers
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,23 @@ def user_errors() -> Iterator[None]:
             raise
         print(f"error: {user_error}", file=sys.stderr)
         sys.exit(2)
+
+
+class RunDirCheck(Callback):
+    """Create the run (or sweep) dir before Hydra does, so a file in its place, or a place that cannot be written, is
+    one line naming ``hydra.run.dir`` and exit code 2 (Hydra's own ``mkdir`` fails with a traceback, before any
+    entry script's ``user_errors`` runs). Registered in configs/hydra/default.yaml for every entry script."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _make_dir(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _make_dir(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+
+def _make_dir(path: str, key: str) -> None:
+    with user_errors(), writing(path, key):
+        Path(path).mkdir(parents=True, exist_ok=True)
 
 
 def record_hydra_config(cfg: DictConfig, output_dir: str | os.PathLike) -> Path:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -36,8 +38,32 @@ def writing(path: str | os.PathLike, key: str) -> Iterator[None]:
             ) from None
         reason = err.strerror or str(err)
         if isinstance(err, (FileExistsError, NotADirectoryError)) and err.filename:
-            reason = f"{err.filename} is a file, not a folder"
+            reason = f"{_file_in_the_way(err.filename)} is a file, not a folder"
         raise UserError(f"{key}={str(path)!r}: cannot write there ({reason}); choose a writable {key}=PATH") from None
+
+
+def _file_in_the_way(path: str | os.PathLike) -> Path:
+    """The shallowest existing non-folder on ``path``'s way (``mkdir a/b/c`` names ``a/b/c`` when ``a`` is a file)."""
+    path = Path(path)
+    return next((p for p in [*reversed(path.parents), path] if p.exists() and not p.is_dir()), path)
+
+
+def check_output_file(path: str | os.PathLike, key: str, example_name: str) -> Path:
+    """Refuse, before any work, an output file path that is a folder or a place that cannot be written.
+
+    Found only when the result is written, the mistake would cost the whole run (a predict of thousands of images)
+    and surface as ``IsADirectoryError`` from the final rename. The place is probed by creating (and removing) a file
+    beside the target; missing parent folders are created, as the writer would create them.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"{key}={str(path)!r} is a folder; give a file path, e.g. {key}={path / example_name}")
+    with writing(path, key):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    return path
 
 
 class RunInterrupted(Exception):  # noqa: N818 (not an error: the run was stopped from outside)

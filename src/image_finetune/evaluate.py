@@ -36,6 +36,7 @@ from image_finetune.data.preprocessing import Preprocessing
 from image_finetune.errors import ConfigError, DataError, UserError
 from image_finetune.inference import prediction_cells, prediction_header, to_float, top_k_predictions
 from image_finetune.models import ImageClassifier
+from image_finetune.models.metrics import macro_f1
 from image_finetune.plots import confusion_matrix_figure
 from image_finetune.tta import TTA
 
@@ -91,8 +92,8 @@ class Relabelled(Dataset):
 def match_classes(dataset: Dataset, data_classes: Sequence[str], model_classes: Sequence[str], source: str) -> Dataset:
     """The dataset with labels in the checkpoint's order; classes the checkpoint does not know are an error.
 
-    Classes of the checkpoint that the data lacks are fine (a test folder may hold some classes only): their recall
-    is undefined and reported as 0, and macro F1 leaves them out.
+    Classes of the checkpoint that the data lacks are fine (a test folder may hold some classes only): macro F1
+    leaves them out, and ``evaluate`` says so (``absent_classes_note``).
     """
     data_classes, model_classes = list(data_classes), list(model_classes)
     if data_classes == model_classes:
@@ -103,9 +104,6 @@ def match_classes(dataset: Dataset, data_classes: Sequence[str], model_classes: 
             f"{source} has classes the checkpoint was not trained on: {unknown}. The checkpoint's classes are "
             f"{model_classes}. Rename those class folders to the checkpoint's names, or leave them out."
         )
-    absent = [name for name in model_classes if name not in data_classes]
-    if absent:
-        log.warning("%s has no images of %s: their recall is reported as 0", source, absent)
     return Relabelled(dataset, [model_classes.index(name) for name in data_classes])
 
 
@@ -213,6 +211,20 @@ def write_report(
     return table
 
 
+def macro_classes_note(per_class: dict[str, dict[str, float]], source: str, split: str) -> str:
+    """``"2 of 3 present"`` for metrics.json; warns naming the classes with no images, which macro F1 leaves out
+    (``models.metrics.macro_over_present``: an absent class has no F1 to average, whatever the model predicted)."""
+    absent = [name for name, row in per_class.items() if row["support"] == 0]
+    present, total = len(per_class) - len(absent), len(per_class)
+    if absent:
+        log.warning(
+            "%s (%s split) has no images of %s: per_class_metrics.csv lists them with support 0, and macro F1 "
+            "averages over the %d of %d classes present",
+            source, split, absent, present, total,
+        )  # fmt: skip
+    return f"{present} of {total} present"
+
+
 def plot_confusion_matrix(confusion: torch.Tensor, class_names: Sequence[str], path: Path) -> Path:
     """The same drawing as TensorBoard's ``val/confusion_matrix``, saved atomically as a PNG."""
     fig = confusion_matrix_figure(confusion, class_names, title="confusion matrix")
@@ -253,7 +265,7 @@ def tta_metrics(
     n = len(model.class_names)
     metrics = {
         "tta/test/acc": multiclass_accuracy(probs, target, n, average="micro"),
-        "tta/test/f1": multiclass_f1_score(probs, target, n, average="macro"),
+        "tta/test/f1": macro_f1(probs, target, n),
         "tta/test/loss": F.nll_loss(probs.clamp_min(1e-12).log(), target),
     }
     if n > 5:
@@ -320,6 +332,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         "checkpoint": ckpt_path,
         "split": split,
         "num_samples": len(targets),
+        "macro_over_classes": macro_classes_note(per_class, source, split),
         "per_class": per_class,
     }
     save_json(summary, out_dir / "metrics.json")

@@ -23,7 +23,7 @@ from image_finetune import __version__
 from image_finetune.atomic import atomic_path
 from image_finetune.checkpoints import resolve_ckpt_path
 from image_finetune.cli import save_json
-from image_finetune.errors import ConfigError, UserError, writing
+from image_finetune.errors import ConfigError, UserError, check_output_file, writing
 from image_finetune.inference import Classifier, read_sidecar, sidecar_path
 
 log = logging.getLogger(__name__)
@@ -83,11 +83,7 @@ def export_classifier(
         raise ConfigError(f"format={fmt!r}: choose one of {list(FORMATS)}")
     if opset < 17:
         raise ConfigError(f"opset={opset}: use 17 or newer")
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(
-            f"output={str(path)!r} is a folder; give a file path, e.g. output={path / ('model' + FORMATS[fmt])}"
-        )
+    path = check_output_file(path, "output", f"model{FORMATS[fmt]}")
     net = classifier.net.cpu().eval()
     size = classifier.preprocessing.size
     example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))

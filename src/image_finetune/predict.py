@@ -20,7 +20,7 @@ from image_finetune.checkpoints import resolve_ckpt_path
 from image_finetune.cli import write_csv
 from image_finetune.data.base import default_num_workers
 from image_finetune.data.scan import HIDDEN, failure_reason, path_kind, skip_reason, walk_files
-from image_finetune.errors import DataError, UserError
+from image_finetune.errors import DataError, UserError, check_output_file, writing
 from image_finetune.inference import (
     Classifier,
     Prediction,
@@ -155,6 +155,7 @@ def predict(cfg: DictConfig) -> Path:
         )
     if cfg.top_k < 1 or cfg.batch_size < 1:
         raise UserError(f"top_k={cfg.top_k} and batch_size={cfg.batch_size} must be at least 1")
+    output = check_output_file(cfg.output, "output", "predictions.csv")  # before classifying, not after
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
     assert ckpt_path is not None
     classifier = Classifier.from_checkpoint(
@@ -172,7 +173,8 @@ def predict(cfg: DictConfig) -> Path:
         num_workers=workers,
         progress=cfg.get("progress", True),
     )
-    out = write_predictions(rows, cfg.output, min(cfg.top_k, len(classifier.class_names)))
+    with writing(output, "output"):  # a disk that filled up meanwhile
+        out = write_predictions(rows, output, min(cfg.top_k, len(classifier.class_names)))
     failed = sum(row.prediction is None for row in rows)
     log.info("classified %d of %d files on %s -> %s", len(rows) - failed, len(rows), classifier.device, out)
     if failed:

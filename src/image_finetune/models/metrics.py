@@ -4,7 +4,12 @@ torchmetrics' macro F1 counts a confusion matrix with ``torch.bincount``, which 
 to the host on every call (it sizes its output), and its top-k accuracy one-hot encodes the targets. A sync per step
 stops the CPU from queueing the next step while the GPU works: with ResNet-50 on an H200 that is a large part of
 what separated the template from a plain loop (issue 13). These subclasses compute the same true/false
-positive/negative counts with comparisons and sums only; states, ``compute`` and the DDP reduction are torchmetrics'.
+positive/negative counts with comparisons and sums only; states and the DDP reduction are torchmetrics'.
+
+Macro F1 averages over the classes present in the data (support > 0), as sklearn's
+``f1_score(labels=present, average="macro")`` does. torchmetrics' own macro average also counts a class with no
+samples that was predicted (its F1 is 0), so a folder holding some of the checkpoint's classes was scored against
+classes it cannot contain (issue 18). With every class present, as in training's splits, the two are the same.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ def _classes(num_classes: int, device: torch.device) -> Tensor:
 
 
 class SyncFreeMacroF1(MulticlassF1Score):
-    """``MulticlassF1Score(average="macro")`` whose ``update`` never syncs (per-class counts by comparison)."""
+    """``MulticlassF1Score(average="macro")`` whose ``update`` never syncs (per-class counts by comparison), averaged
+    over the classes present (``macro_over_present``)."""
 
     def __init__(self, num_classes: int) -> None:
         super().__init__(num_classes, average="macro", validate_args=False)
@@ -34,6 +40,24 @@ class SyncFreeMacroF1(MulticlassF1Score):
         tp = (predicted & actual).sum(0)
         fp, fn = predicted.sum(0) - tp, actual.sum(0) - tp
         self._update_state(tp, fp, target.numel() - tp - fp - fn, fn)
+
+    def compute(self) -> Tensor:
+        tp, fp, _, fn = self._final_state()  # summed over batches (and ranks, after torchmetrics' sync)
+        f1 = 2 * tp / (2 * tp + fp + fn).clamp_min(1)  # 0 where undefined, as torchmetrics and sklearn say
+        return macro_over_present(f1, support=tp + fn)
+
+
+def macro_over_present(per_class: Tensor, support: Tensor) -> Tensor:
+    """The mean of ``per_class`` over the classes with ``support > 0`` (0 when there are none)."""
+    present = (support > 0).to(per_class.dtype)
+    return (per_class * present).sum() / present.sum().clamp_min(1)
+
+
+def macro_f1(preds: Tensor, target: Tensor, num_classes: int) -> Tensor:
+    """Macro F1 of a whole set of logits or probabilities at once, defined as training's ``SyncFreeMacroF1``."""
+    metric = SyncFreeMacroF1(num_classes)
+    metric.update(preds, target)
+    return metric.compute()
 
 
 class SyncFreeTopKAccuracy(MulticlassAccuracy):
