@@ -14,12 +14,14 @@ from pathlib import Path
 import optuna
 import pytest
 from conftest import REPO
+from hydra.core.utils import JobReturn, JobStatus
+from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from image_finetune.errors import ConfigError
-from image_finetune.multirun import ERROR_JSON, SUMMARY_CSV, SUMMARY_MD, summarize
-from image_finetune.sweep import open_study
+from image_finetune.multirun import ERROR_JSON, SUMMARY_CSV, SUMMARY_MD, JobFailed, MultirunSummary, summarize
+from image_finetune.sweep import open_study, run_study
 
 TINY = [
     "trainer=cpu",
@@ -221,3 +223,82 @@ def test_wandb_without_an_api_key_and_not_offline_is_one_line(tmp_path, digits_d
         "WANDB_MODE=offline (or logger.wandb.offline=true) and upload later with `wandb sync`"
     )
     assert not Path(tmp_path / "run" / "checkpoints").exists()  # stopped before training
+
+
+# ---- the mechanisms, in-process ---------------------------------------------------------------------------------
+class _Launcher:
+    """Stands in for Hydra's launcher: each call takes the next outcome (a value, or an exception it raises)."""
+
+    def __init__(self, *outcomes: object) -> None:
+        self.outcomes, self.launched = list(outcomes), []
+
+    def launch(self, job_overrides, initial_job_idx):
+        self.launched.append(list(job_overrides[0]))
+        outcome = self.outcomes.pop(0)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        job = JobReturn(status=JobStatus.COMPLETED)
+        job.return_value = outcome
+        return [job]
+
+
+def test_a_trial_stopped_by_a_signal_is_run_again_and_does_not_count(tmp_path):
+    """A job stopped by SIGTERM/SIGINT exits (``cli.user_errors``): the sweep stops, and the next one reruns it."""
+    settings = {
+        "study_name": "s",
+        "storage": f"sqlite:///{tmp_path / 'optuna.db'}",
+        "direction": "maximize",
+        "n_trials": 2,
+        "n_jobs": 1,
+        "sampler": optuna.samplers.RandomSampler(seed=0),
+        "pruner": None,
+        "params": {"model.dropout": "interval(0.0, 0.5)"},
+    }
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    with pytest.raises(SystemExit):
+        run_study(_Launcher(SystemExit(143)), config, [], **settings)
+    study = optuna.load_study(study_name="s", storage=settings["storage"])
+    stopped = study.trials[0]
+    assert stopped.state == TrialState.FAIL and stopped.user_attrs["interrupted"] is True
+    assert stopped.user_attrs["error"] == "stopped (exit code 143) while it ran; run again as a new trial"
+
+    launcher = _Launcher(0.5, 0.7)
+    study = run_study(launcher, config, [], **settings)
+    trials = study.trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert trials[1].params == stopped.params and trials[1].user_attrs["rerun_of"] == 0
+    assert f"model.dropout={stopped.params['model.dropout']!r}" in launcher.launched[0]
+
+
+def test_a_failed_job_is_recorded_for_the_summary_a_crash_with_its_traceback_a_pruned_trial_not(tmp_path, caplog):
+    def job_config(num: int) -> DictConfig:
+        return OmegaConf.create(
+            {"hydra": {"runtime": {"output_dir": str(tmp_path / str(num))}, "job": {"num": num},
+                       "overrides": {"task": [f"seed={num}"]}}}
+        )  # fmt: skip
+
+    def raised(error: Exception) -> Exception:  # with a traceback, as a job's error has
+        try:
+            raise error
+        except Exception as caught:
+            return caught
+
+    outcomes = [JobFailed("x"), raised(RuntimeError("CUDA out of memory\nmore")), optuna.TrialPruned("pruned")]
+    outcomes[0].__cause__ = ConfigError("data.batch_size=0 must be positive")
+    for num, error in enumerate(outcomes):
+        (tmp_path / str(num)).mkdir()
+        job = JobReturn(status=JobStatus.FAILED)
+        job.return_value = error
+        MultirunSummary().on_job_end(job_config(num), job)
+    assert json.loads((tmp_path / "0" / ERROR_JSON).read_text()) == {
+        "job": 0,
+        "error": "ConfigError: data.batch_size=0 must be positive",
+        "user_error": True,
+        "overrides": ["seed=0"],
+    }
+    assert json.loads((tmp_path / "1" / ERROR_JSON).read_text())["user_error"] is False
+    assert "RuntimeError: CUDA out of memory" in caplog.text and "Traceback" in caplog.text  # a crash stays loud
+    assert not (tmp_path / "2" / ERROR_JSON).exists()  # pruning is not a failure
+    with pytest.raises(SystemExit) as exit_info:  # a crash among the failures: exit 1, as an uncaught error would
+        MultirunSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}}))
+    assert exit_info.value.code == 1
