@@ -199,7 +199,8 @@ class MultirunSummary(Callback):
                     log.info("  %-20s %.4f +- %.4f", name, stats[name]["mean"], stats[name]["std"])
         if failed:
             # Hydra calls this after the sweeper returned and before the process ends: the multirun's exit code.
-            # (This callback is the last of configs/hydra/default.yaml's, and Hydra calls them in reverse order.)
+            # (Hydra calls on_multirun_end in the reverse order of configs/hydra/default.yaml's callbacks: the ones
+            # listed before this one, called after it, must have no on_multirun_end of their own.)
             listed = ", ".join(f"{d.name} ({d})" for d in failed)
             print(
                 f"error: {len(failed)} job(s) of the multirun failed: {listed}; see {sweep_dir / SUMMARY_MD}",
