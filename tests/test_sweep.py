@@ -108,14 +108,15 @@ TINY = [
 
 
 @pytest.mark.slow
-def test_a_killed_sweep_continues_its_study_when_run_again(tmp_path, hub_dir):
-    """Kill the sweep while trial 1 trains; the same command again marks it failed and runs the missing trial."""
+def test_a_killed_sweep_runs_the_killed_trial_again_when_run_again(tmp_path, hub_dir):
+    """Kill the sweep (SIGKILL) while trial 1 trains; the same command again marks it failed and ``interrupted`` (it
+    does not count) and runs its parameters again as trial 2, which completes the study's 2 trials."""
     command = [
         sys.executable,
         "train.py",
         "-m",
         "hparams_search=optuna",
-        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.n_trials=2",
         "hydra.sweeper.study_name=kill_test",
         f"paths.log_dir={tmp_path / 'logs'}",
         f"paths.data_dir={tmp_path / 'data'}",
@@ -126,9 +127,11 @@ def test_a_killed_sweep_continues_its_study_when_run_again(tmp_path, hub_dir):
     first = subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
+    # trial 1's .hydra/ is written once its run holds its dir (after the study marked it RUNNING): it is training
     deadline = time.monotonic() + 300
     while not (sweep_dir / "1" / ".hydra").is_dir() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
+    assert first.poll() is None, "the sweep ended before trial 1 started"
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     storage = f"sqlite:///{sweep_dir / 'optuna.db'}"
@@ -137,15 +140,26 @@ def test_a_killed_sweep_continues_its_study_when_run_again(tmp_path, hub_dir):
 
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
     assert again.returncode == 0, again.stderr[-3000:]
+    output = again.stderr + again.stdout
+    assert "already has 1 of 2 trials: continuing" in output
     trials = optuna.load_study(study_name="kill_test", storage=storage).trials
     assert [t.number for t in trials] == [0, 1, 2]
     assert trials[0].state == TrialState.COMPLETE and trials[0].value == killed[0].value  # kept, not re-run
-    assert trials[1].state == TrialState.FAIL and "killed" in trials[1].user_attrs["error"]
-    assert trials[2].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert trials[1].state == TrialState.FAIL and trials[1].user_attrs["interrupted"] is True
+    assert "killed" in trials[1].user_attrs["error"]
+    assert trials[2].state == TrialState.COMPLETE and trials[2].user_attrs["rerun_of"] == 1
+    assert trials[2].params == killed[1].params  # the killed trial's parameters, run again
+    (rerun_line,) = [line for line in output.splitlines() if "Trial 2 runs trial 1 again (it did not finish): " in line]
+    logged = set(rerun_line.split("(it did not finish): ")[1].split())  # one line per re-run trial, with its params
+    assert {k for k, _ in (p.split("=", 1) for p in logged)} == set(killed[1].params)
     rows = list(csv.DictReader((sweep_dir / "trials.csv").read_text().splitlines()))
-    assert (rows[0]["trial"], rows[0]["state"], rows[0]["run_dir"]) == ("0", "COMPLETE", str(sweep_dir / "0"))
+    assert [(r["trial"], r["state"]) for r in rows] == [("0", "COMPLETE"), ("1", "FAIL"), ("2", "COMPLETE")]
+    assert rows[0]["run_dir"] == str(sweep_dir / "0")
+    params = [k for k in rows[0] if k not in ("trial", "state", "value", "run_dir", "error")]
+    assert [rows[2][k] for k in params] == [rows[1][k] for k in params]
     assert (sweep_dir / "2" / "metrics.json").is_file()
-    # trial 2 ran with its own params and knew its trial number (for pruning)
+    # trial 2 ran with trial 1's params and knew its own trial number (for pruning)
     overrides = (sweep_dir / "2" / ".hydra" / "overrides.yaml").read_text()
-    assert f"{TRIAL_OVERRIDE}=2" in overrides and "model.optimizer.lr=" in overrides
-    assert "python train.py hparams_search=optuna" in again.stderr + again.stdout  # the best trial's command
+    assert f"{TRIAL_OVERRIDE}=2" in overrides
+    assert f"model.optimizer.lr={killed[1].params['model.optimizer.lr']!r}" in overrides
+    assert "python train.py hparams_search=optuna" in output  # the best trial's command

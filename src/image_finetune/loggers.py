@@ -43,6 +43,26 @@ def run_dir_id(run_dir: str | Path) -> str:
     return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
 
 
+class _WandbLogger(WandbLogger):
+    """Lightning's ``WandbLogger``, whose W&B run starts with one line instead of wandb's ``UsageError`` traceback
+    when there are no credentials (no ``wandb login``, no ``WANDB_API_KEY``) and the run is not offline."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> Any:
+        from wandb.errors import UsageError
+
+        try:
+            return super().experiment
+        except UsageError as error:
+            if "API key" not in str(error):  # another setting wandb refuses: its own words
+                raise UserError(f"logger=wandb: {error}") from None
+            raise UserError(
+                "logger=wandb: no W&B API key here; run `wandb login` (or set WANDB_API_KEY), or log offline with "
+                "WANDB_MODE=offline (or logger.wandb.offline=true) and upload later with `wandb sync`"
+            ) from None
+
+
 def wandb_logger(run_dir: str | Path, id: str | None = None, resume: str = "allow", **kwargs: Any) -> WandbLogger:
     """Lightning's ``WandbLogger`` whose run id comes from the run dir, so a resumed run continues its W&B run.
 
@@ -51,7 +71,7 @@ def wandb_logger(run_dir: str | Path, id: str | None = None, resume: str = "allo
     """
     require("wandb", "wandb", "logger=wandb")
     Path(kwargs.get("save_dir") or ".").mkdir(parents=True, exist_ok=True)
-    return WandbLogger(id=id or run_dir_id(run_dir), resume=resume, **kwargs)
+    return _WandbLogger(id=id or run_dir_id(run_dir), resume=resume, **kwargs)
 
 
 def finish_wandb_run() -> None:

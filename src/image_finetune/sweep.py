@@ -10,12 +10,16 @@ plugin (``hydra_plugins/image_finetune_sweeper``), keeping the plugin's search-s
 
 * The study lives in the sweep dir (``sqlite:///<sweep dir>/optuna.db``), and the sweep dir is named after the study
   (configs/hparams_search/optuna.yaml), so running the same command again **continues** the study:
-  ``n_trials`` is the study's total, and trials left running by a killed sweep are marked failed.
+  ``n_trials`` is the study's total. A trial that did not finish (left running by a killed sweep, or stopped by a
+  signal) is marked failed with the user attr ``interrupted``, does not count, and is run again with its parameters
+  (``enqueue_trial``; the new trial has the user attr ``rerun_of``). A stored study that is not an Optuna storage,
+  or was run with another direction or search space, stops the sweep with one line naming the file and the fix.
 * Trial ``N`` runs in ``<sweep dir>/N`` (Hydra's job number is the trial number), with
   ``callbacks.optuna_pruning.trial_number=N``: ``OptunaPruning`` reports the per-epoch validation metric and stops a
   bad trial (``optuna.TrialPruned``), in whichever fine-tuning phase (each phase is its own ``Trainer.fit``; epochs
   number on across them).
-* A trial whose job raised is marked failed, with the error kept as the trial's ``error`` attribute.
+* A trial whose job raised is marked failed, with the error kept as the trial's ``error`` attribute; it counts (it is
+  not retried). A job's config mistake fails its trial only (``multirun.JobFailed``), and the sweep goes on.
 * At the end: ``trials.csv`` (trial, state, value, params, run dir, error) in the sweep dir, and the best trial's
   command in the log.
 """
@@ -42,12 +46,16 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import TrialState
 
 from image_finetune.errors import ConfigError
+from image_finetune.multirun import one_line
 
 log = logging.getLogger(__name__)
 
 TRIAL_OVERRIDE = "callbacks.optuna_pruning.trial_number"
 RESULTS_CSV = "trials.csv"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+#: user attrs: on a trial that did not finish (it does not count), and on the trial that runs its parameters again
+INTERRUPTED = "interrupted"
+RERUN_OF = "rerun_of"
 
 
 # ---- search space: Hydra's sweep grammar -> Optuna distributions ----------------------------------------------------
@@ -103,26 +111,74 @@ def _as_override(key: str, value: Any) -> str:
 
 
 # ---- the study --------------------------------------------------------------------------------------------------
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
+def requeue_unfinished(study: optuna.Study, trials: Sequence[optuna.trial.BaseTrial], why: str) -> None:
+    """Mark trials that did not finish as failed and ``interrupted`` (they do not count towards ``n_trials``), and
+    enqueue their parameters: the next trials asked run them again.
 
-
-def fail_abandoned(study: optuna.Study) -> int:
-    """Trials still RUNNING when a sweep starts were left by a killed sweep: mark them failed.
-
-    (One sweeper per study: two sweeps of one study at once would fail each other's running trials.)"""
-    abandoned = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    for trial in abandoned:
-        study._storage.set_trial_user_attr(trial._trial_id, "error", "the sweep was killed while it ran")
+    (One sweeper per study: two sweeps of one study at once would requeue each other's running trials.)"""
+    for trial in trials:
+        trial_id = trial._trial_id  # type: ignore[attr-defined]
+        study._storage.set_trial_user_attr(trial_id, "error", why)
+        study._storage.set_trial_user_attr(trial_id, INTERRUPTED, True)
         study.tell(trial.number, state=TrialState.FAIL)
-    if abandoned:
-        log.warning(
-            "Marked %d trial(s) left running by a killed sweep as failed: %s",
-            len(abandoned),
-            ", ".join(str(t.number) for t in abandoned),
-        )
+        study.enqueue_trial(dict(trial.params), user_attrs={RERUN_OF: trial.number})
+
+
+def requeue_abandoned(study: optuna.Study) -> int:
+    """Trials still RUNNING when a sweep starts were left by a killed sweep: run them again (``requeue_unfinished``)."""
+    abandoned = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    requeue_unfinished(study, abandoned, "the sweep was killed while it ran; run again as a new trial")
     return len(abandoned)
+
+
+def counted(study: optuna.Study) -> int:
+    """Finished trials that count towards ``n_trials``: not the ones that did not finish (run again)."""
+    return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED) if not t.user_attrs.get(INTERRUPTED))
+
+
+def open_study(
+    *,
+    study_name: str,
+    storage: str,
+    direction: str,
+    space: dict[str, BaseDistribution],
+    sampler: optuna.samplers.BaseSampler | None,
+    pruner: optuna.pruners.BasePruner | None,
+) -> optuna.Study:
+    """Create the study, or load the stored one after checking it is the study this command runs: same direction,
+    same search space. Anything else stops in one line naming the file and the fix."""
+    where = storage.removeprefix("sqlite:///")
+    fix = f"delete {Path(where).parent} to start the study over, or use another hydra.sweeper.study_name=NAME"
+    try:
+        study = optuna.create_study(
+            study_name=study_name,
+            storage=storage,
+            sampler=sampler,
+            pruner=pruner,
+            direction=direction,
+            load_if_exists=True,
+        )
+    except Exception as error:  # sqlalchemy's DatabaseError, Optuna's schema-version RuntimeError, ...
+        raise ConfigError(f"{where}: not a usable Optuna study storage ({one_line(error)}); {fix}") from None
+    stored = [d.name.lower() for d in study.directions]
+    if stored != [direction.lower()]:
+        raise ConfigError(
+            f"{where}: study {study_name!r} was run to {'/'.join(stored)}, this command asks to {direction}; {fix}"
+        )
+    asked = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)  # WAITING: no space yet
+    for trial in study.get_trials(deepcopy=False, states=asked):
+        for name in sorted(set(trial.distributions) | set(space)):
+            before, now = trial.distributions.get(name), space.get(name)
+            if before != now:
+                raise ConfigError(
+                    f"{where}: study {study_name!r} was run with another search space ({name}: "
+                    f"{_describe(before)} in trial {trial.number}, {_describe(now)} now); {fix}"
+                )
+    return study
+
+
+def _describe(distribution: BaseDistribution | None) -> str:
+    return "absent" if distribution is None else repr(distribution)
 
 
 def record(study: optuna.Study, trial: optuna.Trial, result: JobReturn | BaseException) -> None:
@@ -140,8 +196,8 @@ def record(study: optuna.Study, trial: optuna.Trial, result: JobReturn | BaseExc
     if error is None and (not isinstance(value, (int, float)) or math.isnan(value)):
         error = ValueError(f"the job returned {value!r}, not a number (optimized_metric)")
     if error is not None:
-        trial.set_user_attr("error", _one_line(error))
-        log.error("Trial %d failed: %s", trial.number, _one_line(error))
+        trial.set_user_attr("error", one_line(error))
+        log.error("Trial %d failed: %s", trial.number, one_line(error))
         study.tell(trial, state=TrialState.FAIL)
         return
     study.tell(trial, float(value))  # type: ignore[arg-type]
@@ -194,15 +250,21 @@ def run_study(
         raise ConfigError(
             "hparams_search: nothing to search (empty hydra.sweeper.params, no sweep on the command line)"
         )
-    study = optuna.create_study(
-        study_name=study_name, storage=storage, sampler=sampler, pruner=pruner, direction=direction, load_if_exists=True
+    study = open_study(
+        study_name=study_name, storage=storage, direction=direction, space=space, sampler=sampler, pruner=pruner
     )
-    fail_abandoned(study)
-    done = len(study.get_trials(deepcopy=False, states=FINISHED))
+    requeue_abandoned(study)
+    done = counted(study)
     if done:
         log.info("Study %r in %s already has %d of %d trials: continuing", study_name, storage, done, n_trials)
     while done < n_trials:
         trials = [study.ask(space) for _ in range(min(n_jobs, n_trials - done))]
+        for t in trials:
+            if RERUN_OF in t.user_attrs:
+                params = " ".join(_as_override(k, v) for k, v in t.params.items())
+                log.warning(
+                    "Trial %d runs trial %d again (it did not finish): %s", t.number, t.user_attrs[RERUN_OF], params
+                )
         overrides = [
             [*fixed, *(_as_override(k, v) for k, v in t.params.items()), f"{TRIAL_OVERRIDE}={t.number}"] for t in trials
         ]
@@ -210,9 +272,11 @@ def run_study(
             results: Sequence[JobReturn | BaseException] = launcher.launch(overrides, initial_job_idx=trials[0].number)
         except Exception as error:
             results = [error] * len(trials)
-        except SystemExit as error:  # a job stopped on a config error (cli.user_errors): record, then stop
-            for trial in trials:
-                record(study, trial, RuntimeError(f"the job exited with code {error.code}"))
+        except SystemExit as error:
+            # a job stopped by a signal (cli.user_errors exits 130 or 143): the sweep stops, the next one reruns it
+            requeue_unfinished(
+                study, trials, f"stopped (exit code {error.code}) while it ran; run again as a new trial"
+            )
             raise
         for trial, result in zip(trials, results):
             record(study, trial, result)

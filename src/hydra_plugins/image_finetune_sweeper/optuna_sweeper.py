@@ -33,7 +33,9 @@ class OptunaSweeper(Sweeper):
                 file=sys.stderr,
             )
             sys.exit(2)
+        from image_finetune.cli import user_errors
         from image_finetune.sweep import run_study
 
         assert self.config is not None
-        return run_study(self.launcher, self.config, arguments, **self.settings)
+        with user_errors():  # the sweep's own mistakes (a foreign optuna.db, nothing to search): one line, exit 2
+            return run_study(self.launcher, self.config, arguments, **self.settings)
