@@ -286,3 +286,26 @@ def test_many_classes_are_summarised_few_are_listed():
     few = {"cat": 3, "dog": 5}
     assert split_summary("val", few) == "val: 8 images, per class {'cat': 3, 'dog': 5}"
     assert len(split_summary("val", {f"c{i}": 1 for i in range(21)})) < 120
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('{"format": "onnx"', r"cannot be read as JSON"),
+        ("[]", r"holds a JSON list, not an object"),
+        (
+            '{"format": "onnx", "architecture": "resnet18", "class_names": [], "preprocessing": {}}',
+            r"has 'class_names' that are not a list of names",
+        ),
+        ('{"format": "onnx", "architecture": "resnet18", "class_names": ["a"]}', r"has no dict 'preprocessing'"),
+    ],
+)
+def test_a_damaged_export_sidecar_is_one_line(tmp_path: Path, text: str, expected: str):
+    from image_finetune.errors import UserError
+    from image_finetune.inference import read_sidecar
+
+    (tmp_path / "model.onnx.json").write_text(text)
+    with pytest.raises(
+        UserError, match=rf"model\.onnx\.json {expected}.*: it describes .*model\.onnx\. Re-run export\.py"
+    ):
+        read_sidecar(tmp_path / "model.onnx")
