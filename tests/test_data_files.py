@@ -285,7 +285,7 @@ def test_many_classes_are_summarised_few_are_listed():
     )
     few = {"cat": 3, "dog": 5}
     assert split_summary("val", few) == "val: 8 images, per class {'cat': 3, 'dog': 5}"
-    assert len(split_summary("val", {f"c{i}": 1 for i in range(21)})) < 120
+    assert split_summary("val", {f"c{i}": 2 for i in range(21)}) == "val: 42 images in 21 classes, 2 per class"
 
 
 @pytest.mark.parametrize(

@@ -255,10 +255,11 @@ class ImageFolderDataModule(ClassificationDataModule):
             return
         classes, splits, scans = self._discover()
         self.class_names = classes
-        self.splits = self._read_manifest(classes, scans) or splits
+        reused = self._read_manifest(classes, scans)
+        self.splits = reused or splits
         rank_zero = self.trainer is None or self.trainer.is_global_zero
         if rank_zero:
-            if self.manifest_path is not None:
+            if self.manifest_path is not None and reused is None:  # a reused file stays the record of the split
                 write_manifest(self.manifest_path, self.root, self.class_names, self.splits)
             if self.report_path is not None:
                 write_scan_report(scans, self.report_path)
@@ -354,10 +355,13 @@ def split_summary(split: str, counts: Mapping[str, int]) -> str:
     if len(counts) <= MAX_CLASSES_LISTED:
         return f"{split}: {total:,} images, per class {dict(sorted(counts.items()))}"
     sizes = sorted(counts.values())
+    line = f"{split}: {total:,} images in {len(counts):,} classes, "
+    if sizes[0] == sizes[-1]:
+        return line + f"{sizes[0]:,} per class"
     smallest = sorted(counts.items(), key=lambda item: (item[1], item[0]))[:3]
-    return (
-        f"{split}: {total:,} images in {len(counts):,} classes, {sizes[0]:,}-{sizes[-1]:,} per class "
-        f"(median {statistics.median(sizes):g}); smallest: {', '.join(f'{name} {n:,}' for name, n in smallest)}"
+    return line + (
+        f"{sizes[0]:,}-{sizes[-1]:,} per class (median {statistics.median(sizes):g}); "
+        f"smallest: {', '.join(f'{name} {n:,}' for name, n in smallest)}"
     )
 
 
