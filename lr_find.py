@@ -13,7 +13,7 @@ from image_finetune.config_checks import check_config
 @hydra.main(version_base="1.3", config_path="configs", config_name="lr_find")
 def main(cfg: DictConfig) -> float | None:
     with user_errors():
-        check_config(cfg)  # before the heavy imports, as train.py
+        check_config(cfg, validates=bool(cfg.lr_find.apply))  # before the heavy imports; the sweep never validates
         from image_finetune.lr_find import apply_suggestions, lr_find
 
         result = lr_find(cfg)

@@ -18,11 +18,16 @@ from image_finetune.errors import ConfigError
 GPU_ACCELERATORS = ("gpu", "cuda")
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Raise ``ConfigError`` for the first value that cannot work; return quietly otherwise."""
+def check_config(cfg: DictConfig, validates: bool = True) -> None:
+    """Raise ``ConfigError`` for the first value that cannot work; return quietly otherwise.
+
+    ``validates``: the run trains, so it needs a validation split (``lr_find.py`` alone does not).
+    """
     data = cfg.get("data")
     if data is not None:
         _check_data(data)
+        if validates:
+            _check_val_split(data)
     trainer = cfg.get("trainer")
     if trainer is not None:
         _check_trainer(trainer)
@@ -41,6 +46,25 @@ def _check_data(data: DictConfig) -> None:
         if value is not None and value <= 0:
             what = "images per batch (per device)" if key == "batch_size" else "pixels (the side of the square input)"
             raise ConfigError(f"data.{key}={value} must be a positive number of {what}, e.g. data.{key}={example}")
+
+
+def _check_val_split(data: DictConfig) -> None:
+    """``data.val_fraction=0`` with no ``val/`` folder leaves training without the split that picks the best
+    checkpoint (and that early stopping and plateau schedules watch): refused here, not a traceback at the first
+    validation."""
+    value = data.get("val_fraction") if not OmegaConf.is_missing(data, "val_fraction") else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != 0:
+        return
+    try:
+        root = data.get("root")
+    except Exception:  # an interpolation that only resolves later: the data module decides then
+        return
+    if root is not None and (Path(str(root)).expanduser() / "val").is_dir():
+        return  # the val/ folder is the validation split; val_fraction is not used
+    raise ConfigError(
+        f"data.val_fraction={value} leaves no validation split, which training needs (it picks the best checkpoint): "
+        "hold out a little, e.g. data.val_fraction=0.05, or give data.root a val/ folder of class folders"
+    )
 
 
 def _check_trainer(trainer: DictConfig) -> None:

@@ -250,4 +250,32 @@ def read_sidecar(model_path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(
             f"{path} is missing: it holds the architecture, class names and preprocessing of {model_path}. Re-run export.py."
         )
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        meta, problem = None, f"cannot be read as JSON ({getattr(e, 'strerror', None) or e})"
+    else:
+        problem = _sidecar_problem(meta)
+    if problem is not None:
+        raise UserError(f"{path} {problem}: it describes {model_path}. Re-run export.py to write both again.")
+    return meta
+
+
+# What every reader of the JSON beside an exported model takes from it, and the type it must have.
+_SIDECAR_KEYS: dict[str, type] = {"format": str, "architecture": str, "class_names": list, "preprocessing": dict}
+
+
+def _sidecar_problem(meta: Any) -> str | None:
+    """Why ``meta`` is not a usable sidecar (a hand edit, a cut-short copy), or None."""
+    if not isinstance(meta, dict):
+        return f"holds a JSON {type(meta).__name__}, not an object"
+    for key, kind in _SIDECAR_KEYS.items():
+        if not isinstance(meta.get(key), kind):
+            return (
+                f"has no {kind.__name__} {key!r}"
+                if key not in meta
+                else f"has {key!r} = {meta[key]!r}, not a {kind.__name__}"
+            )
+    if not meta["class_names"] or not all(isinstance(name, str) for name in meta["class_names"]):
+        return "has 'class_names' that are not a list of names"
+    return None

@@ -10,7 +10,6 @@ resumed run trains and validates on exactly the same files even if the folder ga
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -22,7 +21,6 @@ from typing import Any, Literal
 
 import torch
 
-from image_finetune.atomic import atomic_write_text
 from image_finetune.data.base import ClassificationDataModule
 from image_finetune.data.cache import ResizedCache
 from image_finetune.data.decode import stored_short_side
@@ -34,6 +32,7 @@ from image_finetune.data.device_decode import (
     require_gpu,
 )
 from image_finetune.data.files import ImageFileDataset, ImageLoader
+from image_finetune.data.manifest import read_manifest, write_manifest
 from image_finetune.data.preprocessing import Preprocessing
 from image_finetune.data.scan import FolderScan, scan_image_folder, summarize, write_scan_report
 from image_finetune.data.transforms import Augmentation, crop_and_flip, train_transform
@@ -56,6 +55,8 @@ AUTO_CACHE_PROBE = 32  # training images whose headers decide data.cache=auto
 AUTO_TEST_FRACTION = 0.15
 AUTO_TEST_MIN_IMAGES = 10
 TestFraction = float | Literal["auto"]
+# The per-class counts of a split are logged in full up to this many classes; beyond, summarised (split_summary).
+MAX_CLASSES_LISTED = 20
 
 
 class ImageFolderDataModule(ClassificationDataModule):
@@ -156,6 +157,13 @@ class ImageFolderDataModule(ClassificationDataModule):
         """Scan the folder(s) and split; returns class names, samples per split, and the scans (for the report)."""
         self._check_root()
         if (self.root / "train").is_dir():
+            for split in SPLIT_DIRS[1:]:
+                folder = self.root / split
+                if folder.is_dir() and not any(folder.iterdir()):
+                    raise DataError(
+                        f"{folder} is empty: put the {split} images in class folders there (as in train/), or remove "
+                        f"the empty folder to hold the {split} split out of train/ (data.{split}_fraction)."
+                    )
             scans = {split: self._scan(self.root / split) for split in SPLIT_DIRS if (self.root / split).is_dir()}
             classes = scans["train"].classes
             for split, scan in scans.items():
@@ -169,7 +177,7 @@ class ImageFolderDataModule(ClassificationDataModule):
             # What train/ must give up: val when there is no val/ folder, test when there is no test/ folder.
             names = [name for name in ("val", "test") if name not in splits]
             fractions = {
-                "val": self.val_fraction or 0.15,
+                "val": self.val_fraction,
                 "test": self._test_fraction(splits["train"], classes, "train/"),
             }
             if any(fractions[name] > 0 for name in names):
@@ -230,33 +238,16 @@ class ImageFolderDataModule(ClassificationDataModule):
         return {name: sorted(items) for name, items in out.items()}
 
     # ---- manifest -------------------------------------------------------------------------------------------------
-    def _read_manifest(self, classes: list[str]) -> dict[str, Samples] | None:
+    def _read_manifest(self, classes: list[str], scans: Mapping[str, FolderScan]) -> dict[str, Samples] | None:
+        """The splits of the run being resumed (``manifest_path``), checked against what the scan found now."""
         if self.manifest_path is None or not self.manifest_path.is_file():
             return None
-        manifest = json.loads(self.manifest_path.read_text())
-        if manifest.get("classes") != classes:
-            raise DataError(
-                f"{self.manifest_path} was written for classes {manifest.get('classes')} but {self.root} now has {classes}. "
-                "Resume in a new run dir (or delete the manifest) to split afresh."
-            )
+        usable = {path: label for scan in scans.values() for path, label in scan.samples}
+        left_out = {path: reason for scan in scans.values() for path, reason in scan.skipped}
+        split_folders = "all" not in scans
+        splits = read_manifest(self.manifest_path, self.root, classes, split_folders, usable, left_out)
         log.info("Reusing the data split in %s", self.manifest_path)
-        return {
-            split: [(str(self.root / rel), label) for rel, label in items]
-            for split, items in manifest["splits"].items()
-        }
-
-    def _write_manifest(self) -> None:
-        if self.manifest_path is None:
-            return
-        manifest = {
-            "root": str(self.root),
-            "classes": self.class_names,
-            "splits": {
-                split: [(os.path.relpath(path, self.root), label) for path, label in items]
-                for split, items in self.splits.items()
-            },
-        }
-        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1))
+        return splits
 
     # ---- Lightning hooks ------------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -264,17 +255,19 @@ class ImageFolderDataModule(ClassificationDataModule):
             return
         classes, splits, scans = self._discover()
         self.class_names = classes
-        self.splits = self._read_manifest(classes) or splits
+        reused = self._read_manifest(classes, scans)
+        self.splits = reused or splits
         rank_zero = self.trainer is None or self.trainer.is_global_zero
         if rank_zero:
-            self._write_manifest()
+            if self.manifest_path is not None and reused is None:  # a reused file stays the record of the split
+                write_manifest(self.manifest_path, self.root, self.class_names, self.splits)
             if self.report_path is not None:
                 write_scan_report(scans, self.report_path)
             for scan in scans.values():
                 log.info("%s: %s", scan.root, summarize(scan, self.report_path))
             for split, items in self.splits.items():
-                counts = Counter(self.class_names[label] for _, label in items)
-                log.info("%s: %d images, per class %s", split, len(items), dict(sorted(counts.items())))
+                counts = Counter(label for _, label in items)
+                log.info("%s", split_summary(split, {name: counts[i] for i, name in enumerate(self.class_names)}))
         self._build_datasets(verbose=rank_zero)
 
     def _build_datasets(self, verbose: bool) -> None:
@@ -315,7 +308,8 @@ class ImageFolderDataModule(ClassificationDataModule):
         )
         loader = DeviceJpegLoader(min_size=short_side)
         for split in ("train", "val"):
-            self.datasets[split] = EncodedImageDataset(self.splits[split], loader)
+            if split in self.splits:
+                self.datasets[split] = EncodedImageDataset(self.splits[split], loader)
         if verbose:
             log.info(
                 "data.decode=gpu: train and val JPEGs are decoded and cropped on the training device (nvJPEG); other "
@@ -352,6 +346,23 @@ class ImageFolderDataModule(ClassificationDataModule):
                     short_side,
                 )
         return cache if large else None
+
+
+def split_summary(split: str, counts: Mapping[str, int]) -> str:
+    """One log line for a split: every class's count up to MAX_CLASSES_LISTED classes, else the range, the median
+    and the smallest classes (the full counts are in data_split.json)."""
+    total = sum(counts.values())
+    if len(counts) <= MAX_CLASSES_LISTED:
+        return f"{split}: {total:,} images, per class {dict(sorted(counts.items()))}"
+    sizes = sorted(counts.values())
+    line = f"{split}: {total:,} images in {len(counts):,} classes, "
+    if sizes[0] == sizes[-1]:
+        return line + f"{sizes[0]:,} per class"
+    smallest = sorted(counts.items(), key=lambda item: (item[1], item[0]))[:3]
+    return line + (
+        f"{sizes[0]:,}-{sizes[-1]:,} per class (median {statistics.median(sizes):g}); "
+        f"smallest: {', '.join(f'{name} {n:,}' for name, n in smallest)}"
+    )
 
 
 def auto_cache_pays(paths: Sequence[str], short_side: int, seed: int) -> tuple[bool, int | None]:

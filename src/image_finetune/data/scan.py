@@ -60,6 +60,7 @@ REASON_KINDS = (
     TRUNCATED, TOO_LARGE, UNREADABLE, BROKEN_SYMLINK, DUPLICATE, NO_USABLE_IMAGES,
 )  # fmt: skip
 
+MAX_HIDDEN_LISTED = 3  # hidden class folders named in the summary line; the report lists every one
 _CACHE_FORMAT = 2  # 2: images over Pillow's pixel limit are left out
 
 
@@ -164,7 +165,7 @@ def scan_image_folder(
     for entry in _sorted_entries(str(root_path)):
         kind, _ = path_kind(entry.path, is_symlink=entry.is_symlink())
         if is_hidden(entry.name):
-            skipped.append((entry.path, HIDDEN))
+            skipped.append((entry.path, hidden_folder_reason(entry.path) if kind == "dir" else HIDDEN))
         elif kind == "dir":
             class_dirs.append((entry.name, entry.path))
         elif kind == "file":
@@ -240,6 +241,22 @@ def _sorted_entries(folder: str) -> list[os.DirEntry[str]]:
 def is_hidden(name: str) -> bool:
     """Dot files and folders (``.DS_Store``, ``._x.jpg``, ``.ipynb_checkpoints``) and macOS archive junk."""
     return name.startswith(".") or name in JUNK_FOLDERS
+
+
+# A hidden folder where class folders are reads "hidden: class folder (12 images)": the summary names it, so a skipped
+# class does not pass for one skipped file.
+_HIDDEN_FOLDER = f"{HIDDEN}: class folder "
+
+
+def hidden_folder_reason(folder: str) -> str:
+    """The reason of a hidden folder beside the class folders, with the image files in it (counted, not decoded)."""
+    n = sum(
+        os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+        for _, _, names in os.walk(folder)
+        for name in names
+        if not is_hidden(name)
+    )
+    return f"{_HIDDEN_FOLDER}({n:,} image{'s' if n != 1 else ''})"
 
 
 def path_kind(path: str, *, is_symlink: bool | None = None) -> tuple[str, os.stat_result | None]:
@@ -390,6 +407,8 @@ class _ScanCache:
         entry = self.old.get(f.real)
         if not isinstance(entry, list) or len(entry) != 3 or entry[:2] != [f.size, f.mtime_ns]:
             return None
+        if entry[2] is not None and not isinstance(entry[2], str):  # a damaged entry is a miss: the file is re-checked
+            return None
         self.hits += 1
         self.new[f.real] = entry
         return entry
@@ -473,4 +492,9 @@ def summarize(scan: FolderScan, report: str | Path | None = None) -> str:
     if not scan.skipped:
         return line + "; left out nothing"
     line += f"; left out {len(scan.skipped):,} ({_kind_counts(r for _, r in scan.skipped)})"
+    hidden = [(os.path.basename(p), r[len(_HIDDEN_FOLDER) :]) for p, r in scan.skipped if r.startswith(_HIDDEN_FOLDER)]
+    for name, images in hidden[:MAX_HIDDEN_LISTED]:
+        line += f"; class folder `{name}` {images} skipped as hidden"
+    if len(hidden) > MAX_HIDDEN_LISTED:
+        line += f" (and {len(hidden) - MAX_HIDDEN_LISTED} more hidden folders)"
     return line + (f" - see {report}" if report is not None else "")
