@@ -16,6 +16,7 @@ backbone is the one this run's config builds, never one named in the file.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,25 +155,43 @@ def apply_init_weights(model: ImageClassifier, weights: InitWeights) -> str:
 
 
 class InitFrom(L.Callback):
-    """Applies ``model.init_from`` once, at the start of a fresh run's first fit.
+    """Applies ``model.init_from`` at the start of the first fit of each fresh model it meets.
 
     In ``setup``, when the data module has given the class names (the model's head is sized from them), and before
-    any callback later in the list copies the model (``EMAWeights`` averages from a copy), so ``train.build`` puts it
-    first. A fit that restores a checkpoint (a resume, or a later fine-tuning phase) keeps the checkpoint's weights.
+    any callback later in the list copies the model (``EMAWeights`` averages from a copy), so it goes first in the
+    list. A fit that restores a checkpoint (a resume, or a later fine-tuning phase) keeps the checkpoint's weights,
+    and a model already started from the file is not reset by its next fit (``lr_find`` runs several fits).
     """
 
     def __init__(self, weights: InitWeights) -> None:
-        self.weights: InitWeights | None = weights
+        self.weights = weights
+        self._started: weakref.WeakSet[L.LightningModule] = weakref.WeakSet()
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != TrainerFn.FITTING or self.weights is None:
+        if stage != TrainerFn.FITTING or pl_module in self._started:
             return
-        weights, self.weights = self.weights, None  # once, and the tensors are freed
+        self._started.add(pl_module)
         if trainer.ckpt_path is not None:
             log.info(
-                "%s not applied: this fit restores %s, whose weights it continues", weights.prefix, trainer.ckpt_path
+                "%s not applied: this fit restores %s, whose weights it continues",
+                self.weights.prefix,
+                trainer.ckpt_path,
             )
             return
         assert isinstance(pl_module, ImageClassifier)
         pl_module.configure_model()
-        log.info(apply_init_weights(pl_module, weights))
+        log.info(apply_init_weights(pl_module, self.weights))
+
+
+def init_from_callbacks(source: str | None, backbone: Backbone, *, resume: bool = False) -> list[InitFrom]:
+    """``[InitFrom]`` for ``model.init_from=source`` (``[]`` when unset). The file is read and checked against
+    ``backbone`` now, so a bad file or another architecture fails before the data scan. A resumed run continues its
+    checkpoint's weights: the file is not read at all (it may be gone)."""
+    if source is None or str(source) == "":
+        return []
+    if resume:
+        log.info("%s=%r not read: this run resumes from ckpt_path, whose weights it continues", KEY, str(source))
+        return []
+    weights = read_init_weights(str(source))
+    check_fits(weights, backbone)
+    return [InitFrom(weights)]

@@ -27,7 +27,7 @@ from image_finetune.checkpoints import LAST, resolve_ckpt_path
 from image_finetune.cli import instantiate_group, record_hydra_config, save_json, to_plain
 from image_finetune.config_checks import check_config
 from image_finetune.errors import ConfigError, RunInterrupted
-from image_finetune.init_from import InitFrom, check_fits, read_init_weights
+from image_finetune.init_from import init_from_callbacks
 from image_finetune.models import ImageClassifier
 from image_finetune.rundir import clean_run_dir, drop_checkpoints_after_last, run_dir_lock
 from image_finetune.schedule import FinetuneSchedule
@@ -59,7 +59,8 @@ def build(cfg: DictConfig) -> Run:
     datamodule: L.LightningDataModule = instantiate(cfg.data, _partial_=True)(
         preprocessing=model.backbone.preprocessing
     )
-    init_from = _init_from(cfg, model)  # first: before any callback copies the model (EMA)
+    # first: before any callback copies the model (EMA); a resumed run does not read the file
+    init_from = init_from_callbacks(cfg.model.get("init_from"), model.backbone, resume=bool(cfg.get("ckpt_path")))
     callbacks = [*init_from, *instantiate_group(cfg.get("callbacks")), StoreRunConfig(plain)]
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")) or False
@@ -67,20 +68,6 @@ def build(cfg: DictConfig) -> Run:
     for logger in trainer.loggers:
         logger.log_hyperparams(plain)
     return Run(datamodule, model, trainer, plain, schedule)
-
-
-def _init_from(cfg: DictConfig, model: ImageClassifier) -> list[InitFrom]:
-    """``model.init_from``: read and checked now (a bad file or another architecture fails before the data scan),
-    applied by ``InitFrom`` once the head exists. A resumed run continues its checkpoint's weights: not read at all."""
-    source = cfg.model.get("init_from")
-    if source is None or source == "":
-        return []
-    if cfg.get("ckpt_path"):
-        log.info("model.init_from=%r not read: this run resumes from ckpt_path, whose weights it continues", source)
-        return []
-    weights = read_init_weights(str(source))
-    check_fits(weights, model.backbone)
-    return [InitFrom(weights)]
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
