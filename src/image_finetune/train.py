@@ -56,11 +56,12 @@ def build(cfg: DictConfig) -> Run:
     plain = to_plain(cfg)
     schedule = FinetuneSchedule.from_config(plain["finetune"])
     model: ImageClassifier = instantiate(cfg.model)
+    # read and checked now (a bad file fails before anything else is built); a resumed run does not read it
+    init_from = init_from_callbacks(cfg.model.get("init_from"), model.backbone, resume=bool(cfg.get("ckpt_path")))
     datamodule: L.LightningDataModule = instantiate(cfg.data, _partial_=True)(
         preprocessing=model.backbone.preprocessing
     )
-    # first: before any callback copies the model (EMA); a resumed run does not read the file
-    init_from = init_from_callbacks(cfg.model.get("init_from"), model.backbone, resume=bool(cfg.get("ckpt_path")))
+    # init_from first: it must load the weights before any callback copies the model (EMA)
     callbacks = [*init_from, *instantiate_group(cfg.get("callbacks")), StoreRunConfig(plain)]
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")) or False
