@@ -137,12 +137,12 @@ def apply_init_weights(model: ImageClassifier, weights: InitWeights) -> str:
     net = model.net
     assert net is not None, "apply_init_weights needs the model's head (configure_model)"
     check_fits(weights, model.backbone)
-    backbone = weights.backbone_state()
-    net.backbone.load_state_dict(backbone)
     ours, theirs = model.class_names, weights.class_names
     weight, bias = (weights.state.get(k) for k in HEAD)
     if weight is None or bias is None or weight.shape[0] != len(theirs) or bias.shape[0] != len(theirs):
         raise UserError(f"{weights.prefix}: its head does not have one row per class name it stores; it is damaged")
+    backbone = weights.backbone_state()
+    net.backbone.load_state_dict(backbone)
     loaded = f"loaded backbone ({len(backbone)} tensors)"
     if sorted(ours) != sorted(theirs) or len(set(ours)) != len(ours):
         line = f"{loaded}; head new ({len(ours)} classes; the checkpoint had {len(theirs)})"
