@@ -34,6 +34,7 @@ from image_finetune import finetune
 from image_finetune.callbacks import silence_lightning_noise
 from image_finetune.cli import save_json, to_plain
 from image_finetune.errors import ConfigError
+from image_finetune.init_from import InitFrom, init_from_callbacks
 from image_finetune.models import ImageClassifier
 from image_finetune.plots import lr_find_figure, render_figure
 from image_finetune.schedule import FinetuneSchedule, Phase
@@ -145,6 +146,8 @@ def lr_find(cfg: DictConfig) -> dict[str, Any]:
     }
     lr = configured_lr
 
+    init_from: list[InitFrom] = []  # model.init_from's callback, once the first model has been built
+
     def fresh_model(lr: float, scheduled: bool = False) -> ImageClassifier:
         """The configured model at head LR ``lr``; no LR scheduler during a sweep (the sweep sets the LRs)."""
         L.seed_everything(cfg.seed, workers=True)  # every sweep starts from the same head initialisation
@@ -152,14 +155,19 @@ def lr_find(cfg: DictConfig) -> dict[str, Any]:
         model_cfg.optimizer.lr = lr
         if not scheduled:
             model_cfg.scheduler = None
-        return instantiate(model_cfg)
+        model = instantiate(model_cfg)
+        if not init_from and cfg.model.get("init_from"):  # read once; applied to each fresh model's first fit
+            init_from.extend(init_from_callbacks(cfg.model.init_from, model.backbone))
+        return model
 
     model: ImageClassifier | None = None
     optimizer_state: dict[str, Any] | None = None
     if phases[0].frozen:
         model = fresh_model(lr)
         model.trainable_stages = 0
-        frozen = _sweep(cfg, settings, model, datamodule, lambda x: [g["lr"] for g in model.param_groups(lr=x)])
+        frozen = _sweep(
+            cfg, settings, model, datamodule, lambda x: [g["lr"] for g in model.param_groups(lr=x)], None, init_from
+        )
         result["frozen"] = {"what": "model.optimizer.lr (the head's lr; backbone groups at their ratios)", **frozen}
         if frozen["suggestion"] is not None and settings["train_frozen_with"] == "suggested":
             lr = frozen["suggestion"]
@@ -168,7 +176,7 @@ def lr_find(cfg: DictConfig) -> dict[str, Any]:
         else:
             log.info("Training the frozen phase (epochs 0-%d) at lr=%.3g for the second sweep", phases[0].end - 1, lr)
             model = fresh_model(lr, scheduled=True)
-            trainer = _trainer(cfg, callbacks=[])
+            trainer = _trainer(cfg, callbacks=[*init_from])
             finetune.fit_phase(trainer, model, datamodule, phases[0], None)
             optimizer_state = trainer.optimizers[0].state_dict()
             model.scheduler_factory = None
@@ -185,6 +193,7 @@ def lr_find(cfg: DictConfig) -> dict[str, Any]:
             datamodule,
             lambda x: [g["lr"] for g in unfrozen_model.param_groups(lr=lr, backbone_lr_ratio=x / lr)],
             optimizer_state,
+            init_from,
         )
         ratio = unfrozen["suggestion"] / lr if unfrozen["suggestion"] is not None else None
         result["unfrozen"] = {
@@ -239,11 +248,13 @@ def _sweep(
     datamodule: L.LightningDataModule,
     group_lrs: Callable[[float], Sequence[float]],
     optimizer_state: dict[str, Any] | None = None,
+    init_from: Sequence[L.Callback] = (),
 ) -> dict[str, Any]:
-    """One sweep in its own fit (fresh optimizer, DDP wrapper and compiled graph); the model's weights move."""
+    """One sweep in its own fit (fresh optimizer, DDP wrapper and compiled graph); the model's weights move.
+    ``init_from``: ``model.init_from``'s callback, which starts a fresh model from that file."""
     sweep = LRSweep(float(settings["min_lr"]), float(settings["max_lr"]), int(settings["num_steps"]))
     callback = SweepCallback(sweep, group_lrs, optimizer_state)
-    trainer = _trainer(cfg, [callback], max_steps=sweep.num_steps, max_epochs=-1)
+    trainer = _trainer(cfg, [*init_from, callback], max_steps=sweep.num_steps, max_epochs=-1)
     finetune.fit_phase(trainer, model, datamodule, Phase(0, None, model.trainable_stages), None)
     return {"suggestion": sweep.suggestion(), "lrs": sweep.lrs, "losses": sweep.losses}
 

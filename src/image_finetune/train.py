@@ -27,6 +27,7 @@ from image_finetune.checkpoints import LAST, resolve_ckpt_path
 from image_finetune.cli import instantiate_group, record_hydra_config, save_json, to_plain
 from image_finetune.config_checks import check_config
 from image_finetune.errors import ConfigError, RunInterrupted
+from image_finetune.init_from import init_from_callbacks
 from image_finetune.models import ImageClassifier
 from image_finetune.rundir import clean_run_dir, drop_checkpoints_after_last, run_dir_lock
 from image_finetune.schedule import FinetuneSchedule
@@ -55,10 +56,13 @@ def build(cfg: DictConfig) -> Run:
     plain = to_plain(cfg)
     schedule = FinetuneSchedule.from_config(plain["finetune"])
     model: ImageClassifier = instantiate(cfg.model)
+    # read and checked now (a bad file fails before anything else is built); a resumed run does not read it
+    init_from = init_from_callbacks(cfg.model.get("init_from"), model.backbone, resume=bool(cfg.get("ckpt_path")))
     datamodule: L.LightningDataModule = instantiate(cfg.data, _partial_=True)(
         preprocessing=model.backbone.preprocessing
     )
-    callbacks = [*instantiate_group(cfg.get("callbacks")), StoreRunConfig(plain)]
+    # init_from first: it must load the weights before any callback copies the model (EMA)
+    callbacks = [*init_from, *instantiate_group(cfg.get("callbacks")), StoreRunConfig(plain)]
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")) or False
     )

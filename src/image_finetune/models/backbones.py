@@ -68,17 +68,49 @@ def no_weights(weights: object) -> bool:
 
 
 def looks_like_path(weights: str) -> bool:
-    return os.sep in weights or weights.endswith((".pth", ".pt", ".bin", ".safetensors")) or weights.startswith("~")
+    return (
+        os.sep in weights
+        or weights.endswith((".pth", ".pt", ".bin", ".safetensors", ".ckpt"))
+        or weights.startswith("~")
+    )
 
 
 def local_weights_file(weights: str) -> Path:
-    """``model.backbone.weights=PATH``: the file, or a one-line error."""
+    """``model.backbone.weights=PATH``: the file, or a one-line error (also for a whole classifier of this project)."""
     path = Path(weights).expanduser()
     if not path.is_file():
         raise ConfigError(
             f"model.backbone.weights={weights!r}: no such file. Give a path to a state_dict (.pth, .safetensors)."
         )
+    if _is_whole_classifier(path):
+        raise ConfigError(
+            f"model.backbone.weights={weights!r} is a whole classifier of this project (a train.py checkpoint or an "
+            "export.py .safetensors), not a backbone state_dict: to start a new run from it, use "
+            f'model.init_from={weights} instead (README "Start from a finished run")'
+        )
     return path
+
+
+def _is_whole_classifier(path: Path) -> bool:
+    """A Lightning checkpoint, or tensors named as ``ClassifierNet``'s (``backbone.*`` + ``head.1.*``): what
+    ``model.init_from`` takes. Only the names are read (a safetensors header, or a memory-mapped safe load)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                keys = list(f.keys())
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            if not isinstance(state, Mapping):
+                return False
+            if "state_dict" in state and "hyper_parameters" in state:
+                return True
+            keys = list(state)
+    except Exception:  # unreadable here: the builder's own load says what is wrong with it
+        return False
+    names = {str(k).removeprefix("net.") for k in keys}
+    return "head.1.weight" in names and any(name.startswith("backbone.") for name in names)
 
 
 def classification_models() -> list[str]:

@@ -121,6 +121,10 @@ class ImageClassifier(L.LightningModule):
     Of the fine-tuning schedule the model knows only what it acts on: ``trainable_stages`` (how many of the backbone's
     last stages train in this fit, set by ``finetune.fit``), ``train_bn``, and each stage's LR (``backbone_lr_ratio``
     spread over the stages by ``lr_spread``, see ``schedule.stage_lr_ratios``).
+
+    ``init_from`` (``model.init_from``) is only recorded here: the weights of a finished run are loaded into a fresh
+    run by ``init_from.InitFrom`` (added by ``train.build``), never by the model, so rebuilding a model from its
+    checkpoint (eval, predict, export, resume) never reads that file again.
     """
 
     def __init__(
@@ -141,6 +145,7 @@ class ImageClassifier(L.LightningModule):
         compile: bool = False,
         channels_last: bool = False,
         preprocessing: Preprocessing | Mapping[str, Any] | None = None,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         stage_lr_ratios(1, backbone_lr_ratio, lr_spread)  # a bad value fails here, with the key's name
@@ -168,6 +173,8 @@ class ImageClassifier(L.LightningModule):
                 "scheduler_monitor": scheduler_monitor,
                 # whether pretrained weights were really loaded (the offline demo may fall back to random init)
                 "pretrained": self._backbone.pretrained,
+                # the finished run this one started from (model.init_from; provenance only, never read back)
+                "init_from": None if init_from is None else str(init_from),
             }
         )
         self.optimizer_factory = optimizer or torch.optim.AdamW
@@ -425,6 +432,7 @@ class ImageClassifier(L.LightningModule):
             channels_last=hparams.get("channels_last", False),
         )
         model.hparams["pretrained"] = hparams.get("pretrained")
+        model.hparams["init_from"] = hparams.get("init_from")  # provenance as trained; the file is not read
         model.hparams["backbone"] = dict(hparams["backbone"])  # as trained (its weights name), not as rebuilt
         check_weights_fit(
             model, checkpoint["state_dict"], source=str(path), expected=f"{_describe(hparams)}, as its hparams say"
