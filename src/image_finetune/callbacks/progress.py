@@ -156,10 +156,12 @@ class TrainingProgressBar(RichProgressBar):
         leave: bool = False,
         plain: bool | None = None,
         console_kwargs: dict[str, Any] | None = None,
+        stop_epoch: int | None = None,
     ) -> None:
         super().__init__(refresh_rate=refresh_rate, leave=leave, console_kwargs=console_kwargs)
         self.metrics = list(metrics) if metrics is not None else None
         self.plain = not sys.stdout.isatty() if plain is None else plain
+        self.stop_epoch = stop_epoch  # a fit that stops before max_epochs (lr_find's frozen phase): the ETA's end
         if self.plain:
             self.disable()  # the rich hooks all check this; the plain-line hooks below do the talking
         self._ticks: deque[tuple[float, int]] = deque(maxlen=window + 1)
@@ -258,7 +260,7 @@ class TrainingProgressBar(RichProgressBar):
             parts.append(f"{_rate(self._epoch_images * trainer.world_size / train_time)} img/s")
         parts.append(f"elapsed {_duration(now - (self._run_start or self._epoch_start))}")
         if trainer.max_epochs and trainer.max_epochs > 0:
-            left = max(0, trainer.max_epochs - (epoch + 1))
+            left = max(0, (self.stop_epoch or trainer.max_epochs) - (epoch + 1))
             if left and not durations:
                 parts.append("eta unknown (nothing timed yet)")
             else:
