@@ -24,7 +24,7 @@ EPOCHS = 2
 # epoch 2/3  unfrozen  train loss 1.0811 acc 0.4167  val loss 1.0702 acc 0.3333  41 img/s  elapsed 0:00:19  eta 0:00:09
 EPOCH_LINE = re.compile(
     r"^epoch (\d+)/(\d+)  (frozen|unfrozen)  train loss [\d.]+ acc [\d.]+  val loss [\d.]+ acc [\d.]+  "
-    r"[\d,]+ img/s  elapsed \d+:\d\d:\d\d  eta \d+:\d\d:\d\d$"
+    r"[\d,.]+ img/s  elapsed \d+:\d\d:\d\d  eta \d+:\d\d:\d\d$"
 )
 
 

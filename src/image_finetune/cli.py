@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -23,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from image_finetune.atomic import atomic_write_text
-from image_finetune.errors import RunInterrupted, UserError, writing
+from image_finetune.errors import RunInterrupted, UserError, is_keyboard_interrupt, writing
 from image_finetune.slurm import register_resolvers
 
 log = logging.getLogger(__name__)
@@ -108,13 +109,19 @@ def user_errors() -> Iterator[None]:
     """Turn mistakes a user can fix into one line on stderr and exit code 2, instead of a traceback.
 
     Hydra wraps exceptions raised inside ``instantiate`` in ``InstantiationException``; we unwrap to find ours.
-    A run stopped by a signal (``RunInterrupted``) also gets one line, and its own non-zero exit code.
+    A run stopped by a signal (``RunInterrupted``) also gets one line, and its own non-zero exit code; so does Ctrl-C
+    anywhere else (130, as a shell reports a process SIGINT ended), Lightning's ``exit(1)`` for it included.
     """
     try:
         yield
     except RunInterrupted as err:
         print(f"interrupted: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
+    except (KeyboardInterrupt, SystemExit) as err:
+        if not is_keyboard_interrupt(err):
+            raise
+        print("interrupted: received SIGINT (Ctrl-C); stopped before the end", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     except (UserError, InstantiationException) as err:
         user_error = _user_error(err)
         if user_error is None:

@@ -67,7 +67,8 @@ def check_output_file(path: str | os.PathLike, key: str, example_name: str) -> P
 
 
 class RunInterrupted(Exception):  # noqa: N818 (not an error: the run was stopped from outside)
-    """Training stopped on a signal (SIGTERM from a scheduler, ``kill``): a resumable checkpoint was saved.
+    """Training stopped on a signal (SIGTERM from a scheduler or ``kill``, SIGINT from Ctrl-C); the message says whether
+    and how to resume.
 
     Entry points print the one-line message and exit with ``exit_code`` (128 + the signal number, as a shell reports
     a process the signal ended), so a scheduler never counts an interrupted run as a success.
@@ -76,3 +77,12 @@ class RunInterrupted(Exception):  # noqa: N818 (not an error: the run was stoppe
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def is_keyboard_interrupt(err: BaseException) -> bool:
+    """Ctrl-C: a ``KeyboardInterrupt``, or the ``exit(1)`` Lightning turns one into inside a ``Trainer`` call
+    (``lightning/pytorch/trainer/call.py``, ``_call_and_handle_interrupt``: raised while handling the interrupt, so
+    the interrupt is its ``__context__``)."""
+    return isinstance(err, KeyboardInterrupt) or (
+        isinstance(err, SystemExit) and isinstance(err.__context__, KeyboardInterrupt)
+    )

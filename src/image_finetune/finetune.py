@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 import warnings
@@ -97,39 +98,83 @@ def fit(
             schedule.freeze_epochs, trainer.max_epochs,
         )  # fmt: skip
     first = schedule.phase_at(resume_epoch(ckpt_path)) if ckpt_path else 0
-    with _SigtermAcrossFits.installed(trainer) as sigterm:
-        for k in range(first, len(phases)):
-            if k > first and sigterm.received:
-                raise SIGTERMException  # as Lightning raises it inside a fit: the caller's interruption path
-            if not fit_phase(trainer, model, datamodule, phases[k], ckpt_path):
-                return  # linear probe, early stop, interruption, fast_dev_run, or max_epochs reached first
-            # Saved after the fit has finished, so every callback (ModelCheckpoint's best and last included) has
-            # recorded the phase's last epoch first; a callback's own save would come before ModelCheckpoint's.
-            ckpt_path = Path(trainer.default_root_dir) / "checkpoints" / boundary_checkpoint(k + 1)
-            trainer.save_checkpoint(ckpt_path, weights_only=False)
-            trainer.should_stop = False
-            log.info("Unfreezing after epoch %d: %s train(s) from now on", phases[k].end, phases[k + 1].describe())
+    with _StopSignals.installed(trainer) as signals:
+        try:
+            for k in range(first, len(phases)):
+                if k > first and signals.received:
+                    raise SIGTERMException  # as Lightning raises it inside a fit: the caller's interruption path
+                if not fit_phase(trainer, model, datamodule, phases[k], ckpt_path):
+                    return  # linear probe, early stop, interruption, fast_dev_run, or max_epochs reached first
+                # Saved after the fit has finished, so every callback (ModelCheckpoint's best and last included) has
+                # recorded the phase's last epoch first; a callback's own save would come before ModelCheckpoint's.
+                ckpt_path = Path(trainer.default_root_dir) / "checkpoints" / boundary_checkpoint(k + 1)
+                trainer.save_checkpoint(ckpt_path, weights_only=False)
+                trainer.should_stop = False
+                log.info("Unfreezing after epoch %d: %s train(s) from now on", phases[k].end, phases[k + 1].describe())
+        except SIGTERMException:
+            raise StoppedBySignal(signals.signum or signal.SIGTERM) from None
 
 
-class _SigtermAcrossFits(L.Callback):
-    """Holds a SIGTERM for the whole schedule, not only inside each fit.
+class StoppedBySignal(Exception):  # noqa: N818 (not an error: the run was stopped from outside)
+    """SIGTERM or SIGINT (Ctrl-C) ended the schedule after a batch; ``last.ckpt`` (``LastCheckpoint``) holds that state."""
 
-    Lightning's signal connector handles SIGTERM from just before a fit's first step to its teardown, and clears
+    def __init__(self, signum: signal.Signals) -> None:
+        super().__init__(f"stopped by {signum.name}")
+        self.signum = signum
+
+
+class _StopSignals(L.Callback):
+    """SIGTERM and SIGINT (Ctrl-C) for the whole schedule: finish the batch, save ``last.ckpt``, stop.
+
+    SIGTERM: Lightning's signal connector handles it from just before a fit's first step to its teardown, and clears
     what it saw when the next fit registers it again. A SIGTERM at the unfreeze (after one fit, or in the next fit's
     setup and restore) would otherwise kill the process outright (exit -15, nothing saved) or be forgotten and the
     run would train on to the end. This handler notes the signal; ``fit`` raises ``SIGTERMException`` before the
     next phase, and ``on_train_start`` raises it inside a fit that began after the signal, the same exception
     Lightning raises, so the run saves ``last.ckpt`` and exits 143. Inside a fit Lightning composes this handler with
     its own; a handler installed before the run still runs.
+
+    SIGINT: Lightning turns a ``KeyboardInterrupt`` into ``exit(1)`` with the state of wherever the interrupt landed
+    (possibly half an optimizer step), which neither a script nor an exact resume can use. So the first SIGINT is
+    handled as a SIGTERM is: it is passed to the SIGTERM handler in place (Lightning's inside a fit: it notes the
+    signal, forwards it to DDP worker processes and tells the other ranks), and the run stops after the batch, saved.
+    A second SIGINT raises ``KeyboardInterrupt`` at once: nothing more is saved (an interrupted save leaves the
+    previous file whole, ``AtomicCheckpointIO``), and ``last.ckpt`` stays the last state saved whole.
     """
 
     def __init__(self, previous: Any) -> None:
-        self.previous, self.received = previous, False
+        self.previous, self.signum, self.pid = previous, None, os.getpid()
+        self._forwarding = False  # a SIGINT passed to the SIGTERM handlers: not for a handler installed before the run
+
+    @property
+    def received(self) -> bool:
+        return self.signum is not None
 
     def note(self, signum: int, frame: Any) -> None:
-        self.received = True
-        if callable(self.previous):
+        self.signum = self.signum or signal.Signals(signum)
+        if callable(self.previous) and not self._forwarding:
             self.previous(signum, frame)
+
+    def interrupt(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self.pid:
+            return  # a forked data loader worker (Ctrl-C reaches the whole process group): the trainer stops it
+        if self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now
+        self.signum = self.signum or signal.SIGINT
+        log.warning("Ctrl-C: stopping after this batch and saving checkpoints/last.ckpt (Ctrl-C again: stop at once)")
+        self._forwarding = True
+        connector_log = logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector")
+        connector_log.addFilter(self._no_sigterm_line)  # its "Received SIGTERM" would contradict the line above
+        try:
+            handler = signal.getsignal(signal.SIGTERM)
+            if callable(handler):
+                handler(signal.SIGTERM, frame)
+        finally:
+            connector_log.removeFilter(self._no_sigterm_line)
+            self._forwarding = False
+
+    def _no_sigterm_line(self, record: logging.LogRecord) -> bool:
+        return not self._forwarding
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.received:
@@ -137,11 +182,12 @@ class _SigtermAcrossFits(L.Callback):
 
     @classmethod
     @contextlib.contextmanager
-    def installed(cls, trainer: L.Trainer) -> Iterator[_SigtermAcrossFits]:
+    def installed(cls, trainer: L.Trainer) -> Iterator[_StopSignals]:
         guard = cls(signal.getsignal(signal.SIGTERM))
         if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
             yield guard
             return
+        previous_int = signal.signal(signal.SIGINT, guard.interrupt)
         signal.signal(signal.SIGTERM, guard.note)
         trainer.callbacks.append(guard)
         try:
@@ -149,6 +195,7 @@ class _SigtermAcrossFits(L.Callback):
         finally:
             trainer.callbacks.remove(guard)
             signal.signal(signal.SIGTERM, guard.previous)
+            signal.signal(signal.SIGINT, previous_int)
 
 
 def fit_phase(

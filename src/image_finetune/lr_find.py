@@ -108,12 +108,15 @@ class SweepCallback(L.Callback):
         sweep: LRSweep,
         group_lrs: Callable[[float], Sequence[float]],
         optimizer_state: dict[str, Any] | None = None,
+        label: str = "LR sweep",
     ) -> None:
-        self.sweep, self.group_lrs, self.optimizer_state = sweep, group_lrs, optimizer_state
+        self.sweep, self.group_lrs, self.optimizer_state, self.label = sweep, group_lrs, optimizer_state, label
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.optimizer_state is not None:
             trainer.optimizers[0].load_state_dict(self.optimizer_state)
+        sweep = self.sweep
+        self._say(trainer, f"{sweep.num_steps} steps, lr {sweep.min_lr:.1e} to {sweep.max_lr:.1e}")
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
         lr = self.sweep.lr(len(self.sweep.losses))
@@ -125,8 +128,21 @@ class SweepCallback(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         loss = trainer.strategy.reduce(outputs["loss"].detach(), reduce_op="mean")  # every rank stops together
-        if self.sweep.record(self.sweep.lr(len(self.sweep.losses)), float(loss)):
+        sweep = self.sweep
+        done = sweep.record(sweep.lr(len(sweep.losses)), float(loss))
+        step = len(sweep.losses)
+        if done or step % max(1, sweep.num_steps // 10) == 0:  # a line every 10% of the steps, and the last
+            diverged = "; the loss diverged, sweep over" if done and step < sweep.num_steps else ""
+            self._say(
+                trainer, f"step {step}/{sweep.num_steps}, lr {sweep.lrs[-1]:.1e}, loss {sweep.losses[-1]:.3f}{diverged}"
+            )
+        if done:
             trainer.should_stop = True
+
+    def _say(self, trainer: L.Trainer, what: str) -> None:
+        """A plain line (minutes can pass between them on a CPU), like ``train.py``'s epoch lines; rank 0 only."""
+        if trainer.is_global_zero:
+            print(f"{self.label}: {what}", flush=True)
 
 
 def lr_find(cfg: DictConfig) -> dict[str, Any]:
@@ -162,11 +178,18 @@ def lr_find(cfg: DictConfig) -> dict[str, Any]:
 
     model: ImageClassifier | None = None
     optimizer_state: dict[str, Any] | None = None
+    sweeps = 2 if phases[0].frozen and len(phases) > 1 else 1
     if phases[0].frozen:
         model = fresh_model(lr)
         model.trainable_stages = 0
         frozen = _sweep(
-            cfg, settings, model, datamodule, lambda x: [g["lr"] for g in model.param_groups(lr=x)], None, init_from
+            cfg,
+            settings,
+            model,
+            datamodule,
+            lambda x: [g["lr"] for g in model.param_groups(lr=x)],
+            init_from=init_from,
+            label=f"LR sweep 1/{sweeps} (head, backbone frozen)",
         )
         result["frozen"] = {"what": "model.optimizer.lr (the head's lr; backbone groups at their ratios)", **frozen}
         if frozen["suggestion"] is not None and settings["train_frozen_with"] == "suggested":
@@ -174,9 +197,11 @@ def lr_find(cfg: DictConfig) -> dict[str, Any]:
         if len(phases) == 1:
             model = None  # linear probe: nothing unfreezes
         else:
-            log.info("Training the frozen phase (epochs 0-%d) at lr=%.3g for the second sweep", phases[0].end - 1, lr)
+            log.info("Training the frozen phase (epochs 1-%d) at lr=%.3g for the second sweep", phases[0].end, lr)
             model = fresh_model(lr, scheduled=True)
-            trainer = _trainer(cfg, callbacks=[*init_from])
+            progress = (cfg.get("callbacks") or {}).get("progress_bar")  # train.py's bar, or its plain epoch lines
+            bar = [instantiate(progress, stop_epoch=phases[0].end)] if progress else []
+            trainer = _trainer(cfg, callbacks=[*init_from, *bar], enable_progress_bar=bool(bar))
             finetune.fit_phase(trainer, model, datamodule, phases[0], None)
             optimizer_state = trainer.optimizers[0].state_dict()
             model.scheduler_factory = None
@@ -193,7 +218,8 @@ def lr_find(cfg: DictConfig) -> dict[str, Any]:
             datamodule,
             lambda x: [g["lr"] for g in unfrozen_model.param_groups(lr=lr, backbone_lr_ratio=x / lr)],
             optimizer_state,
-            init_from,
+            init_from=init_from,
+            label=f"LR sweep {sweeps}/{sweeps} (backbone, head at lr {lr:.3g})",
         )
         ratio = unfrozen["suggestion"] / lr if unfrozen["suggestion"] is not None else None
         result["unfrozen"] = {
@@ -228,17 +254,16 @@ def apply_suggestions(cfg: DictConfig, result: dict[str, Any]) -> DictConfig:
 
 def _trainer(cfg: DictConfig, callbacks: list[L.Callback], **overrides: Any) -> L.Trainer:
     """A Trainer of the run's kind (device, precision, strategy) that writes nothing and skips validation."""
-    return instantiate(
-        cfg.trainer,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+    settings: dict[str, Any] = {
+        "logger": False,
+        "enable_checkpointing": False,
+        "limit_val_batches": 0,
+        "num_sanity_val_steps": 0,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
         **overrides,
-    )
+    }
+    return instantiate(cfg.trainer, callbacks=callbacks, **settings)
 
 
 def _sweep(
@@ -249,11 +274,12 @@ def _sweep(
     group_lrs: Callable[[float], Sequence[float]],
     optimizer_state: dict[str, Any] | None = None,
     init_from: Sequence[L.Callback] = (),
+    label: str = "LR sweep",
 ) -> dict[str, Any]:
     """One sweep in its own fit (fresh optimizer, DDP wrapper and compiled graph); the model's weights move.
     ``init_from``: ``model.init_from``'s callback, which starts a fresh model from that file."""
     sweep = LRSweep(float(settings["min_lr"]), float(settings["max_lr"]), int(settings["num_steps"]))
-    callback = SweepCallback(sweep, group_lrs, optimizer_state)
+    callback = SweepCallback(sweep, group_lrs, optimizer_state, label)
     trainer = _trainer(cfg, [*init_from, callback], max_steps=sweep.num_steps, max_epochs=-1)
     finetune.fit_phase(trainer, model, datamodule, Phase(0, None, model.trainable_stages), None)
     return {"suggestion": sweep.suggestion(), "lrs": sweep.lrs, "losses": sweep.losses}

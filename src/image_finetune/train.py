@@ -10,7 +10,6 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from image_finetune import finetune
@@ -26,7 +25,7 @@ from image_finetune.callbacks import (
 from image_finetune.checkpoints import LAST, resolve_ckpt_path
 from image_finetune.cli import instantiate_group, record_hydra_config, save_json, to_plain
 from image_finetune.config_checks import check_config
-from image_finetune.errors import ConfigError, RunInterrupted
+from image_finetune.errors import ConfigError, RunInterrupted, is_keyboard_interrupt
 from image_finetune.init_from import init_from_callbacks
 from image_finetune.models import ImageClassifier
 from image_finetune.rundir import clean_run_dir, drop_checkpoints_after_last, run_dir_lock
@@ -93,12 +92,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _train(cfg: DictConfig, ckpt_path: str | None) -> dict[str, Any]:
-    run = build(cfg)
-    trainer = run.trainer
+    when = "before training started"
     try:
+        run = build(cfg)
+        trainer = run.trainer
+        when = "again while stopping, and stopped at once"  # finetune.fit turns the first Ctrl-C into StoppedBySignal
         finetune.fit(trainer, run.model, run.datamodule, run.schedule, ckpt_path=ckpt_path)
-    except SIGTERMException:
-        raise _interrupted(cfg, signal.SIGTERM) from None
+        when = "while testing (training had finished)"
+        return _test_and_report(cfg, run)
+    except finetune.StoppedBySignal as stop:
+        raise _interrupted(cfg, stop.signum) from None
+    except (KeyboardInterrupt, SystemExit) as err:
+        if not is_keyboard_interrupt(err):
+            raise
+        raise _interrupted(cfg, signal.SIGINT, when) from None
+
+
+def _test_and_report(cfg: DictConfig, run: Run) -> dict[str, Any]:
+    trainer = run.trainer
     results = run_results(trainer)  # before trainer.test, which resets the trainer's metrics
 
     test: dict[str, float] | None = None
@@ -140,13 +151,16 @@ def optimized_value(metrics: dict[str, Any], name: str | None) -> float | None:
     return float(metrics[name])
 
 
-def _interrupted(cfg: DictConfig, signum: signal.Signals) -> RunInterrupted:
-    """SIGTERM (a scheduler's preemption or time limit, ``kill``) during training.
+def _interrupted(cfg: DictConfig, signum: signal.Signals, when: str = "during training") -> RunInterrupted:
+    """SIGTERM (a scheduler's preemption or time limit, ``kill``) or SIGINT (Ctrl-C) ``when``.
 
-    Lightning's signal connector notes the signal and raises ``SIGTERMException`` after the current batch; the
-    ``last_checkpoint`` callback (``save_on_exception``) has then saved ``checkpoints/last.ckpt`` with the state at
-    that batch. Lightning would let the process exit 0; we exit 128 + 15 instead, so a scheduler sees the job did not
-    finish. A requeued job resumes with the same command plus ``hydra.run.dir=<this run dir> ckpt_path=last``.
+    During training Lightning's signal connector notes the signal (``finetune.fit`` hands it a first SIGINT too) and
+    raises ``SIGTERMException`` after the current batch; the ``last_checkpoint`` callback (``save_on_exception``) has
+    then saved ``checkpoints/last.ckpt`` with the state at that batch. Lightning would let the process exit 0 (and
+    exit 1 on Ctrl-C); we exit 128 + the signal's number instead (143, 130), as a shell reports a process the signal
+    ended, so a scheduler or script sees the job did not finish. A requeued job resumes with the same command plus
+    ``hydra.run.dir=<this run dir> ckpt_path=last``; a second Ctrl-C stops at once, and ``last.ckpt`` is then the last
+    state saved whole.
     """
     last = Path(cfg.paths.output_dir) / "checkpoints" / LAST
     where = (
@@ -154,4 +168,4 @@ def _interrupted(cfg: DictConfig, signum: signal.Signals) -> RunInterrupted:
         if last.is_file()
         else "no checkpoint was saved"
     )
-    return RunInterrupted(f"received {signum.name} during training; {where}", exit_code=128 + signum.value)
+    return RunInterrupted(f"received {signum.name} {when}; {where}", exit_code=128 + signum.value)

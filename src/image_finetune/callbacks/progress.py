@@ -68,6 +68,7 @@ _NOISE_LOG_PREFIXES = (
     "💡 Tip:",  # adverts for Lightning's cloud products, at every Trainer construction
     "Trainer already configured with model summary callbacks",  # our compact summary replaces Lightning's
     "Loading `train_dataloader` to estimate number of stepping batches",
+    "\nDetected KeyboardInterrupt, attempting graceful shutdown",  # Ctrl-C: the entry point says it in one line
 )
 _NOISE_WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's _pytree against torch >= 2.10
@@ -123,6 +124,11 @@ def _duration(seconds: float) -> str:
     return str(datetime.timedelta(seconds=round(seconds)))
 
 
+def _rate(images_per_second: float) -> str:
+    """``1,234``, ``12``, ``0.42``: whole numbers, but never a "0" for a slow run (big images on a CPU)."""
+    return f"{images_per_second:,.0f}" if images_per_second >= 10 else f"{images_per_second:.2g}"
+
+
 def _batch_size(batch: Any) -> int:
     first = batch[0] if isinstance(batch, (tuple, list)) else batch
     return int(first.shape[0]) if isinstance(first, torch.Tensor) else len(first)
@@ -135,7 +141,8 @@ class TrainingProgressBar(RichProgressBar):
     When stdout is not a terminal (SLURM, nohup, CI, ``| tee``; or ``plain=true``) a redrawn bar is useless, so it
     prints one plain line per epoch instead: epoch/total, phase, train and val loss/acc, img/s, and the elapsed time
     and ETA of the whole run. The ETA multiplies the mean duration of this phase's epochs (validation included) by the
-    epochs left, because unfrozen epochs cost several times what frozen ones do.
+    epochs left, because unfrozen epochs cost several times what frozen ones do. An epoch resumed part-way counts only
+    the batches this process trained, for img/s and (scaled to the whole epoch) for the ETA.
 
     Throughput is measured on rank 0 alone, over the last ``window`` batches (data loading included), and multiplied
     by the number of ranks, which all process batches of the same size: no collective, so nothing can hang.
@@ -149,10 +156,12 @@ class TrainingProgressBar(RichProgressBar):
         leave: bool = False,
         plain: bool | None = None,
         console_kwargs: dict[str, Any] | None = None,
+        stop_epoch: int | None = None,
     ) -> None:
         super().__init__(refresh_rate=refresh_rate, leave=leave, console_kwargs=console_kwargs)
         self.metrics = list(metrics) if metrics is not None else None
         self.plain = not sys.stdout.isatty() if plain is None else plain
+        self.stop_epoch = stop_epoch  # a fit that stops before max_epochs (lr_find's frozen phase): the ETA's end
         if self.plain:
             self.disable()  # the rich hooks all check this; the plain-line hooks below do the talking
         self._ticks: deque[tuple[float, int]] = deque(maxlen=window + 1)
@@ -160,6 +169,8 @@ class TrainingProgressBar(RichProgressBar):
         self._epoch_start = 0.0
         self._epoch_images = 0
         self._epoch_train_end = 0.0
+        self._epoch_batches = 0  # trained in this process (a resumed epoch's first ones were trained before)
+        self._batches_before = 0  # of this epoch, trained before this process resumed it
         self._pending: tuple[int, str] | None = None  # (epoch, phase) whose line waits for its train metrics
         self._phase_durations: dict[str, list[float]] = {}
 
@@ -171,15 +182,22 @@ class TrainingProgressBar(RichProgressBar):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._run_start is None:
             self._run_start = time.perf_counter()
+        # A fit resumed mid-epoch gets no on_train_epoch_start for that epoch: its clock starts here, and its line
+        # counts only the batches trained in this process.
+        self._start_epoch_clock(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
         super().on_train_start(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._print_pending(trainer)
-        self._ticks.clear()
+        self._start_epoch_clock(0)
+        super().on_train_epoch_start(trainer, pl_module)
+
+    def _start_epoch_clock(self, batches_before: int) -> None:
         now = time.perf_counter()
+        self._ticks.clear()
         self._ticks.append((now, 0))
         self._epoch_start, self._epoch_images, self._epoch_train_end = now, 0, now
-        super().on_train_epoch_start(trainer, pl_module)
+        self._epoch_batches, self._batches_before = 0, batches_before
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -187,6 +205,7 @@ class TrainingProgressBar(RichProgressBar):
         now, size = time.perf_counter(), _batch_size(batch)
         self._ticks.append((now, size))
         self._epoch_images += size
+        self._epoch_batches += 1
         self._epoch_train_end = now
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
@@ -217,7 +236,7 @@ class TrainingProgressBar(RichProgressBar):
         shown: dict[str, Any] = {"step": str(trainer.global_step)}
         rate = self.images_per_second(trainer.world_size)
         if rate is not None:
-            shown["img/s"] = f"{rate:,.0f}"
+            shown["img/s"] = _rate(rate)
         return {**shown, **items}
 
     # ---- plain lines ---------------------------------------------------------------------------------------------
@@ -226,7 +245,9 @@ class TrainingProgressBar(RichProgressBar):
         0:01:12  eta 0:04:48`` for the epoch that just ended (0-based ``epoch``)."""
         now = time.perf_counter()
         durations = self._phase_durations.setdefault(phase, [])
-        durations.append(now - self._epoch_start)
+        duration = self._full_epoch_duration(trainer, now)
+        if duration is not None:
+            durations.append(duration)
         metrics = scalar_metrics(trainer.callback_metrics, ("train/", "val/"))
         parts = [f"epoch {epoch_label(epoch, trainer.max_epochs)}"] + ([phase] if phase else [])
         for split in ("train", "val"):
@@ -236,12 +257,28 @@ class TrainingProgressBar(RichProgressBar):
                 parts.append(f"{split} " + " ".join(values))
         train_time = self._epoch_train_end - self._epoch_start
         if self._epoch_images and train_time > 0:
-            parts.append(f"{self._epoch_images * trainer.world_size / train_time:,.0f} img/s")
+            parts.append(f"{_rate(self._epoch_images * trainer.world_size / train_time)} img/s")
         parts.append(f"elapsed {_duration(now - (self._run_start or self._epoch_start))}")
         if trainer.max_epochs and trainer.max_epochs > 0:
-            left = max(0, trainer.max_epochs - (epoch + 1))
-            parts.append(f"eta {_duration(left * sum(durations) / len(durations))}")
+            left = max(0, (self.stop_epoch or trainer.max_epochs) - (epoch + 1))
+            if left and not durations:
+                parts.append("eta unknown (nothing timed yet)")
+            else:
+                mean = sum(durations) / len(durations) if durations else 0.0
+                parts.append(f"eta {_duration(left * mean)}")
         return "  ".join(parts)
+
+    def _full_epoch_duration(self, trainer: L.Trainer, now: float) -> float | None:
+        """What this epoch took, validation included; an epoch resumed part-way is scaled up from the batches trained
+        in this process to the whole epoch (None when it trained none: nothing was measured)."""
+        elapsed = now - self._epoch_start
+        if not self._batches_before:
+            return elapsed
+        total = trainer.num_training_batches
+        if not self._epoch_batches or not math.isfinite(total):
+            return None
+        train_time = self._epoch_train_end - self._epoch_start
+        return elapsed + train_time * (total - self._epoch_batches) / self._epoch_batches
 
     def _print_pending(self, trainer: L.Trainer) -> None:
         if self._pending is None:

@@ -92,10 +92,12 @@ class LastCheckpoint(ModelCheckpoint):
     fixed it the same way: a second, monitor-less ``ModelCheckpoint`` that owns ``last.ckpt``). Monitor-less with
     ``save_top_k=1`` it rewrites one file every epoch; no version counter, so never ``last-v1.ckpt``.
 
-    On SIGTERM Lightning finishes the current batch and raises ``SIGTERMException``; this then saves the state at that
-    batch, which resumes exactly (``EpochSampler`` skips the batches already trained, ``ReseedEveryBatch`` reseeds per
-    batch). Only interruptions are saved: after a crash on one DDP rank, the other ranks would wait in the save's
-    barrier forever, and the crash's state is rarely one to resume from.
+    On SIGTERM (and on Ctrl-C, which ``finetune.fit`` hands to the SIGTERM handling) Lightning finishes the current
+    batch and raises ``SIGTERMException``; this then saves the state at that batch, which resumes exactly
+    (``EpochSampler`` skips the batches already trained, ``ReseedEveryBatch`` reseeds per batch). Only those are saved:
+    a ``KeyboardInterrupt`` (a second Ctrl-C) lands anywhere, half an optimizer step included, and would replace a
+    good ``last.ckpt`` with a state no resume can continue exactly; after a crash on one DDP rank, the other ranks
+    would wait in the save's barrier forever, and the crash's state is rarely one to resume from.
     """
 
     def __init__(self, dirpath: str | None = None, filename: str = LAST.removesuffix(".ckpt"), **kwargs: Any) -> None:
@@ -109,5 +111,5 @@ class LastCheckpoint(ModelCheckpoint):
         super().__init__(dirpath=dirpath, filename=filename, **kwargs)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, (SIGTERMException, KeyboardInterrupt)) and (trainer.training or trainer.validating):
+        if isinstance(exception, SIGTERMException) and (trainer.training or trainer.validating):
             super().on_exception(trainer, pl_module, exception)
