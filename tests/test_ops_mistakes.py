@@ -124,6 +124,26 @@ def test_summary_table_holds_metrics_not_bookkeeping(tmp_path):
     assert "epochs_counted_from" not in (tmp_path / SUMMARY_MD).read_text()
 
 
+def test_a_damaged_job_record_leaves_that_job_out_of_the_summary_with_a_warning(tmp_path, caplog):
+    """Files read back are checked: a cut-short metrics.json, a non-object one and a broken overrides.yaml each leave
+    that job's numbers (or overrides) out with a warning naming the file, and the summary of the others is written."""
+    for job, acc in enumerate([0.5, 0.7, 0.9, 0.3]):
+        (tmp_path / str(job) / ".hydra").mkdir(parents=True)
+        (tmp_path / str(job) / "metrics.json").write_text(json.dumps({"best": {"val": {"acc": acc}}}))
+        (tmp_path / str(job) / ".hydra" / "overrides.yaml").write_text(f"- seed={job}\n")
+    (tmp_path / "1" / "metrics.json").write_text('{"best": {"val": ')
+    (tmp_path / "2" / "metrics.json").write_text("[1, 2]")
+    (tmp_path / "3" / ".hydra" / "overrides.yaml").write_text("- [unclosed\n")
+    with caplog.at_level("WARNING"):
+        stats = summarize(tmp_path)
+    assert stats["best/val/acc"]["n"] == 2 and stats["best/val/acc"]["mean"] == pytest.approx(0.4)
+    warned = caplog.text
+    assert f"{tmp_path / '1' / 'metrics.json'} cannot be read" in warned
+    assert f"{tmp_path / '2' / 'metrics.json'} holds list, not a JSON object" in warned
+    assert f"{tmp_path / '3' / '.hydra' / 'overrides.yaml'} cannot be read" in warned
+    assert (tmp_path / SUMMARY_CSV).is_file()
+
+
 # ---- Optuna: a trial with a genuine error is failed with its error, and counts ------------------------------------
 def test_a_failing_trial_is_marked_failed_with_its_error_and_is_not_retried(tmp_path):
     """No training: the trial's config is wrong (data.batch_size=0), so each run takes the start-up time only."""

@@ -77,15 +77,42 @@ def job_dirs(sweep_dir: Path, marker: str = METRICS_JSON) -> list[Path]:
 def failed_jobs(sweep_dir: Path) -> dict[Path, dict[str, Any]]:
     """The job dirs whose job failed (``error.json``, no ``metrics.json``) -> their ``error.json``."""
     return {
-        d: json.loads((d / ERROR_JSON).read_text())
+        d: _read_record(d / ERROR_JSON) or {"error": f"its {ERROR_JSON} cannot be read"}
         for d in job_dirs(sweep_dir, ERROR_JSON)
         if not (d / METRICS_JSON).is_file()
     }
 
 
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """A job's ``metrics.json``/``error.json``; None, with a warning naming the file, when it is damaged or edited
+    into something else (the summary then leaves that job's numbers out rather than stopping the whole summary)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        log.warning(
+            "%s cannot be read (%s): that job is left out of the summary; re-run it or restore the file", path, err
+        )
+        return None
+    if not isinstance(data, dict):
+        log.warning("%s holds %s, not a JSON object: that job is left out of the summary", path, type(data).__name__)
+        return None
+    return data
+
+
 def _overrides(job_dir: Path) -> list[str]:
+    """The job's command-line overrides (``.hydra/overrides.yaml``, a list of strings); [] with a warning if damaged."""
     path = job_dir / ".hydra" / "overrides.yaml"
-    return list(OmegaConf.load(path)) if path.is_file() else []  # type: ignore[arg-type]
+    if not path.is_file():
+        return []
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as err:  # yaml's scanner/parser errors have no common public base in OmegaConf's API
+        log.warning("%s cannot be read (%s): the job's overrides are left out of the summary", path, err)
+        return []
+    if not isinstance(data, list) or not all(isinstance(o, str) for o in data):
+        log.warning("%s is not a list of overrides: they are left out of the summary", path)
+        return []
+    return data
 
 
 def is_metric(key: str) -> bool:
@@ -120,7 +147,7 @@ def summarize(sweep_dir: str | Path) -> dict[str, dict[str, float]]:
         return " ".join(o for o in overrides[job_dir] if o not in shared or len(overrides) == 1)
 
     for job_dir in dirs:
-        metrics = _flatten(json.loads((job_dir / METRICS_JSON).read_text()))
+        metrics = _flatten(_read_record(job_dir / METRICS_JSON) or {})
         numbers = {
             k: float(v)
             for k, v in metrics.items()
