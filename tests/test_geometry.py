@@ -13,10 +13,11 @@ from torchvision.io import decode_jpeg, encode_jpeg
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from image_finetune.data import DatasetDataModule
 from image_finetune.data.base import seeded_rngs
 from image_finetune.data.device_decode import center_box, crop_resize, decode_crop_batch, random_resized_box
 from image_finetune.data.imagefolder import ImageFolderDataModule
-from image_finetune.data.transforms import Augmentation, SameSizeAugmentation, train_transform
+from image_finetune.data.transforms import Augmentation, train_transform
 
 SEEDS = (0, 2, 3, 5, 7, 2**40 + 3)
 # (top, left, height, width), flip: torchvision's RandomResizedCrop + RandomHorizontalFlip under seeded_rngs(seed)
@@ -68,11 +69,17 @@ def test_cpu_training_crops_are_the_pinned_boxes_of_each_sample_seed(shape, scal
 
 def test_same_size_path_draws_the_cpu_boxes_at_the_images_own_size():
     image = picture(60, 80)
-    augment = SameSizeAugmentation(Augmentation(name="standard"), (0.5, 1.0), hflip=True)
+
+    def training_split(augment: Augmentation):  # type: ignore[no-untyped-def]
+        module = DatasetDataModule(
+            [(image, 0)], [(image, 0)], class_names=["a"], num_workers=0, augment=augment, crop_scale=(0.5, 1.0)
+        )
+        return module.datasets["train"]
+
+    standard = training_split(Augmentation(name="standard"))
     for seed, (box, flip) in CPU_60x80.items():
-        assert torch.equal(seeded(augment, image, seed), cropped(image, box, [60, 80], flip)), seed
-    none = SameSizeAugmentation(Augmentation(name="none", random_crop=False, hflip=False), (0.5, 1.0))
-    assert torch.equal(seeded(none, image, 3), image)
+        assert torch.equal(standard[(0, seed)][0], cropped(image, box, [60, 80], flip)), seed
+    assert torch.equal(training_split(Augmentation(name="none", random_crop=False, hflip=False))[(0, 3)][0], image)
 
 
 @pytest.mark.parametrize("hflip", [True, False])
