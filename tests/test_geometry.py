@@ -13,11 +13,12 @@ from torchvision.io import decode_jpeg, encode_jpeg
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from image_finetune.data import DatasetDataModule
+from image_finetune.data import CIFAR10DataModule, DatasetDataModule
 from image_finetune.data.base import seeded_rngs
 from image_finetune.data.device_decode import center_box, crop_resize, decode_crop_batch, random_resized_box
 from image_finetune.data.imagefolder import ImageFolderDataModule
-from image_finetune.data.transforms import Augmentation, train_transform
+from image_finetune.data.preprocessing import Preprocessing
+from image_finetune.data.transforms import Augmentation, Geometry, train_transform
 
 SEEDS = (0, 2, 3, 5, 7, 2**40 + 3)
 # (top, left, height, width), flip: torchvision's RandomResizedCrop + RandomHorizontalFlip under seeded_rngs(seed)
@@ -138,3 +139,25 @@ def test_decode_gpu_without_a_random_crop_flips_the_eval_crop_by_the_same_coin(t
     batch = module.device_crops.crop([image] * len(seeds), seeds, train=True)
     flips = [flip and hflip for _, flip in DEVICE_300x400.values()]
     assert torch.equal(batch, crop_resize([image] * len(seeds), [center_box(300, 400, 0.875)] * len(seeds), 24, flips))
+
+
+def test_each_data_module_builds_one_geometry_and_every_path_reads_it(tmp_path, monkeypatch, cifar_root):
+    monkeypatch.setattr("image_finetune.data.imagefolder.require_gpu", lambda: torch.device("cpu"))
+    backbone = Preprocessing(size=24, crop_ratio=0.8, interpolation="bicubic")
+    folder = ImageFolderDataModule(
+        make_image_folder(tmp_path / "images", classes=2, per_class=4), num_workers=0, test_fraction=0.0, cache=None,
+        preprocessing=backbone, crop_scale=(0.3, 1.0), hflip=False, augment=Augmentation(name="standard"), decode="gpu",
+    )  # fmt: skip
+    folder.setup()
+    geometry = folder.geometry
+    assert geometry == Geometry(24, (0.3, 1.0), crop_ratio=0.8, interpolation="bicubic", hflip=False)
+    assert folder.device_crops.geometry is geometry
+    cifar = CIFAR10DataModule(cifar_root, num_workers=0, augment=Augmentation(name="standard"))
+    assert cifar.geometry == Geometry(32, None, crop_ratio=1.0, hflip=True, pad=4)  # CIFAR's pad-crop, not a resize
+    none = CIFAR10DataModule(
+        cifar_root, num_workers=0, augment=Augmentation(name="none", random_crop=False, hflip=False)
+    )
+    assert (none.geometry.pad, none.geometry.hflip) == (0, False)
+    image = picture(20, 30)
+    same_size = DatasetDataModule([(image, 0)], [(image, 0)], class_names=["a"], num_workers=0, augment=Augmentation())
+    assert same_size.datasets["train"][(0, 5)][0].shape == (3, 20, 30)  # the preset at the image's own size
