@@ -50,9 +50,10 @@ class Augmentation:
     ops: Sequence[Op] = ()  # v2 transforms on the uint8 crop after crop and flip (TrivialAugmentWide, RandomErasing...)
 
     def __post_init__(self) -> None:
-        lo, hi = (float(s) for s in self.crop_scale or (0.5, 1.0))
-        if not 0 < lo <= hi <= 1:
-            raise ConfigError(f"data.augment.crop_scale={[lo, hi]} must be [min, max] with 0 < min <= max <= 1")
+        if self.crop_scale is not None:
+            lo, hi = (float(s) for s in self.crop_scale)
+            if not 0 < lo <= hi <= 1:
+                raise ConfigError(f"data.augment.crop_scale={[lo, hi]} must be [min, max] with 0 < min <= max <= 1")
 
     def geometry(
         self,
