@@ -44,6 +44,7 @@ from image_finetune.data.device_decode import DeviceCrops, DeviceJpegLoader, Enc
 from image_finetune.data.files import ImageFileDataset, ImageLoader
 from image_finetune.data.imagefolder import auto_cache_pays
 from image_finetune.data.scan import scan_image_folder
+from image_finetune.data.transforms import Geometry
 
 SIZES = {"camera": (1600, 1200), "imagenet": (500, 375)}
 CLASSES = 10
@@ -156,7 +157,7 @@ def images_per_second(
 def device_decoded(samples: Sequence[tuple[str, int]], device: torch.device) -> tuple[Dataset, Callable[[Any], int]]:
     """``data.decode=gpu`` as ``ImageFolderDataModule`` runs it for training: workers read the bytes, ``device``
     decodes, crops (random resized, at 224) and flips."""
-    crops = DeviceCrops(CROP, scale=(0.08, 1.0), min_size=RESIZE)
+    crops = DeviceCrops(Geometry(CROP, crop_scale=(0.08, 1.0)), min_size=RESIZE)
     return EncodedImageDataset(samples, DeviceJpegLoader(min_size=RESIZE)), lambda b: len(crops(b, device, True)[0])
 
 

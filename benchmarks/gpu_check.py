@@ -274,6 +274,7 @@ def part_decode(settings: dict[str, Any], device: str) -> dict[str, Any]:
 
     from image_finetune.data.device_decode import DeviceCrops, DeviceJpegLoader, EncodedImageDataset, decode_crop_batch
     from image_finetune.data.files import ImageFileDataset, ImageLoader
+    from image_finetune.data.transforms import Geometry
 
     size, batch = 224, settings["jpeg_batch"]
     rows = []
@@ -315,7 +316,7 @@ def part_decode(settings: dict[str, Any], device: str) -> dict[str, Any]:
             loader = DataLoader(
                 encoded, batch_size=batch, sampler=keys, num_workers=workers, collate_fn=encoded.collate_fn
             )
-            crops = DeviceCrops(size, scale=(0.08, 1.0))
+            crops = DeviceCrops(Geometry(size, crop_scale=(0.08, 1.0)))
             it = iter(loader)
             crops(next(it), torch.device(device), train=True)  # worker start-up and nvJPEG's first call
             started, count = time.perf_counter(), 0

@@ -41,7 +41,7 @@ class TensorImageDataset(Dataset):
 
 
 def random_crop_flip(images: torch.Tensor, seeds: torch.Tensor, padding: int = 4, flip: bool = True) -> torch.Tensor:
-    """The classic CIFAR augmentation (reflect-pad, random crop back to size, horizontal flip), batched on the device.
+    """``Geometry.pad``'s crop (reflect-pad, random crop back to size) and flip, batched on the device (CIFAR-10).
 
     Each sample's crop offset and flip come from its own seed (``EpochSampler``'s per-sample seeds), not from a global
     RNG: an epoch's batches are a function of ``(seed, epoch)`` alone, so a resumed run sees exactly the batches of an
@@ -161,7 +161,7 @@ class CIFAR10DataModule(ClassificationDataModule):
                 f"augment={augment.name}: CIFAR-10 is augmented on the device with a padded random crop and a flip, "
                 "not with the image-folder presets. Use augment=standard (crop + flip) or augment=none"
             )
-        self.device_crop, self.device_flip = augment.random_crop, augment.hflip
+        self.geometry = augment.geometry(self.preprocessing, pad=4)  # the classic: reflect-pad 4 px, crop, flip
 
     def prepare_data(self) -> None:
         for train in (True, False):
@@ -206,9 +206,8 @@ class CIFAR10DataModule(ClassificationDataModule):
 
     def train_dataloader(self) -> Any:
         batch_size, drop_last = self.train_batching()
-        augment = None
-        if self.device_crop or self.device_flip:
-            augment = functools.partial(random_crop_flip, padding=4 if self.device_crop else 0, flip=self.device_flip)
+        g = self.geometry
+        augment = functools.partial(random_crop_flip, padding=g.pad, flip=g.hflip) if g.pad or g.hflip else None
         resident = self._resident(
             "train", sampler=self.train_sampler(), augment=augment, drop_last=drop_last, batch_size=batch_size
         )

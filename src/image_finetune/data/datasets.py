@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from image_finetune.data.base import ClassificationDataModule, seeded_rngs
 from image_finetune.data.decode import to_uint8_tensor
 from image_finetune.data.preprocessing import Preprocessing
-from image_finetune.data.transforms import Augmentation, SameSizeAugmentation
+from image_finetune.data.transforms import Augmentation
 from image_finetune.errors import ConfigError, DataError
 
 
@@ -108,7 +108,7 @@ class DatasetDataModule(ClassificationDataModule):
             )
         self.class_names = [str(name) for name in names]
         splits = {"train": train, "val": val, **({"test": test} if test is not None else {})}
-        on_train = SameSizeAugmentation(augment, crop_scale, hflip) if augment is not None else None
+        on_train = augment.geometry(None, crop_scale, hflip).transform() if augment is not None else None  # own size
         self.datasets = {
             split: SeededDataset(dataset, on_train if split == "train" else None) for split, dataset in splits.items()
         }

@@ -2,8 +2,8 @@
 
 Workers only read files (``DeviceJpegLoader``): a batch travels as JPEG bytes (``EncodedBatch``), is decoded in one
 call on the GPU, and each image is cropped and resized to the training size there (``DeviceCrops``). The crop boxes
-and flips are drawn on the host from the per-sample seeds of ``EpochSampler``, like ``RandomResizedCrop``'s
-parameters, so what a sample looks like in an epoch is a function of ``(seed, epoch)`` alone, as on the CPU path, and
+and flips are drawn on the host from the per-sample seeds of ``EpochSampler`` by ``transforms.Geometry`` (the one
+description of augmentation), so what a sample looks like in an epoch is a function of ``(seed, epoch)`` alone, as on the CPU path, and
 a resumed run sees the same batches. Files the device decoder would show differently (PNG, CMYK or greyscale JPEG, an
 EXIF rotation, which nvJPEG ignores) are decoded by the CPU path in the worker and only cropped on the device; a file
 that fails on the device is retried on the CPU, and one that fails there too is replaced by another image of its batch
@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import io
 import logging
-import math
-import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +28,11 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from image_finetune.data.decode import decode_rgb, exif_transpose_method, to_uint8_tensor
 from image_finetune.data.files import ImageFileDataset
 from image_finetune.data.scan import failure_reason
+from image_finetune.data.transforms import Box, Geometry, SeedDraws
+from image_finetune.data.transforms import center_box as center_box  # the eval crop, where the device path had it
 from image_finetune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
-
-Box = tuple[int, int, int, int]  # top, left, height, width
 
 
 def require_gpu() -> torch.device:
@@ -51,40 +49,14 @@ def decode_batch(files: Sequence[torch.Tensor], device: torch.device | str) -> l
     return decode_jpeg(list(files), mode=ImageReadMode.RGB, device=device)
 
 
-def flip_coin(seed: int) -> bool:
-    """The horizontal-flip coin of a sample: the first draw of its seed, as in ``random_resized_box``."""
-    return random.Random(seed).random() < 0.5
-
-
 def random_resized_box(
     height: int, width: int, seed: int, scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3)
 ) -> tuple[Box, bool]:
-    """``RandomResizedCrop.get_params`` (same tries and fallback) drawn from ``seed``, and a horizontal-flip coin."""
-    rng = random.Random(seed)
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    flip = rng.random() < 0.5
-    for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            return (rng.randint(0, height - h), rng.randint(0, width - w), h, w), flip
-    in_ratio = width / height  # fallback: the central crop of the allowed aspect ratios
-    if in_ratio < min(ratio):
-        w, h = width, round(width / min(ratio))
-    elif in_ratio > max(ratio):
-        h, w = height, round(height * max(ratio))
-    else:
-        w, h = width, height
-    return ((height - h) // 2, (width - w) // 2, h, w), flip
-
-
-def center_box(height: int, width: int, crop_ratio: float = 0.875) -> Box:
-    """The region that ``Resize(size / crop_ratio)`` + ``CenterCrop(size)`` keeps, in the original image's pixels."""
-    side = min(height, width) * crop_ratio
-    h = w = max(1, round(side))
-    return (height - h) // 2, (width - w) // 2, h, w
+    """A sample's training box (``Geometry.box``) and flip coin as the device paths draw them, from ``seed``."""
+    draws = SeedDraws(seed)
+    return Geometry(crop_scale=(scale[0], scale[1]), aspect=(ratio[0], ratio[1])).box(
+        height, width, draws
+    ), draws.coin()
 
 
 def crop_resize(
@@ -124,8 +96,8 @@ def decode_crop_batch(
     hflip: bool = True,
 ) -> torch.Tensor:
     """JPEG bytes -> a uint8 batch of training crops (``train``, seeded) or evaluation centre crops, on ``device``."""
-    crops = DeviceCrops(size, crop_ratio, random_crop=True, scale=(float(scale[0]), float(scale[1])), hflip=hflip)
-    return crops.crop(decode_batch(files, device), seeds, train)
+    geometry = Geometry(size, crop_scale=(float(scale[0]), float(scale[1])), crop_ratio=crop_ratio, hflip=hflip)
+    return DeviceCrops(geometry).crop(decode_batch(files, device), seeds, train)
 
 
 # ---- data.decode=gpu in a data module ---------------------------------------------------------------------------------
@@ -182,16 +154,10 @@ class EncodedImageDataset(ImageFileDataset):
 
 @dataclass(frozen=True)
 class DeviceCrops:
-    """The CPU path's training and evaluation crops, on the device: the random resized crop at ``scale`` (or, with
-    ``random_crop=False``, the eval crop) and the flip for training, the eval crop (resize to ``size / crop_ratio``,
-    centre crop) otherwise."""
+    """The CPU path's training and evaluation crops, on the device: ``geometry``'s crop and flip for training (boxes
+    and coins drawn on the host from each sample's ``SeedDraws``), its eval crop otherwise."""
 
-    size: int
-    crop_ratio: float = 0.875
-    interpolation: str = "bilinear"
-    random_crop: bool = True
-    scale: tuple[float, float] = (0.08, 1.0)
-    hflip: bool = True
+    geometry: Geometry
     min_size: int | None = None  # what the CPU fallback decodes at (the data module's short side)
 
     def __call__(self, batch: EncodedBatch, device: torch.device, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,20 +166,12 @@ class DeviceCrops:
 
     def crop(self, images: Sequence[torch.Tensor], seeds: Sequence[int] | None, train: bool) -> torch.Tensor:
         """One uint8 batch of ``size`` x ``size`` crops; training crops and flips are drawn from ``seeds``."""
-        sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
-        if not train:
-            return crop_resize(
-                images, [center_box(h, w, self.crop_ratio) for h, w in sizes], self.size, None, self.interpolation
-            )
-        if seeds is None or len(seeds) != len(images):
+        if train and (seeds is None or len(seeds) != len(images)):
             raise ValueError("training crops need one seed per image")
-        if self.random_crop:
-            drawn = [random_resized_box(h, w, int(seed), self.scale) for (h, w), seed in zip(sizes, seeds)]
-            boxes, flips = [box for box, _ in drawn], [flip and self.hflip for _, flip in drawn]
-        else:
-            boxes = [center_box(h, w, self.crop_ratio) for h, w in sizes]
-            flips = [self.hflip and flip_coin(int(seed)) for seed in seeds]
-        return crop_resize(images, boxes, self.size, flips, self.interpolation)
+        g = self.geometry if train else replace(self.geometry, crop_scale=None, hflip=False)  # eval: no draws
+        draws = [SeedDraws(int(seed)) for seed in (seeds if train else [0] * len(images))]
+        boxes = [g.box(int(image.shape[-2]), int(image.shape[-1]), d) for image, d in zip(images, draws)]
+        return crop_resize(images, boxes, g.size or 0, [g.flip(d) for d in draws], g.interpolation)
 
     def decode(self, batch: EncodedBatch, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Every payload as a uint8 CHW image on ``device``; a file no decoder reads is replaced by another of the

@@ -35,7 +35,7 @@ from image_finetune.data.files import ImageFileDataset, ImageLoader
 from image_finetune.data.manifest import read_manifest, write_manifest
 from image_finetune.data.preprocessing import Preprocessing
 from image_finetune.data.scan import FolderScan, scan_image_folder, summarize, write_scan_report
-from image_finetune.data.transforms import Augmentation, crop_and_flip, train_transform
+from image_finetune.data.transforms import Augmentation
 from image_finetune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -275,14 +275,12 @@ class ImageFolderDataModule(ClassificationDataModule):
         short_side = round(self.image_size / self.crop_ratio)
         original = ImageLoader(min_size=short_side)
         cache = self._resized_cache(short_side, verbose) if self.decode == "cpu" else None
-        interpolation = self.preprocessing.interpolation
         # The cache serves the splits read every epoch. The test split is read from the original files, so its
         # numbers are exactly what eval.py, predict.py and the exported models compute.
         loaders = {"train": ImageLoader(min_size=short_side, cache=cache) if cache else original}
         loaders["val"] = loaders["train"]
-        train_tf = train_transform(
-            self.image_size, self.crop_scale, self.hflip, self.augment, self.crop_ratio, interpolation
-        )
+        self.geometry = (self.augment or Augmentation()).geometry(self.preprocessing, self.crop_scale, self.hflip)
+        train_tf = self.geometry.transform()
         eval_tf = self.preprocessing.transform
         self.datasets = {
             split: ImageFileDataset(items, train_tf if split == "train" else eval_tf, loaders.get(split, original))
@@ -296,16 +294,7 @@ class ImageFolderDataModule(ClassificationDataModule):
     def _decode_on_device(self, short_side: int, verbose: bool) -> None:
         """``data.decode=gpu``: the train and val splits read JPEG bytes, decoded and cropped on the device (see
         ``on_before_batch_transfer``). The test split keeps the CPU path, so its numbers are what eval.py computes."""
-        scale, flip = crop_and_flip(self.augment, self.crop_scale, self.hflip)
-        self.device_crops = DeviceCrops(
-            size=self.image_size,
-            crop_ratio=self.crop_ratio,
-            interpolation=self.preprocessing.interpolation,
-            random_crop=scale is not None,
-            scale=scale or (1.0, 1.0),
-            hflip=flip,
-            min_size=short_side,
-        )
+        self.device_crops = DeviceCrops(self.geometry, min_size=short_side)
         loader = DeviceJpegLoader(min_size=short_side)
         for split in ("train", "val"):
             if split in self.splits:

@@ -17,11 +17,13 @@ from typing import Any
 
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 from image_finetune.data.decode import decode_rgb, to_rgb, to_uint8_tensor
-from image_finetune.data.transforms import INTERPOLATIONS, eval_transform
 from image_finetune.errors import ConfigError
 
+#: Resize kernels a backbone's preprocessing may name (torchvision's weights and timm's configs use the first two).
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INPUT_DESCRIPTION = "float32 RGB in [0, 1], NCHW; mean/std are applied inside the model"
@@ -119,3 +121,9 @@ class Preprocessing:
     def __call__(self, image: str | Image.Image | Any) -> torch.Tensor:
         """float32 CHW in [0, 1]: what the network takes."""
         return self.load(image).float().div_(255)
+
+
+def eval_transform(size: int, crop_ratio: float = 0.875, interpolation: str = "bilinear") -> v2.Compose:
+    """Resize the short side to ``size / crop_ratio``, centre-crop ``size``: how the pretrained weights were scored."""
+    mode = v2.InterpolationMode(interpolation)
+    return v2.Compose([v2.Resize(round(size / crop_ratio), interpolation=mode, antialias=True), v2.CenterCrop(size)])
