@@ -26,10 +26,12 @@ from image_finetune.callbacks import (
 from image_finetune.checkpoints import LAST, resolve_ckpt_path
 from image_finetune.cli import instantiate_group, record_hydra_config, save_json, to_plain
 from image_finetune.config_checks import check_config
+from image_finetune.data.contract import ClassificationData
 from image_finetune.errors import ConfigError, RunInterrupted
 from image_finetune.models import ImageClassifier
 from image_finetune.rundir import clean_run_dir, drop_checkpoints_after_last, run_dir_lock
 from image_finetune.schedule import FinetuneSchedule
+from image_finetune.wiring import build_model_and_data
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ log = logging.getLogger(__name__)
 class Run:
     """The objects a config describes, and the resolved config as plain data."""
 
-    datamodule: L.LightningDataModule
+    datamodule: ClassificationData
     model: ImageClassifier
     trainer: L.Trainer
     config: dict[str, Any]
@@ -46,18 +48,12 @@ class Run:
 
 
 def build(cfg: DictConfig) -> Run:
-    """Seed, then instantiate model, data, callbacks, loggers and trainer, and read the schedule, from the config.
-
-    The model comes first because its backbone owns the preprocessing (input size, crop, mean/std, interpolation)
-    that the data module applies (``data.image_size`` may still override the size).
-    """
+    """Seed, then instantiate model and data (``wiring.build_model_and_data``), callbacks, loggers and trainer, and
+    read the schedule, from the config."""
     L.seed_everything(cfg.seed, workers=True)
     plain = to_plain(cfg)
     schedule = FinetuneSchedule.from_config(plain["finetune"])
-    model: ImageClassifier = instantiate(cfg.model)
-    datamodule: L.LightningDataModule = instantiate(cfg.data, _partial_=True)(
-        preprocessing=model.backbone.preprocessing
-    )
+    model, datamodule = build_model_and_data(cfg.data, model=cfg.model)
     callbacks = [*instantiate_group(cfg.get("callbacks")), StoreRunConfig(plain)]
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=instantiate_group(cfg.get("logger")) or False
@@ -103,7 +99,7 @@ def _train(cfg: DictConfig, ckpt_path: str | None) -> dict[str, Any]:
         note = "not run (test=false)"
     elif trainer.interrupted:
         note = "not run (the run was interrupted)"
-    elif not _has_test_split(run.datamodule):
+    elif not run.datamodule.has_split("test"):
         # Never test on val under the name "test": val chose the best checkpoint, so its numbers flatter the model.
         note = "no test split (the data holds none out; validation metrics only)"
         log.warning("%s: no test metrics. Add a test/ folder or set data.test_fraction to hold one out.", note)
@@ -119,11 +115,6 @@ def _train(cfg: DictConfig, ckpt_path: str | None) -> dict[str, Any]:
         save_json(results, Path(cfg.paths.output_dir) / "metrics.json")
     summarize_run(trainer, run.config, results)
     return flat_metrics(results)
-
-
-def _has_test_split(datamodule: L.LightningDataModule) -> bool:
-    has_split = getattr(datamodule, "has_split", None)
-    return has_split("test") if has_split is not None else True
 
 
 def optimized_value(metrics: dict[str, Any], name: str | None) -> float | None:

@@ -353,6 +353,16 @@ class ImageFolderDataModule(ClassificationDataModule):
                 )
         return cache if large else None
 
+    # ---- what eval reads (data.contract.ClassificationData) -------------------------------------------------------
+    @property
+    def source(self) -> str:
+        return f"data.root={str(self.root)!r}"
+
+    def all_images(self) -> ImageFileDataset:
+        """Every image of every split, sorted by path, read from the original files at the eval transform."""
+        samples = sorted(sample for items in self.splits.values() for sample in items)
+        return ImageFileDataset(samples, self.preprocessing.transform, ImageLoader(min_size=self.preprocessing.resize))
+
 
 def auto_cache_pays(paths: Sequence[str], short_side: int, seed: int) -> tuple[bool, int | None]:
     """``data.cache=auto``'s rule: whether resized copies pay for ``paths`` read at ``short_side``, and the median."""
