@@ -38,19 +38,21 @@ def make_image_folder(root: Path, classes: int = 3, per_class: int = 12, size: i
     return root
 
 
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
 def make_fake_cifar(root: Path) -> Path:
     """Tiny CIFAR-10 batches in the real format (100 training, 30 test images); torchvision accepts them once its
     integrity check is stood in for (``cifar_root`` in conftest.py; ``CIFAR_STANDIN`` for a subprocess)."""
     batches = root / "cifar-10-batches-py"
     batches.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     for name, n in [*((f"data_batch_{i}", 20) for i in range(1, 6)), ("test_batch", 30)]:
         batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": [i % 10 for i in range(n)]}
         with open(batches / name, "wb") as f:
             pickle.dump(batch, f)
     with open(batches / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": names}, f)
+        pickle.dump({"label_names": CIFAR_CLASSES}, f)
     return root
 
 
