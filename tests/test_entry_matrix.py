@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 from support import CIFAR_CLASSES, CIFAR_STANDIN, FakeFlowers102, make_fake_cifar, make_image_folder
 
+pytestmark = pytest.mark.slow  # 20 subprocesses, each mostly importing torch and Lightning (~10 s of CPU)
+
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 MODULES = ["imagefolder", "cifar10", "digits", "dataset"]

@@ -114,8 +114,8 @@ def select_split(datamodule: ClassificationData, split: str, data_from_command_l
     """The split to evaluate and its dataset (with the eval transform).
 
     ``test`` falls back to every image (``all_images``) for data named on the command line (``data.root=DIR`` of class
-    folders, which then is the test set). The checkpoint's own data without a test split is an error, never a silent switch to
-    ``val``: the val split chose the checkpoint, so its numbers are not a test.
+    folders, which then is the test set). The checkpoint's own data without a test split is an error, never a silent
+    switch to ``val``: the val split chose the checkpoint, so its numbers are not a test.
     """
     if split not in SPLITS:
         raise ConfigError(f"split={split!r}: choose one of {list(SPLITS)}")
