@@ -7,18 +7,16 @@ with files we make, as described in shared/GUIDE.md section 7.
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.error import URLError
 
-import numpy as np
 import pytest
 import torch
 import torchvision
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
-from support import make_image_folder, seed_hf_cache
+from support import make_fake_cifar, make_image_folder, seed_hf_cache
 
 from image_finetune.cli import compose_config
 
@@ -103,17 +101,7 @@ def image_folder(tmp_path: Path) -> Path:
 @pytest.fixture
 def cifar_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Tiny CIFAR-10 batches in the real format; the integrity check passes so ``download=True`` uses them."""
-    root = tmp_path / "cifar"
-    batches = root / "cifar-10-batches-py"
-    batches.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    for name, n in [*((f"data_batch_{i}", 20) for i in range(1, 6)), ("test_batch", 30)]:
-        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": [i % 10 for i in range(n)]}
-        with open(batches / name, "wb") as f:
-            pickle.dump(batch, f)
-    with open(batches / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": names}, f)
+    root = make_fake_cifar(tmp_path / "cifar")
     monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
     return root
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -36,6 +38,32 @@ def make_image_folder(root: Path, classes: int = 3, per_class: int = 12, size: i
     return root
 
 
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def make_fake_cifar(root: Path) -> Path:
+    """Tiny CIFAR-10 batches in the real format (100 training, 30 test images); torchvision accepts them once its
+    integrity check is stood in for (``cifar_root`` in conftest.py; ``CIFAR_STANDIN`` for a subprocess)."""
+    batches = root / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, n in [*((f"data_batch_{i}", 20) for i in range(1, 6)), ("test_batch", 30)]:
+        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": [i % 10 for i in range(n)]}
+        with open(batches / name, "wb") as f:
+            pickle.dump(batch, f)
+    with open(batches / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": CIFAR_CLASSES}, f)
+    return root
+
+
+#: A ``sitecustomize.py`` that does in a subprocess what ``cifar_root`` does in the test's process: the fake batches
+#: pass torchvision's integrity check, so ``CIFAR10(root, download=True)`` uses them and never downloads.
+CIFAR_STANDIN = """import torchvision.datasets.cifar
+
+torchvision.datasets.cifar.check_integrity = lambda *args, **kwargs: True
+"""
+
+
 #: A tiny timm model (99k parameters, BatchNormAct2d norm layers) with real pretrained weights on the hub.
 TIMM_MODEL = "test_efficientnet.r160_in1k"
 
@@ -61,3 +89,26 @@ def seed_hf_cache(cache: Path, model_name: str = TIMM_MODEL) -> Path:
     state = timm.create_model(model_name, pretrained=False).state_dict()  # with its classifier, as published
     save_file({k: v.contiguous() for k, v in state.items()}, str(snapshot / "model.safetensors"))
     return cache
+
+
+class FakeFlowers102(torch.utils.data.Dataset):
+    """Stands in for ``torchvision.datasets.Flowers102`` (same arguments, PIL images of assorted sizes) offline.
+
+    A subprocess names it on the command line (``data.train._target_=support.FakeFlowers102``, tests/ on PYTHONPATH).
+    """
+
+    classes: ClassVar[list[str]] = ["pink primrose", "hard-leaved pocket orchid", "canterbury bells"]
+
+    def __init__(self, root: str, split: str = "train", transform=None, target_transform=None, download=False) -> None:
+        self.split, self.transform = split, transform
+        self.n = {"train": 12, "val": 6, "test": 6}[split]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> tuple[object, int]:
+        generator = torch.Generator().manual_seed(100 * len(self.split) + index)
+        size = (300 + 10 * index, 260)
+        pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8).numpy()
+        image = Image.fromarray(pixels)
+        return (self.transform(image) if self.transform else image), index % len(self.classes)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 import torch
 import torchvision
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping
-from PIL import Image
+from support import FakeFlowers102
 from torch import nn
 
 from image_finetune.cli import compose_config
@@ -33,26 +32,6 @@ QUICK = [
     "++trainer.enable_progress_bar=false",
     "++trainer.enable_model_summary=false",
 ]
-
-
-class FakeFlowers102(torch.utils.data.Dataset):
-    """Stands in for ``torchvision.datasets.Flowers102`` (same arguments, PIL images of assorted sizes) offline."""
-
-    classes: ClassVar[list[str]] = ["pink primrose", "hard-leaved pocket orchid", "canterbury bells"]
-
-    def __init__(self, root: str, split: str = "train", transform=None, target_transform=None, download=False) -> None:
-        self.split, self.transform = split, transform
-        self.n = {"train": 12, "val": 6, "test": 6}[split]
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, index: int) -> tuple[object, int]:
-        generator = torch.Generator().manual_seed(100 * len(self.split) + index)
-        size = (300 + 10 * index, 260)
-        pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8).numpy()
-        image = Image.fromarray(pixels)
-        return (self.transform(image) if self.transform else image), index % len(self.classes)
 
 
 def test_a_dataset_config_as_shipped_trains_with_the_augment_preset_on_its_training_split(

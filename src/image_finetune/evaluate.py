@@ -30,8 +30,8 @@ from image_finetune.callbacks import scalar_metrics, silence_lightning_noise
 from image_finetune.checkpoints import check_stored_targets, resolve_ckpt_path, run_config
 from image_finetune.cli import instantiate_group, save_json, write_csv
 from image_finetune.data.base import ClassificationDataModule
+from image_finetune.data.contract import ClassificationData
 from image_finetune.data.files import ImageFileDataset
-from image_finetune.data.imagefolder import ImageFolderDataModule
 from image_finetune.data.preprocessing import Preprocessing
 from image_finetune.errors import ConfigError, DataError, UserError
 from image_finetune.inference import prediction_cells, prediction_header, to_float, top_k_predictions
@@ -39,6 +39,7 @@ from image_finetune.models import ImageClassifier
 from image_finetune.models.metrics import macro_f1
 from image_finetune.plots import confusion_matrix_figure
 from image_finetune.tta import TTA
+from image_finetune.wiring import build_model_and_data
 
 log = logging.getLogger(__name__)
 
@@ -107,19 +108,18 @@ def match_classes(dataset: Dataset, data_classes: Sequence[str], model_classes: 
     return Relabelled(dataset, [model_classes.index(name) for name in data_classes])
 
 
-def select_split(datamodule: ClassificationDataModule, split: str, data_from_command_line: bool) -> tuple[str, Dataset]:
+def select_split(datamodule: ClassificationData, split: str, data_from_command_line: bool) -> tuple[str, Dataset]:
     """The split to evaluate and its dataset (with the eval transform).
 
-    ``test`` falls back to every image for a folder named on the command line (``data.root=DIR`` of class folders,
-    which then is the test set). The checkpoint's own data without a test split is an error, never a silent switch to
-    ``val``: the val split chose the checkpoint, so its numbers are not a test.
+    ``test`` falls back to every image (``all_images``) for data named on the command line (``data.root=DIR`` of class
+    folders, which then is the test set). The checkpoint's own data without a test split is an error, never a silent
+    switch to ``val``: the val split chose the checkpoint, so its numbers are not a test.
     """
     if split not in SPLITS:
         raise ConfigError(f"split={split!r}: choose one of {list(SPLITS)}")
-    datasets = datamodule.datasets
-    if split == "test" and "test" not in datasets:
-        if data_from_command_line and isinstance(datamodule, ImageFolderDataModule):
-            log.info("%s has no test split: evaluating all its images", datamodule.root)
+    if split == "test" and not datamodule.has_split("test"):
+        if data_from_command_line and datamodule.all_images() is not None:
+            log.info("%s has no test split: evaluating all its images", datamodule.source)
             split = "all"
         else:
             raise ConfigError(
@@ -128,20 +128,15 @@ def select_split(datamodule: ClassificationDataModule, split: str, data_from_com
                 "checkpoint, so it is not an independent test)."
             )
     if split == "all":
-        return split, _all_images(datamodule)
-    if split not in datasets:
-        raise ConfigError(f"split={split}: the data has no {split} split (it has {sorted(datasets)})")
-    return split, datasets[split]
-
-
-def _all_images(datamodule: ClassificationDataModule) -> Dataset:
-    if not isinstance(datamodule, ImageFolderDataModule):
-        raise ConfigError(
-            f"split=all needs an image-folder data module (data=imagefolder), not {type(datamodule).__name__}"
-        )
-    samples = sorted(sample for items in datamodule.splits.values() for sample in items)
-    loader = datamodule.datasets["train"].loader  # type: ignore[attr-defined]
-    return ImageFileDataset(samples, datamodule.preprocessing.transform, loader)
+        everything = datamodule.all_images()
+        if everything is None:
+            raise ConfigError(
+                f"split=all needs an image-folder data module (data=imagefolder), not {type(datamodule).__name__}"
+            )
+        return split, everything
+    if not datamodule.has_split(split):
+        raise ConfigError(f"split={split}: the data has no {split} split (it has {sorted(datamodule.datasets)})")
+    return split, datamodule.datasets[split]
 
 
 def sample_ids(dataset: Dataset) -> list[str]:
@@ -245,7 +240,7 @@ def tta_dataset(dataset: Dataset, tta: TTA, preprocessing: Preprocessing) -> Dat
 
 
 def tta_metrics(
-    model: ImageClassifier, datamodule: ClassificationDataModule, dataset: Dataset, tta: TTA, trainer: L.Trainer
+    model: ImageClassifier, datamodule: ClassificationData, dataset: Dataset, tta: TTA, trainer: L.Trainer
 ) -> dict[str, float]:
     """The ``test/...`` metrics with ``tta``, keyed ``tta/test/...``: accuracy, macro F1, top-5 (> 5 classes) and the
     cross-entropy of the averaged probabilities, defined as the plain ones are (``ImageClassifier``'s metrics)."""
@@ -293,16 +288,15 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
     assert ckpt_path is not None
     silence_lightning_noise()
-    model = ImageClassifier.from_checkpoint(ckpt_path)
     data_from_command_line = cfg.get("data") is not None
-    # The checkpoint's own preprocessing (stored values), whatever the data config says or lacks.
-    datamodule = instantiate(data_config(cfg, ckpt_path), _partial_=True)(preprocessing=model.preprocessing)
+    # The checkpoint's own preprocessing (stored values) reaches the data module, whatever the data config says or lacks.
+    model, datamodule = build_model_and_data(data_config(cfg, ckpt_path), checkpoint=ckpt_path)
     datamodule.prepare_data()
     datamodule.setup("test")
     split, dataset = select_split(datamodule, cfg.get("split") or "test", data_from_command_line)
-    source = f"data.root={str(datamodule.root)!r}" if isinstance(datamodule, ImageFolderDataModule) else "the data"
-    datamodule.datasets["test"] = match_classes(dataset, datamodule.class_names, model.class_names, source)
-    tta = TTA.parse(cfg.get("tta"), int(datamodule.image_size), float(getattr(datamodule, "crop_ratio", 1.0)))
+    datamodule.datasets["test"] = match_classes(dataset, datamodule.class_names, model.class_names, datamodule.source)
+    geometry = datamodule.preprocessing or model.preprocessing  # the size and crop the network's inputs are made at
+    tta = TTA.parse(cfg.get("tta"), geometry.size, geometry.crop_ratio)
     collector = CollectLogits()
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=instantiate_group(cfg.get("logger")) or False, callbacks=[collector]
@@ -332,7 +326,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         "checkpoint": ckpt_path,
         "split": split,
         "num_samples": len(targets),
-        "macro_over_classes": macro_classes_note(per_class, source, split),
+        "macro_over_classes": macro_classes_note(per_class, datamodule.source, split),
         "per_class": per_class,
     }
     save_json(summary, out_dir / "metrics.json")

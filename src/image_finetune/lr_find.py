@@ -33,11 +33,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from image_finetune import finetune
 from image_finetune.callbacks import silence_lightning_noise
 from image_finetune.cli import save_json, to_plain
+from image_finetune.data.contract import ClassificationData
 from image_finetune.errors import ConfigError
-from image_finetune.init_from import InitFrom, init_from_callbacks
+from image_finetune.init_from import init_from_callbacks
 from image_finetune.models import ImageClassifier
 from image_finetune.plots import lr_find_figure, render_figure
 from image_finetune.schedule import FinetuneSchedule, Phase
+from image_finetune.wiring import build_model_and_data
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +154,6 @@ def lr_find(cfg: DictConfig) -> dict[str, Any]:
     schedule = FinetuneSchedule.from_config(to_plain(cfg.finetune))
     phases = schedule.phases()
     out = Path(cfg.paths.output_dir)
-    datamodule: L.LightningDataModule = instantiate(cfg.data)
     configured_lr = float(cfg.model.optimizer.lr)
     result: dict[str, Any] = {
         "configured": {
@@ -162,25 +163,29 @@ def lr_find(cfg: DictConfig) -> dict[str, Any]:
     }
     lr = configured_lr
 
-    init_from: list[InitFrom] = []  # model.init_from's callback, once the first model has been built
-
-    def fresh_model(lr: float, scheduled: bool = False) -> ImageClassifier:
+    def model_config(lr: float, scheduled: bool = False) -> DictConfig:
         """The configured model at head LR ``lr``; no LR scheduler during a sweep (the sweep sets the LRs)."""
-        L.seed_everything(cfg.seed, workers=True)  # every sweep starts from the same head initialisation
         model_cfg = OmegaConf.create(to_plain(cfg.model))
         model_cfg.optimizer.lr = lr
         if not scheduled:
             model_cfg.scheduler = None
-        model = instantiate(model_cfg)
-        if not init_from and cfg.model.get("init_from"):  # read once; applied to each fresh model's first fit
-            init_from.extend(init_from_callbacks(cfg.model.init_from, model.backbone))
-        return model
+        return model_cfg
+
+    def fresh_model(lr: float, scheduled: bool = False) -> ImageClassifier:
+        L.seed_everything(cfg.seed, workers=True)  # every sweep starts from the same head initialisation
+        return instantiate(model_config(lr, scheduled))
+
+    # The data module gets the model's preprocessing (a timm backbone's crop and interpolation), as train.py's does.
+    L.seed_everything(cfg.seed, workers=True)
+    first_model, datamodule = build_model_and_data(cfg.data, model=model_config(lr))
+    # model.init_from: read once, applied to each fresh model's first fit
+    init_from = init_from_callbacks(cfg.model.get("init_from"), first_model.backbone)
 
     model: ImageClassifier | None = None
     optimizer_state: dict[str, Any] | None = None
     sweeps = 2 if phases[0].frozen and len(phases) > 1 else 1
     if phases[0].frozen:
-        model = fresh_model(lr)
+        model = first_model
         model.trainable_stages = 0
         frozen = _sweep(
             cfg,
@@ -207,7 +212,7 @@ def lr_find(cfg: DictConfig) -> dict[str, Any]:
             model.scheduler_factory = None
             model.trainable_stages = phases[1].stages
     else:
-        model = fresh_model(lr)
+        model = first_model
         model.trainable_stages = phases[0].stages
     if model is not None:
         unfrozen_model = model
@@ -270,7 +275,7 @@ def _sweep(
     cfg: DictConfig,
     settings: dict[str, Any],
     model: ImageClassifier,
-    datamodule: L.LightningDataModule,
+    datamodule: ClassificationData,
     group_lrs: Callable[[float], Sequence[float]],
     optimizer_state: dict[str, Any] | None = None,
     init_from: Sequence[L.Callback] = (),

@@ -25,11 +25,13 @@ from image_finetune.callbacks import (
 from image_finetune.checkpoints import LAST, resolve_ckpt_path
 from image_finetune.cli import instantiate_group, record_hydra_config, save_json, to_plain
 from image_finetune.config_checks import check_config
+from image_finetune.data.contract import ClassificationData
 from image_finetune.errors import ConfigError, RunInterrupted, is_keyboard_interrupt
 from image_finetune.init_from import init_from_callbacks
 from image_finetune.models import ImageClassifier
 from image_finetune.rundir import clean_run_dir, drop_checkpoints_after_last, run_dir_lock
 from image_finetune.schedule import FinetuneSchedule
+from image_finetune.wiring import build_model_and_data
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ log = logging.getLogger(__name__)
 class Run:
     """The objects a config describes, and the resolved config as plain data."""
 
-    datamodule: L.LightningDataModule
+    datamodule: ClassificationData
     model: ImageClassifier
     trainer: L.Trainer
     config: dict[str, Any]
@@ -46,20 +48,14 @@ class Run:
 
 
 def build(cfg: DictConfig) -> Run:
-    """Seed, then instantiate model, data, callbacks, loggers and trainer, and read the schedule, from the config.
-
-    The model comes first because its backbone owns the preprocessing (input size, crop, mean/std, interpolation)
-    that the data module applies (``data.image_size`` may still override the size).
-    """
+    """Seed, then instantiate model and data (``wiring.build_model_and_data``), callbacks, loggers and trainer, and
+    read the schedule, from the config."""
     L.seed_everything(cfg.seed, workers=True)
     plain = to_plain(cfg)
     schedule = FinetuneSchedule.from_config(plain["finetune"])
-    model: ImageClassifier = instantiate(cfg.model)
-    # read and checked now (a bad file fails before anything else is built); a resumed run does not read it
+    model, datamodule = build_model_and_data(cfg.data, model=cfg.model)
+    # read and checked before the trainer is built; a resumed run does not read it
     init_from = init_from_callbacks(cfg.model.get("init_from"), model.backbone, resume=bool(cfg.get("ckpt_path")))
-    datamodule: L.LightningDataModule = instantiate(cfg.data, _partial_=True)(
-        preprocessing=model.backbone.preprocessing
-    )
     # init_from first: it must load the weights before any callback copies the model (EMA)
     callbacks = [*init_from, *instantiate_group(cfg.get("callbacks")), StoreRunConfig(plain)]
     trainer: L.Trainer = instantiate(
@@ -118,7 +114,7 @@ def _test_and_report(cfg: DictConfig, run: Run) -> dict[str, Any]:
         note = "not run (test=false)"
     elif trainer.interrupted:
         note = "not run (the run was interrupted)"
-    elif not _has_test_split(run.datamodule):
+    elif not run.datamodule.has_split("test"):
         # Never test on val under the name "test": val chose the best checkpoint, so its numbers flatter the model.
         note = "no test split (the data holds none out; validation metrics only)"
         log.warning("%s: no test metrics. Add a test/ folder or set data.test_fraction to hold one out.", note)
@@ -134,11 +130,6 @@ def _test_and_report(cfg: DictConfig, run: Run) -> dict[str, Any]:
         save_json(results, Path(cfg.paths.output_dir) / "metrics.json")
     summarize_run(trainer, run.config, results)
     return flat_metrics(results)
-
-
-def _has_test_split(datamodule: L.LightningDataModule) -> bool:
-    has_split = getattr(datamodule, "has_split", None)
-    return has_split("test") if has_split is not None else True
 
 
 def optimized_value(metrics: dict[str, Any], name: str | None) -> float | None:

@@ -17,6 +17,8 @@ from lightning.pytorch.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from image_finetune.data.preprocessing import Preprocessing
+
 log = logging.getLogger(__name__)
 
 
@@ -136,8 +138,9 @@ class ClassificationDataModule(L.LightningDataModule):
     ``[0, 1]`` there, where ``device_transform`` can do batched augmentation. Normalisation belongs to the network
     (``ClassifierNet``), which knows the statistics of its pretrained weights.
 
-    The contract, for a data module of your own (the shortest way: ``data.DatasetDataModule``, which wraps any
-    dataset; ``data/cifar10.py`` is a complete example of a subclass):
+    It keeps the contract that train, eval and lr_find rely on (``data.contract.ClassificationData``). For a data module
+    of your own (the shortest way: ``data.DatasetDataModule``, which wraps any dataset; ``data/cifar10.py`` is a
+    complete example of a subclass):
     - ``setup`` fills ``self.class_names`` (list of str) and ``self.datasets`` (``"train"``, ``"val"``, optionally
       ``"test"``); each item is ``(uint8 CHW tensor, int label)``, one image size per split.
     - The training dataset is indexed with ``(index, sample_seed)`` tuples from ``EpochSampler``; seed its random
@@ -145,8 +148,10 @@ class ClassificationDataModule(L.LightningDataModule):
       run sees exactly the batches an uninterrupted one would. Val/test datasets get plain indices.
     - Optionally override ``device_transform`` for batched augmentation on the device.
     - Set ``self.preprocessing`` (a ``data.preprocessing.Preprocessing``) if the eval split turns files into the
-      network's input: start from the backbone's (``train`` passes it to the constructor as ``preprocessing=``) and
-      override its size if the data needs to. The model stores it in checkpoints; eval/predict/exports repeat it.
+      network's input: start from the model's (``wiring.build_model_and_data`` passes it to the constructor as
+      ``preprocessing=``) and override its size if the data needs to. The model stores it in checkpoints;
+      eval/predict/exports repeat it, and eval's test-time augmentation reads its size and crop ratio.
+    - Optionally override ``source`` (how messages name the data) and ``all_images`` (``eval.py split=all``).
     """
 
     def __init__(
@@ -166,7 +171,7 @@ class ClassificationDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.class_names: list[str] = []
-        self.preprocessing: Any = None
+        self.preprocessing: Preprocessing | None = None
         self.datasets: dict[str, Dataset] = {}
         self.sample_weights: torch.Tensor | None = None
         self._resume_position: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
@@ -266,6 +271,16 @@ class ClassificationDataModule(L.LightningDataModule):
         """Whether ``setup`` made ``split``. Without a test split there are no test numbers: the val split chose the
         best checkpoint, so reporting it as "test" would overstate how well the model generalises."""
         return split in self.datasets
+
+    def all_images(self) -> Dataset | None:
+        """Every image at the eval transform, for ``eval.py split=all``; None: this data has no such set (only image
+        folders, whose splits are one pool of files, have one)."""
+        return None
+
+    @property
+    def source(self) -> str:
+        """How one-line messages name this data (an image folder names its ``data.root``)."""
+        return "the data"
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")

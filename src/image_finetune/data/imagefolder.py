@@ -336,6 +336,16 @@ class ImageFolderDataModule(ClassificationDataModule):
                 )
         return cache if large else None
 
+    # ---- what eval reads (data.contract.ClassificationData) -------------------------------------------------------
+    @property
+    def source(self) -> str:
+        return f"data.root={str(self.root)!r}"
+
+    def all_images(self) -> ImageFileDataset:
+        """Every image of every split, sorted by path, read from the original files at the eval transform."""
+        samples = sorted(sample for items in self.splits.values() for sample in items)
+        return ImageFileDataset(samples, self.preprocessing.transform, ImageLoader(min_size=self.preprocessing.resize))
+
 
 def split_summary(split: str, counts: Mapping[str, int]) -> str:
     """One log line for a split: every class's count up to MAX_CLASSES_LISTED classes, else the range, the median

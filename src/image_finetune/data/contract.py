@@ -1,0 +1,45 @@
+"""What train, eval and lr_find may rely on in a data module: the ``ClassificationData`` protocol.
+
+Callers read these members and nothing else (no ``getattr`` probes, no checks for a concrete class), so any data module
+that keeps the contract works with every entry script. ``ClassificationDataModule`` (``data/base.py``) keeps it; a data
+module of your own gets it by subclassing that (``data/cifar10.py`` is a complete example). ``wiring.build_model_and_data``
+refuses one that does not keep it, with one line.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from torch.utils.data import Dataset
+
+from image_finetune.data.preprocessing import Preprocessing
+
+
+@runtime_checkable
+class ClassificationData(Protocol):
+    """A LightningDataModule of ``(uint8 NCHW images, int64 labels)`` batches, as train, eval and lr_find use it."""
+
+    class_names: list[str]
+    """The classes, in label order; filled by ``setup``."""
+    preprocessing: Preprocessing | None
+    """What turns a file into the network's input: the model's (handed over by the wiring), at the data's size if it
+    overrides it. The model stores it in checkpoints; eval's TTA reads its ``size`` and ``crop_ratio``. None only when
+    the data module was built without one (the model then records its backbone's)."""
+    datasets: dict[str, Dataset]
+    """``"train"``, ``"val"``, optionally ``"test"``, filled by ``setup``; eval reads and replaces ``"test"``."""
+    batch_size: int
+    num_workers: int
+    source: str
+    """How one-line messages name this data, e.g. ``data.root='/data/pets'``."""
+
+    def prepare_data(self) -> None: ...
+
+    def setup(self, stage: str | None = None) -> None: ...
+
+    def has_split(self, split: str) -> bool:
+        """Whether ``setup`` made ``split`` (without a test split there are no test numbers)."""
+        ...
+
+    def all_images(self) -> Dataset | None:
+        """Every image the data holds, at the eval transform (``eval.py split=all``); None where that means nothing."""
+        ...
