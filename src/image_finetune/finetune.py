@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from image_finetune.checkpoints import read_checkpoint
+from image_finetune.checkpoints import resume_epoch
 from image_finetune.schedule import FinetuneSchedule, Phase
 
 if TYPE_CHECKING:
@@ -58,19 +58,6 @@ class _EndPhase(L.Callback):
         if trainer.current_epoch + 1 >= self.end:
             self.reached = True
             trainer.should_stop = True
-
-
-def resume_epoch(ckpt_path: str | Path) -> int:
-    """The epoch Lightning's fit loop resumes a checkpoint at, and so the phase it belongs to.
-
-    Lightning sets ``current_epoch`` to the checkpoint's processed-epoch count on resume (``_FitLoop.on_run_start``):
-    an end-of-epoch checkpoint resumes at the next epoch, a mid-epoch one re-enters its own epoch.
-    """
-    checkpoint = read_checkpoint(ckpt_path, mmap=True)
-    try:
-        return int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
-    except KeyError:
-        return int(checkpoint.get("epoch", 0))
 
 
 def fit(
