@@ -75,6 +75,15 @@ ALLOWED: dict[str, str] = {
 }
 #: Allowed only as a whole, when they give the same number of processes: ``world_size`` decides.
 WORLD_SIZE_KEYS = ("trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy")
+#: Change whenever the run dir does (a checkpoint resumed in another dir): listed last.
+FOLLOW_THE_RUN_DIR = (
+    "paths",
+    "data.manifest_path",
+    "data.report_path",
+    "trainer.default_root_dir",
+    "callbacks.*.dirpath",
+    "logger.*.save_dir",
+)
 #: Always differs on a resume, or is said elsewhere: not worth a log line.
 NOT_LOGGED = ("ckpt_path", "resume")
 #: How many keys a message lists before "and N more".
@@ -189,6 +198,7 @@ def refusal(ckpt_path: str, refused: Mapping[str, tuple[Any, Any]]) -> str:
 def describe(changes: Mapping[str, tuple[Any, Any]]) -> str:
     """``key old -> new, ...`` for a log line (capped)."""
     keys = [k for k in changes if not _matches(k, NOT_LOGGED)]
+    keys.sort(key=lambda k: _matches(k, FOLLOW_THE_RUN_DIR))  # what a user chose first, then the run dir's paths
     shown = ", ".join(f"{k} {_show(changes[k][0])} -> {_show(changes[k][1])}" for k in keys[:SHOWN])
     return shown + (f" and {len(keys) - SHOWN} more" if len(keys) > SHOWN else "")
 
@@ -303,10 +313,10 @@ def _same_world_size(stored: Mapping[str, Any], current: Mapping[str, Any]) -> b
 
 
 def _show(value: Any) -> str:
+    """A value as a message shows it: strings (paths) whole, other values as short JSON."""
     if value is None:
-        text = "null"
-    elif isinstance(value, str):
-        text = value
-    else:
-        text = json.dumps(value, default=str, separators=(",", ":"))
+        return "null"
+    if isinstance(value, str):
+        return value
+    text = json.dumps(value, default=str, separators=(",", ":"))
     return text if len(text) <= 60 else text[:57] + "..."
