@@ -29,6 +29,7 @@ from image_finetune.resume_guard import (
     refusal,
     world_size,
 )
+from image_finetune.schedule import FinetuneSchedule
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 2
@@ -319,3 +320,17 @@ def test_the_log_line_lists_what_the_user_chose_before_the_paths_that_follow_the
     assert describe(changes) == (
         "data.root /data/a -> /data/b, trainer.max_epochs 2 -> 3, paths.output_dir /runs/a -> /runs/b"
     )
+
+
+def test_max_epochs_that_ends_before_an_unfreeze_step_warns_and_the_schedule_is_unchanged():
+    """The schedule's semantics stay as they are: a step at or after max_epochs is simply never reached; say so."""
+    gradual = FinetuneSchedule(freeze_epochs=1, unfreeze=((1, 1), (2, 2), (3, None)))
+    assert gradual.unreached(4) == []
+    assert gradual.unreached(3) == [
+        "finetune.unfreeze steps at epoch(s) 3 (counted from 0) start at or after trainer.max_epochs=3: those stages "
+        "never unfreeze. Raise trainer.max_epochs or move the steps earlier"
+    ]
+    assert gradual.unreached(1)[0].startswith("finetune.freeze_epochs=1 >= trainer.max_epochs=1: the backbone never")
+    assert FinetuneSchedule(freeze_epochs=None).unreached(1) == []  # linear probe: frozen on purpose
+    assert FinetuneSchedule(freeze_epochs=0).unreached(1) == []  # full fine-tune
+    assert [p.end for p in gradual.phases()] == [1, 2, 3, None]

@@ -73,16 +73,9 @@ def fit(
     ``debug=limit`` to run the whole schedule in seconds.
     """
     phases = schedule.phases()
-    if (
-        schedule.freeze_epochs is not None
-        and 0 < (trainer.max_epochs or 0) <= schedule.freeze_epochs
-        and not trainer.fast_dev_run
-    ):
-        log.warning(
-            "finetune.freeze_epochs=%d >= trainer.max_epochs=%d: the backbone never unfreezes. Raise trainer.max_epochs, "
-            "lower finetune.freeze_epochs, or say finetune=linear_probe if a frozen backbone is what you want",
-            schedule.freeze_epochs, trainer.max_epochs,
-        )  # fmt: skip
+    if not trainer.fast_dev_run:
+        for warning in schedule.unreached(trainer.max_epochs):
+            log.warning(warning)
     first = schedule.phase_at(resume_epoch(ckpt_path)) if ckpt_path else 0
     with _SigtermAcrossFits.installed(trainer) as sigterm:
         for k in range(first, len(phases)):
