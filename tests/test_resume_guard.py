@@ -216,6 +216,10 @@ def test_changes_that_cannot_alter_the_result_are_benign_and_every_other_is_refu
     assert benign2 == benign and set(allowed2) == {"seed", "data.augment.hflip"}
     assert set(refused2) == {"data.image_size", "trainer.precision"}
     assert compare(STORED, current, ["all"])[2] == {}
+    # model.init_from (a fresh run's starting weights) is never read by a resume; the rest of model.* is refused
+    assert compare({"model": {"init_from": "/a.ckpt"}}, {"model": {"init_from": None}})[0] == {
+        "model.init_from": ("/a.ckpt", None)
+    }
 
 
 def test_a_type_change_counts_even_when_the_values_compare_equal():

@@ -60,6 +60,7 @@ ALLOWED: dict[str, str] = {
     "trainer.enable_progress_bar": "console output",
     "trainer.enable_model_summary": "console output",
     "trainer.profiler": "timing reports only",
+    "model.init_from": "read only by a fresh run: a resumed one takes its weights from the checkpoint",
     "trainer.max_epochs": "how long the run goes (checked against the checkpoint's epoch: check_epochs)",
     "callbacks.*.dirpath": "follows the run dir",
     "callbacks.progress_bar": "console output",
