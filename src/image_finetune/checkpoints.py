@@ -81,6 +81,30 @@ def run_config(checkpoint: str | os.PathLike | Mapping[str, Any]) -> dict[str, A
     return dict(stored) if isinstance(stored, Mapping) else {}
 
 
+def resume_epoch(checkpoint: str | os.PathLike | Mapping[str, Any]) -> int:
+    """The epoch Lightning's fit loop resumes a checkpoint at (0-based), and so the fine-tuning phase it belongs to.
+
+    Lightning sets ``current_epoch`` to the checkpoint's processed-epoch count on resume (``_FitLoop.on_run_start``):
+    an end-of-epoch checkpoint resumes at the next epoch, a mid-epoch one re-enters its own epoch.
+    """
+    if not isinstance(checkpoint, Mapping):
+        checkpoint = read_checkpoint(checkpoint, mmap=True)
+    try:
+        return int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    except (KeyError, TypeError):
+        return int(checkpoint.get("epoch", 0))
+
+
+def saved_mid_epoch(checkpoint: Mapping[str, Any]) -> bool:
+    """Whether the checkpoint was saved during an epoch (a SIGTERM, Ctrl-C), not at its end: an epoch was started
+    that is not yet processed."""
+    try:
+        progress = checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]
+        return int(progress["started"]) > int(progress["processed"])
+    except (KeyError, TypeError):
+        return False
+
+
 def check_stored_targets(node: Mapping[str, Any], *, source: str, root_type: type | None = None) -> None:
     """Raise a ``UserError`` unless every ``_target_`` in ``node`` names one of the project's own classes.
 

@@ -68,6 +68,14 @@ def _check_val_split(data: DictConfig) -> None:
 
 
 def _check_trainer(trainer: DictConfig) -> None:
+    max_epochs = trainer.get("max_epochs") if not OmegaConf.is_missing(trainer, "max_epochs") else None
+    if max_epochs is not None and (isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1):
+        # 0 would test the random head and then fail on optimized_metric; -1 is Lightning's "forever", which the LR
+        # schedule (its horizon is the whole run) cannot follow.
+        raise ConfigError(
+            f"trainer.max_epochs={max_epochs!r} must be a whole number of epochs >= 1, e.g. trainer.max_epochs=10 "
+            "(to test a checkpoint without training, run eval.py ckpt_path=...)"
+        )
     accelerator = trainer.get("accelerator")
     if isinstance(accelerator, str) and accelerator.lower() in GPU_ACCELERATORS and not gpu_available():
         raise ConfigError(

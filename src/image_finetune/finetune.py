@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from image_finetune.checkpoints import read_checkpoint
+from image_finetune.checkpoints import resume_epoch
 from image_finetune.schedule import FinetuneSchedule, Phase
 
 if TYPE_CHECKING:
@@ -61,19 +61,6 @@ class _EndPhase(L.Callback):
             trainer.should_stop = True
 
 
-def resume_epoch(ckpt_path: str | Path) -> int:
-    """The epoch Lightning's fit loop resumes a checkpoint at, and so the phase it belongs to.
-
-    Lightning sets ``current_epoch`` to the checkpoint's processed-epoch count on resume (``_FitLoop.on_run_start``):
-    an end-of-epoch checkpoint resumes at the next epoch, a mid-epoch one re-enters its own epoch.
-    """
-    checkpoint = read_checkpoint(ckpt_path, mmap=True)
-    try:
-        return int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
-    except KeyError:
-        return int(checkpoint.get("epoch", 0))
-
-
 def fit(
     trainer: L.Trainer,
     model: ImageClassifier,
@@ -87,16 +74,9 @@ def fit(
     ``debug=limit`` to run the whole schedule in seconds.
     """
     phases = schedule.phases()
-    if (
-        schedule.freeze_epochs is not None
-        and 0 < (trainer.max_epochs or 0) <= schedule.freeze_epochs
-        and not trainer.fast_dev_run
-    ):
-        log.warning(
-            "finetune.freeze_epochs=%d >= trainer.max_epochs=%d: the backbone never unfreezes. Raise trainer.max_epochs, "
-            "lower finetune.freeze_epochs, or say finetune=linear_probe if a frozen backbone is what you want",
-            schedule.freeze_epochs, trainer.max_epochs,
-        )  # fmt: skip
+    if not trainer.fast_dev_run:
+        for warning in schedule.unreached(trainer.max_epochs):
+            log.warning(warning)
     first = schedule.phase_at(resume_epoch(ckpt_path)) if ckpt_path else 0
     with _StopSignals.installed(trainer) as signals:
         try:

@@ -89,6 +89,25 @@ class FinetuneSchedule:
         phases = (Phase(start, end, stages) for (start, stages), end in zip(starts, ends))
         return tuple(phase for phase in phases if phase.end is None or phase.end > phase.start)
 
+    def unreached(self, max_epochs: int | None) -> list[str]:
+        """Warnings for the steps a run of ``max_epochs`` epochs never reaches (it ends before they start)."""
+        if not max_epochs or max_epochs <= 0:
+            return []
+        if self.freeze_epochs is not None and max_epochs <= self.freeze_epochs:
+            return [
+                f"finetune.freeze_epochs={self.freeze_epochs} >= trainer.max_epochs={max_epochs}: the backbone never "
+                "unfreezes. Raise trainer.max_epochs, lower finetune.freeze_epochs, or say finetune=linear_probe if a "
+                "frozen backbone is what you want"
+            ]
+        late = [epoch for epoch, _ in self.steps() if epoch >= max_epochs]
+        if not late:
+            return []
+        return [
+            f"finetune.unfreeze steps at epoch(s) {', '.join(map(str, late))} (counted from 0) start at or after "
+            f"trainer.max_epochs={max_epochs}: those stages never unfreeze. Raise trainer.max_epochs or move the steps "
+            "earlier"
+        ]
+
     def phase_at(self, epoch: int) -> int:
         """Index of the phase that trains ``epoch`` (a resumed run starts there)."""
         return max(i for i, phase in enumerate(self.phases()) if phase.start <= epoch)

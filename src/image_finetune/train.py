@@ -29,6 +29,7 @@ from image_finetune.data.contract import ClassificationData
 from image_finetune.errors import ConfigError, RunInterrupted, is_keyboard_interrupt
 from image_finetune.init_from import init_from_callbacks
 from image_finetune.models import ImageClassifier
+from image_finetune.resume_guard import ResumeCheck, check_resume, describe, record_resume, resume_changes
 from image_finetune.rundir import clean_run_dir, drop_checkpoints_after_last, run_dir_lock
 from image_finetune.schedule import FinetuneSchedule
 from image_finetune.wiring import build_model_and_data
@@ -72,22 +73,28 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ``metrics.json`` gets the labelled record (``best``, ``last``, ``test``; see ``callbacks.run_results``), the summary
     prints it, and the return value is the same flattened (``callbacks.flat_metrics``). The run dir is locked for the
     whole run (a second run there stops at once), and what a killed run of this dir left half-written is cleaned up
-    first; see ``rundir``.
+    first; see ``rundir``. A resume is checked against the config its checkpoint was trained with first
+    (``resume_guard``): on every rank, before anything is built or written, so a refused one changes nothing.
     """
     check_config(cfg)
     silence_lightning_noise()
     output_dir = Path(cfg.paths.output_dir)
+    changes: list[dict[str, Any]] = []  # the settings resumes of this run changed by resume.allow_changes
     with run_dir_lock(output_dir) as lock:
         ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+        resume = check_resume(cfg, ckpt_path) if ckpt_path is not None else None
         if lock is not None:  # rank 0 of the run: nobody else writes here
             record_hydra_config(cfg, output_dir)
             clean_run_dir(output_dir)
+            if resume is not None:
+                _log_resume(resume, record_resume(output_dir, resume))
+                changes = resume_changes(output_dir)
             if ckpt_path is not None and Path(ckpt_path) == output_dir / "checkpoints" / LAST:
                 drop_checkpoints_after_last(output_dir / "checkpoints")
-        return _train(cfg, ckpt_path)
+        return _train(cfg, ckpt_path, changes)
 
 
-def _train(cfg: DictConfig, ckpt_path: str | None) -> dict[str, Any]:
+def _train(cfg: DictConfig, ckpt_path: str | None, allowed_changes: list[dict[str, Any]]) -> dict[str, Any]:
     when = "before training started"
     try:
         run = build(cfg)
@@ -95,7 +102,7 @@ def _train(cfg: DictConfig, ckpt_path: str | None) -> dict[str, Any]:
         when = "again while stopping, and stopped at once"  # finetune.fit turns the first Ctrl-C into StoppedBySignal
         finetune.fit(trainer, run.model, run.datamodule, run.schedule, ckpt_path=ckpt_path)
         when = "while testing (training had finished)"
-        return _test_and_report(cfg, run)
+        return _test_and_report(cfg, run, allowed_changes)
     except finetune.StoppedBySignal as stop:
         raise _interrupted(cfg, stop.signum) from None
     except (KeyboardInterrupt, SystemExit) as err:
@@ -104,7 +111,9 @@ def _train(cfg: DictConfig, ckpt_path: str | None) -> dict[str, Any]:
         raise _interrupted(cfg, signal.SIGINT, when) from None
 
 
-def _test_and_report(cfg: DictConfig, run: Run) -> dict[str, Any]:
+def _test_and_report(cfg: DictConfig, run: Run, allowed_changes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Test the best checkpoint (when there is a test split), write ``metrics.json`` (with the changes a resume was
+    allowed, if any) and print the summary."""
     trainer = run.trainer
     results = run_results(trainer)  # before trainer.test, which resets the trainer's metrics
 
@@ -126,10 +135,23 @@ def _test_and_report(cfg: DictConfig, run: Run) -> dict[str, Any]:
         trainer.test(run.model, datamodule=run.datamodule, ckpt_path=best or None, weights_only=True, verbose=False)
         test = scalar_metrics(trainer.callback_metrics, ("test/",))
     results = add_test(results, test, note)
+    if allowed_changes:
+        results["resume_changes"] = allowed_changes
     if trainer.is_global_zero:
         save_json(results, Path(cfg.paths.output_dir) / "metrics.json")
     summarize_run(trainer, run.config, results)
     return flat_metrics(results)
+
+
+def _log_resume(resume: ResumeCheck, history: Path) -> None:
+    if resume.allowed:
+        log.warning(
+            "Resuming %s with changes allowed by resume.allow_changes (recorded in %s and metrics.json): %s",
+            resume.ckpt_path, history, describe(resume.allowed),
+        )  # fmt: skip
+    benign = describe(resume.benign)
+    if benign:
+        log.info("Resuming %s with changes that leave the result as it was: %s", resume.ckpt_path, benign)
 
 
 def optimized_value(metrics: dict[str, Any], name: str | None) -> float | None:
