@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -80,12 +81,18 @@ def test_train_throughput_baseline_prints_template_over_plain_per_phase(tmp_path
     for entry in result["rounds"]:
         steps = [(p["backbone_frozen"], p["steps_timed"]) for p in entry["plain"]["phases"]]
         assert steps == [(True, 3 - 1), (False, 3 - 1)]  # as the template's
-    plain = result["rounds"][0]["plain"]["phases"]
-    for (_, template, plain_rate, ratio), _phase in zip(rows, plain):
-        assert float(plain_rate.replace(",", "")) > 0 and float(ratio) > 0
-        assert abs(float(template.replace(",", "")) / float(plain_rate.replace(",", "")) - float(ratio)) < 0.05 * float(
-            ratio
-        )
+    for frozen, template, plain_rate, ratio in rows:
+        assert float(template.replace(",", "")) > 0 and float(plain_rate.replace(",", "")) > 0
+        # the printed ratio is the median of the rounds' own template/plain ratios (not the ratio of the medians,
+        # which differs whenever the rounds' speeds differ, as they do on a loaded machine)
+        per_round = [
+            t["images_per_s"] / p["images_per_s"]
+            for entry in result["rounds"]
+            for t, p in zip(entry["template"]["phases"], entry["plain"]["phases"])
+            if t["backbone_frozen"] == (frozen == "frozen")
+        ]
+        assert len(per_round) == 2
+        assert float(ratio) == pytest.approx(statistics.median(per_round), abs=0.0005)
 
 
 def test_steady_clock_leaves_out_a_span_in_which_torch_compile_compiled() -> None:

@@ -32,7 +32,7 @@ from image_finetune.models import ImageClassifier
 from image_finetune.resume_guard import ResumeCheck, check_resume, describe, record_resume, resume_changes
 from image_finetune.rundir import clean_run_dir, drop_checkpoints_after_last, run_dir_lock
 from image_finetune.schedule import FinetuneSchedule
-from image_finetune.wiring import build_model_and_data
+from image_finetune.wiring import build_data, build_model
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +54,10 @@ def build(cfg: DictConfig) -> Run:
     L.seed_everything(cfg.seed, workers=True)
     plain = to_plain(cfg)
     schedule = FinetuneSchedule.from_config(plain["finetune"])
-    model, datamodule = build_model_and_data(cfg.data, model=cfg.model)
-    # read and checked before the trainer is built; a resumed run does not read it
+    model = build_model(model=cfg.model)
+    # read and checked now, so a bad file or another architecture fails before the data; a resume does not read it
     init_from = init_from_callbacks(cfg.model.get("init_from"), model.backbone, resume=bool(cfg.get("ckpt_path")))
+    datamodule = build_data(cfg.data, model)
     # init_from first: it must load the weights before any callback copies the model (EMA)
     callbacks = [*init_from, *instantiate_group(cfg.get("callbacks")), StoreRunConfig(plain)]
     trainer: L.Trainer = instantiate(

@@ -21,11 +21,19 @@ def build_model_and_data(
 ) -> tuple[ImageClassifier, ClassificationData]:
     """The model (from its ``model`` config, or from ``checkpoint``), then the data module of ``data`` with the model's
     preprocessing (``preprocessing=``: the backbone's for a new model, the stored one for a checkpoint)."""
+    classifier = build_model(model=model, checkpoint=checkpoint)
+    return classifier, build_data(data, classifier)
+
+
+def build_model(*, model: DictConfig | None = None, checkpoint: str | None = None) -> ImageClassifier:
+    """The model from its ``model`` config, or rebuilt from ``checkpoint`` (exactly one of the two)."""
     if (model is None) == (checkpoint is None):
-        raise TypeError("build_model_and_data needs exactly one of model= (a config) and checkpoint= (a path)")
-    classifier: ImageClassifier = (
-        ImageClassifier.from_checkpoint(checkpoint) if checkpoint is not None else instantiate(model)
-    )
+        raise TypeError("build_model needs exactly one of model= (a config) and checkpoint= (a path)")
+    return ImageClassifier.from_checkpoint(checkpoint) if checkpoint is not None else instantiate(model)
+
+
+def build_data(data: DictConfig, classifier: ImageClassifier) -> ClassificationData:
+    """The data module of ``data``, given ``classifier``'s preprocessing; it must keep the data-module contract."""
     datamodule = instantiate(data, _partial_=True)(preprocessing=classifier.preprocessing)
     if not isinstance(datamodule, ClassificationData):
         raise ConfigError(
@@ -33,4 +41,4 @@ def build_model_and_data(
             "data-module contract (image_finetune.data.contract.ClassificationData): subclass "
             "image_finetune.data.ClassificationDataModule, or wrap your datasets in image_finetune.data.DatasetDataModule"
         )
-    return classifier, datamodule
+    return datamodule
