@@ -167,6 +167,7 @@ def lr_find(cfg: DictConfig) -> dict[str, Any]:
         """The configured model at head LR ``lr``; no LR scheduler during a sweep (the sweep sets the LRs)."""
         model_cfg = OmegaConf.create(to_plain(cfg.model))
         model_cfg.optimizer.lr = lr
+        model_cfg.lr = lr  # model.lr is ${.optimizer.lr}, already resolved by to_plain
         if not scheduled:
             model_cfg.scheduler = None
         return model_cfg
