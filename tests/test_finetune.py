@@ -193,6 +193,7 @@ def test_full_finetune_trains_everything_from_the_start(compose_cfg, image_folde
     [
         [
             "model.scheduler._target_=torch.optim.lr_scheduler.ReduceLROnPlateau",
+            "model.scheduler_takes_total_steps=false",
             "~model.scheduler.warmup_fraction",
             "model.scheduler_interval=epoch",
         ],
@@ -203,11 +204,13 @@ def test_full_finetune_trains_everything_from_the_start(compose_cfg, image_folde
         ],
         [
             "model.scheduler._target_=torch.optim.lr_scheduler.CosineAnnealingWarmRestarts",
+            "model.scheduler_takes_total_steps=false",
             "~model.scheduler.warmup_fraction",
             "+model.scheduler.T_0=2",
         ],
         [
             "model.scheduler._target_=torch.optim.lr_scheduler.StepLR",
+            "model.scheduler_takes_total_steps=false",
             "~model.scheduler.warmup_fraction",
             "+model.scheduler.step_size=1",
         ],

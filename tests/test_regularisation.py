@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -26,6 +27,7 @@ from image_finetune.data.transforms import train_transform
 from image_finetune.errors import ConfigError
 from image_finetune.models import ImageClassifier
 from image_finetune.models.backbones import build_backbone
+from image_finetune.models.losses import cross_entropy
 from image_finetune.train import build
 
 pytestmark = pytest.mark.usefixtures("pretrained")
@@ -200,7 +202,8 @@ def test_digits_are_never_flipped_and_cifar_takes_only_its_device_presets(compos
 # ---- mixup / cutmix --------------------------------------------------------------------------------------------------
 def mixing_model(**mixup: float) -> ImageClassifier:
     model = ImageClassifier({"name": "resnet18", "weights": None}, class_names=["a", "b", "c", "d"], dropout=0.0,
-                            label_smoothing=0.1, mixup=mixup)  # fmt: skip
+                            loss=partial(cross_entropy, label_smoothing=0.1), mixup=mixup)  # fmt: skip
+    model.make_loss([2, 2, 2, 2])
     return model.eval()  # BatchNorm in eval mode: a forward is a pure function of its input
 
 

@@ -186,7 +186,7 @@ def fit_phase(
     ckpt_path: str | Path | None,
 ) -> bool:
     """One ``Trainer.fit`` with ``phase``'s stages trainable; True when it ran to the phase's end (not the run's)."""
-    model.trainable_stages = phase.stages
+    model.set_trainable_stages(phase.stages)
     stopper = _EndPhase(phase.end) if phase.end is not None else None
     trainer.callbacks.extend([stopper] if stopper else [])
     try:

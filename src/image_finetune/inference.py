@@ -28,7 +28,8 @@ from image_finetune.data.scan import failure_reason
 from image_finetune.errors import ConfigError, DataError, UserError
 from image_finetune.models import ClassifierNet, ImageClassifier
 from image_finetune.models.classifier import check_weights_fit
-from image_finetune.models.registry import architecture, rebuild_backbone
+from image_finetune.models.heads import LINEAR
+from image_finetune.models.registry import architecture, rebuild_backbone, rebuild_head
 
 __all__ = ["INPUT_DESCRIPTION", "Classifier", "Prediction", "Preprocessing", "read_sidecar", "sidecar_path"]
 from image_finetune.tta import TTA
@@ -109,16 +110,19 @@ class Classifier:
         *,
         architecture: str,
         backbone: Mapping[str, Any] | None = None,
+        head: Mapping[str, Any] | None = None,
         device: str | torch.device = "auto",
         tta: str | None = None,
     ) -> None:
-        """``backbone``: the builder config that rebuilds ``net``'s backbone (default: torchvision ``architecture``)."""
+        """``backbone``/``head``: the builder configs that rebuild ``net`` (default: torchvision ``architecture``
+        with the dropout + linear head)."""
         self.device = resolve_device(device)
         self.net = net.to(self.device).eval()
         self.class_names = list(class_names)
         self.preprocessing = preprocessing
         self.architecture = architecture
         self.backbone = dict(backbone or {"name": architecture})
+        self.head = dict(head or {"_target_": LINEAR})
         self.tta = TTA.parse(tta, preprocessing.size, preprocessing.crop_ratio)
         # What the images are loaded as: the plain preprocessing, or the larger square five_crop cuts its views from.
         self.input_preprocessing = preprocessing
@@ -156,7 +160,17 @@ class Classifier:
         preprocessing = base.override(size=image_size, crop_ratio=crop_ratio)
         backbone = model.hparams.backbone
         name = backbone["name"]
-        return cls(net, model.class_names, preprocessing, architecture=name, backbone=backbone, device=device, tta=tta)
+        head = model.hparams.head
+        return cls(
+            net,
+            model.class_names,
+            preprocessing,
+            architecture=name,
+            backbone=backbone,
+            head=head,
+            device=device,
+            tta=tta,
+        )
 
     @classmethod
     def from_safetensors(cls, path: str | os.PathLike, device: str | torch.device = "auto") -> Classifier:
@@ -173,11 +187,11 @@ class Classifier:
         backbone = rebuild_backbone(config, source=str(sidecar_path(path)))
         names = meta["class_names"]
         preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+        # exports before heads were configurable name none: theirs is the dropout + linear head
+        head = rebuild_head(meta.get("head") or {"_target_": LINEAR}, source=str(sidecar_path(path)))
         net = ClassifierNet(
             backbone.module,
-            backbone.num_features,
-            len(names),
-            0.0,
+            head.make(backbone.num_features, len(names), 0.0),
             preprocessing.mean,
             preprocessing.std,
             meta.get("upsample_to"),
@@ -186,7 +200,15 @@ class Classifier:
         expected = f"{meta['architecture']}, {len(names)} classes, as {sidecar_path(path)} says"
         check_weights_fit(net, state, source=str(path), expected=expected)
         net.load_state_dict(state)
-        return cls(net, names, preprocessing, architecture=meta["architecture"], backbone=config, device=device)
+        return cls(
+            net,
+            names,
+            preprocessing,
+            architecture=meta["architecture"],
+            backbone=config,
+            head=head.config,
+            device=device,
+        )
 
     def preprocess(self, image: ImageInput) -> torch.Tensor:
         """float32 CHW in [0, 1], as the network (and an exported model) takes it."""
@@ -232,6 +254,8 @@ class Classifier:
             "architecture": self.architecture,
             # the builder (and its other arguments) that ``architecture`` is built with; no weights
             "backbone": {k: v for k, v in architecture(self.backbone).items() if k != "name"},
+            # the head's builder and plain arguments (models/registry.HEADS), as the checkpoint records it
+            "head": self.head,
             "class_names": self.class_names,
             "preprocessing": self.preprocessing.as_dict(),
             "upsample_to": getattr(self.net, "upsample_to", None),

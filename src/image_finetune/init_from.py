@@ -36,8 +36,6 @@ from image_finetune.models.registry import architecture
 log = logging.getLogger(__name__)
 
 KEY = "model.init_from"
-#: ``ClassifierNet`` keys of the new linear head (``head.0`` is the dropout).
-HEAD = ("head.1.weight", "head.1.bias")
 
 
 @dataclass(frozen=True)
@@ -138,17 +136,25 @@ def apply_init_weights(model: ImageClassifier, weights: InitWeights) -> str:
     assert net is not None, "apply_init_weights needs the model's head (configure_model)"
     check_fits(weights, model.backbone)
     ours, theirs = model.class_names, weights.class_names
-    weight, bias = (weights.state.get(k) for k in HEAD)
-    if weight is None or bias is None or weight.shape[0] != len(theirs) or bias.shape[0] != len(theirs):
+    # Any head (models/heads.py): an nn.Sequential whose last layer has one row per class.
+    last = f"{len(net.head) - 1}."
+    head = {k.removeprefix("head."): v for k, v in weights.state.items() if k.startswith("head.")}
+    if not all(v.shape[0] == len(theirs) for k, v in head.items() if k.startswith(last)):
         raise UserError(f"{weights.prefix}: its head does not have one row per class name it stores; it is damaged")
     backbone = weights.backbone_state()
     net.backbone.load_state_dict(backbone)
     loaded = f"loaded backbone ({len(backbone)} tensors)"
+    own_shapes = {k: tuple(v.shape) for k, v in net.head.state_dict().items()}
+    same_head = own_shapes.keys() == head.keys() and all(
+        tuple(head[k].shape[k.startswith(last) :]) == shape[k.startswith(last) :] for k, shape in own_shapes.items()
+    )
     if sorted(ours) != sorted(theirs) or len(set(ours)) != len(ours):
         line = f"{loaded}; head new ({len(ours)} classes; the checkpoint had {len(theirs)})"
+    elif not same_head:
+        line = f"{loaded}; head new (the checkpoint's head is another head: model.head differs)"
     else:
         rows = [theirs.index(name) for name in ours]
-        net.head[1].load_state_dict({"weight": weight[rows], "bias": bias[rows]})
+        net.head.load_state_dict({k: v[rows] if k.startswith(last) else v for k, v in head.items()})
         order = "same names" if ours == theirs else "same names in another order: rows reordered by name"
         line = f"{loaded} and head ({len(ours)} classes, {order})"
     return f"{weights.prefix}: {line}; optimizer, epochs, EMA state and data split start fresh"

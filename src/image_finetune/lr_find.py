@@ -167,6 +167,7 @@ def lr_find(cfg: DictConfig) -> dict[str, Any]:
         """The configured model at head LR ``lr``; no LR scheduler during a sweep (the sweep sets the LRs)."""
         model_cfg = OmegaConf.create(to_plain(cfg.model))
         model_cfg.optimizer.lr = lr
+        model_cfg.lr = lr  # model.lr is ${.optimizer.lr}, already resolved by to_plain
         if not scheduled:
             model_cfg.scheduler = None
         return model_cfg
@@ -186,7 +187,7 @@ def lr_find(cfg: DictConfig) -> dict[str, Any]:
     sweeps = 2 if phases[0].frozen and len(phases) > 1 else 1
     if phases[0].frozen:
         model = first_model
-        model.trainable_stages = 0
+        model.set_trainable_stages(0)
         frozen = _sweep(
             cfg,
             settings,
@@ -209,11 +210,11 @@ def lr_find(cfg: DictConfig) -> dict[str, Any]:
             trainer = _trainer(cfg, callbacks=[*init_from, *bar], enable_progress_bar=bool(bar))
             finetune.fit_phase(trainer, model, datamodule, phases[0], None)
             optimizer_state = trainer.optimizers[0].state_dict()
-            model.scheduler_factory = None
-            model.trainable_stages = phases[1].stages
+            model.disable_scheduler()
+            model.set_trainable_stages(phases[1].stages)
     else:
         model = first_model
-        model.trainable_stages = phases[0].stages
+        model.set_trainable_stages(phases[0].stages)
     if model is not None:
         unfrozen_model = model
         unfrozen = _sweep(

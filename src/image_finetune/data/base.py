@@ -7,7 +7,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import lightning as L
@@ -271,6 +271,16 @@ class ClassificationDataModule(L.LightningDataModule):
         """Whether ``setup`` made ``split``. Without a test split there are no test numbers: the val split chose the
         best checkpoint, so reporting it as "test" would overstate how well the model generalises."""
         return split in self.datasets
+
+    def class_counts(self) -> list[int]:
+        """The training split's images per class (the contract's); from ``train_labels``."""
+        labels = torch.as_tensor(list(self.train_labels()), dtype=torch.long)
+        return torch.bincount(labels, minlength=len(self.class_names)).tolist()
+
+    def train_labels(self) -> Sequence[int]:
+        """The training split's labels. This reads every item (decoding it): override it where the labels are known."""
+        train = self.datasets["train"]
+        return [int(train[(i, 0)][1]) for i in range(len(train))]  # type: ignore[arg-type]
 
     def all_images(self) -> Dataset | None:
         """Every image at the eval transform, for ``eval.py split=all``; None: this data has no such set (only image

@@ -187,6 +187,9 @@ class CIFAR10DataModule(ClassificationDataModule):
         }
 
     # ---- resident loaders: the splits live on the training device (see ``ResidentBatches``) ----------------------
+    def train_labels(self) -> list[int]:
+        return self.datasets["train"].labels.tolist()  # type: ignore[attr-defined]
+
     def _resident(self, split: str, batch_size: int | None = None, **kwargs: Any) -> ResidentBatches | None:
         """``split`` as ``ResidentBatches`` on the trainer's device; None if it is not our in-memory tensor dataset
         (``evaluate`` may put a relabelled view in ``datasets["test"]``: that goes through the ``DataLoader``)."""

@@ -40,6 +40,10 @@ class ClassificationData(Protocol):
         """Whether ``setup`` made ``split`` (without a test split there are no test numbers)."""
         ...
 
+    def class_counts(self) -> list[int]:
+        """The training split's images per class, in label order (after ``setup``): ``loss=focal``'s balanced weights."""
+        ...
+
     def all_images(self) -> Dataset | None:
         """Every image the data holds, at the eval transform (``eval.py split=all``); None where that means nothing."""
         ...

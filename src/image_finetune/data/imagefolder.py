@@ -289,7 +289,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         if self.decode == "gpu":
             self._decode_on_device(short_side, verbose)
         if self.balance:
-            self.sample_weights = balanced_weights([label for _, label in self.splits["train"]], len(self.class_names))
+            self.sample_weights = balanced_weights(self.train_labels(), len(self.class_names))
 
     def _decode_on_device(self, short_side: int, verbose: bool) -> None:
         """``data.decode=gpu``: the train and val splits read JPEG bytes, decoded and cropped on the device (see
@@ -340,6 +340,9 @@ class ImageFolderDataModule(ClassificationDataModule):
     @property
     def source(self) -> str:
         return f"data.root={str(self.root)!r}"
+
+    def train_labels(self) -> list[int]:
+        return [label for _, label in self.splits["train"]]
 
     def all_images(self) -> ImageFileDataset:
         """Every image of every split, sorted by path, read from the original files at the eval transform."""

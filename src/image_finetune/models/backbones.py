@@ -92,7 +92,7 @@ def local_weights_file(weights: str) -> Path:
 
 
 def _is_whole_classifier(path: Path) -> bool:
-    """A Lightning checkpoint, or tensors named as ``ClassifierNet``'s (``backbone.*`` + ``head.1.*``): what
+    """A Lightning checkpoint, or tensors named as ``ClassifierNet``'s (``backbone.*`` + ``head.*``): what
     ``model.init_from`` takes. Only the names are read (a safetensors header, or a memory-mapped safe load)."""
     try:
         if path.suffix == ".safetensors":
@@ -110,7 +110,7 @@ def _is_whole_classifier(path: Path) -> bool:
     except Exception:  # unreadable here: the builder's own load says what is wrong with it
         return False
     names = {str(k).removeprefix("net.") for k in keys}
-    return "head.1.weight" in names and any(name.startswith("backbone.") for name in names)
+    return any(name.startswith("head.") for name in names) and any(name.startswith("backbone.") for name in names)
 
 
 def classification_models() -> list[str]:

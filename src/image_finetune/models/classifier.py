@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -14,16 +13,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
 from image_finetune.checkpoints import read_checkpoint
+from image_finetune.data.contract import ClassificationData
 from image_finetune.data.preprocessing import Preprocessing
 from image_finetune.errors import ConfigError, UserError
 from image_finetune.models.backbones import Backbone
-from image_finetune.models.metrics import SyncFreeMacroF1, SyncFreeTopKAccuracy
+from image_finetune.models.heads import Head, linear_head
+from image_finetune.models.losses import cross_entropy
+from image_finetune.models.metrics import classification_metrics
 from image_finetune.models.norms import is_norm_layer
-from image_finetune.models.registry import build_backbone_from_config, rebuild_backbone
+from image_finetune.models.registry import build_backbone_from_config, rebuild_backbone, rebuild_head
 from image_finetune.models.stages import stage_names, stage_of, torchvision_stages
 from image_finetune.schedule import stage_lr_ratios
 
@@ -36,7 +37,7 @@ SPLITS = ("train", "val", "test")
 
 
 class ClassifierNet(nn.Module):
-    """(Upsampling +) normalisation + backbone + head: the whole inference network, exported as is.
+    """(Upsampling +) normalisation + backbone + head (``models/heads.py``): the whole inference network, exported as is.
 
     Input is float RGB in [0, 1], NCHW. Normalising inside the network means the mean/std of the backbone's
     pretrained weights travel with the checkpoint and the exported model, so serving code cannot get them wrong.
@@ -49,16 +50,14 @@ class ClassifierNet(nn.Module):
     def __init__(
         self,
         backbone: nn.Module,
-        num_features: int,
-        num_classes: int,
-        dropout: float,
+        head: nn.Module,
         mean: Sequence[float],
         std: Sequence[float],
         upsample_to: int | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(num_features, num_classes))
+        self.head = head
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         if upsample_to is not None and upsample_to < 1:
@@ -96,31 +95,23 @@ def batch_mixing(
     return v2.RandomApply([v2.RandomChoice(mixers)], p=prob)
 
 
-def _metrics(num_classes: int, split: str) -> MetricCollection:
-    # validate_args=False: the inputs are our own logits and labels, and the checks cost a GPU->CPU sync every step.
-    # F1 and top-5 from models/metrics.py: torchmetrics' own would sync the GPU with the host on every step.
-    metrics: dict[str, Any] = {
-        "acc": MulticlassAccuracy(num_classes, average="micro", validate_args=False),
-        "f1": SyncFreeMacroF1(num_classes),
-    }
-    if num_classes > 5:
-        metrics["top5"] = SyncFreeTopKAccuracy(num_classes, top_k=5)
-    # compute_groups=False: torchmetrics merges metrics whose states are equal after the first batch, so a first
-    # batch that is all correct would make top-5 share top-1's state (and report top-1) for the rest of the epoch.
-    return MetricCollection(metrics, prefix=f"{split}/", compute_groups=False)
-
-
 class ImageClassifier(L.LightningModule):
-    """Fine-tunes a backbone (``model.backbone``: any builder returning a ``Backbone``) with a new dropout + linear head.
+    """Fine-tunes a backbone (``model.backbone``) with a head (``model.head``), a loss (``model.loss``) and metrics
+    (``model.metrics``), each built by its config's ``_target_`` and handed in; the module looks inside none of them.
 
-    ``class_names`` and ``preprocessing`` may be left out: they are then taken in ``setup`` from the data module (its
-    classes; the backbone's preprocessing as the data module applied it, e.g. at its ``image_size``), so no config ever
-    hard-codes ``num_classes``. Both are stored in the checkpoint's hparams as plain values, with the backbone's builder
-    config, so that a checkpoint alone is enough to rebuild the network and predict.
+    The head and the loss need what only the data knows, so they are given as recipes: a ``heads.Head`` (made once the
+    class count is known) and a partial called as ``loss(class_counts=...)`` at the start of a fit (``losses.py``).
+    ``class_names`` and ``preprocessing`` may be left out: they are then taken in ``setup`` from the data module, so no
+    config hard-codes ``num_classes``. Both are stored in the checkpoint's hparams as plain values, with the backbone's
+    and the head's builder configs, so that a checkpoint alone is enough to rebuild the network and predict.
 
-    Of the fine-tuning schedule the model knows only what it acts on: ``trainable_stages`` (how many of the backbone's
-    last stages train in this fit, set by ``finetune.fit``), ``train_bn``, and each stage's LR (``backbone_lr_ratio``
-    spread over the stages by ``lr_spread``, see ``schedule.stage_lr_ratios``).
+    ``lr`` is the head's learning rate (``model.lr``, which the configs set from ``model.optimizer.lr``); the backbone
+    gets ``lr * backbone_lr_ratio``. ``scheduler`` is a partial called as ``scheduler(optimizer, total_steps=N)``, or
+    as ``scheduler(optimizer)`` with ``scheduler_takes_total_steps=False`` (torch's StepLR, ReduceLROnPlateau, ...).
+
+    Of the fine-tuning schedule the model knows only what it acts on: how many of the backbone's last stages train in
+    this fit (``set_trainable_stages``, called by ``finetune.fit_phase``), ``train_bn``, and each stage's LR
+    (``backbone_lr_ratio`` spread over the stages by ``lr_spread``, see ``schedule.stage_lr_ratios``).
 
     ``init_from`` (``model.init_from``) is only recorded here: the weights of a finished run are loaded into a fresh
     run by ``init_from.InitFrom`` (added by ``train.build``), never by the model, so rebuilding a model from its
@@ -131,15 +122,19 @@ class ImageClassifier(L.LightningModule):
         self,
         backbone: Backbone | Mapping[str, Any],
         class_names: Sequence[str] | None = None,
+        head: Head | Mapping[str, Any] | None = None,
+        loss: Callable[..., nn.Module] = cross_entropy,
+        metrics: Callable[[int, str], MetricCollection] = classification_metrics,
+        lr: float = 1e-3,
         train_bn: bool = True,
         backbone_lr_ratio: float = 0.1,
         lr_spread: str = "flat",
-        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
         scheduler: Callable[..., Any] | None = None,
+        scheduler_takes_total_steps: bool = True,
         scheduler_interval: str = "step",
         scheduler_monitor: str = "val/loss",
         dropout: float = 0.2,
-        label_smoothing: float = 0.0,
         mixup: Mapping[str, float] | None = None,
         upsample_to: int | None = None,
         compile: bool = False,
@@ -151,6 +146,10 @@ class ImageClassifier(L.LightningModule):
         stage_lr_ratios(1, backbone_lr_ratio, lr_spread)  # a bad value fails here, with the key's name
         # Hydra instantiates model.backbone's _target_; a plain mapping (tests, old configs) goes through the allow-list
         self._backbone = backbone if isinstance(backbone, Backbone) else build_backbone_from_config(backbone)
+        self._head = head if isinstance(head, Head) else linear_head() if head is None else rebuild_head(head)
+        unknown = sorted(set(mixup or {}) - {"mixup_alpha", "cutmix_alpha", "prob"})
+        if unknown:
+            raise ConfigError(f"model.mixup has unknown keys {unknown}: use mixup_alpha, cutmix_alpha and prob")
         prep = Preprocessing.coerce(preprocessing)
         # Stem first, last stage last (see models/stages.py): the unit of discriminative LRs and gradual unfreezing.
         self.stages = self._backbone.stages or torchvision_stages(self._backbone.module)
@@ -158,13 +157,14 @@ class ImageClassifier(L.LightningModule):
         self.save_hyperparameters(
             {
                 "backbone": dict(self._backbone.config),
+                "head": dict(self._head.config),
                 "class_names": list(class_names) if class_names is not None else None,
                 "preprocessing": prep.as_dict() if prep is not None else None,
+                "lr": lr,
                 "train_bn": train_bn,
                 "backbone_lr_ratio": backbone_lr_ratio,
                 "lr_spread": lr_spread,
                 "dropout": dropout,
-                "label_smoothing": label_smoothing,
                 "mixup": dict(mixup or {}),
                 "upsample_to": upsample_to,
                 "compile": compile,
@@ -177,15 +177,18 @@ class ImageClassifier(L.LightningModule):
                 "init_from": None if init_from is None else str(init_from),
             }
         )
-        self.optimizer_factory = optimizer or torch.optim.AdamW
+        self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        self.scheduler_takes_total_steps = scheduler_takes_total_steps
+        self.loss_factory = loss
+        self.metrics_factory = metrics
         self.net: ClassifierNet | None = None
+        self.criterion: nn.Module | None = None
+        """The training loss, made by ``loss(class_counts=...)`` at the first fit."""
         self.mixing: v2.Transform | None = None
         self.metrics = nn.ModuleDict()
         self.losses = nn.ModuleDict()
-        self.trainable_stages: int | None = None
-        """How many of the backbone's last stages train (None: all; 0: frozen); set by ``finetune.fit`` before a fit."""
-        self._forward_net: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._trainable_stages: int | None = None
         if class_names is not None:
             self._build_head(len(class_names))
 
@@ -194,15 +197,10 @@ class ImageClassifier(L.LightningModule):
         if num_classes < 2:
             raise ConfigError(f"need at least 2 classes to train a classifier, got {num_classes}")
         b = self._backbone
-        self.net = ClassifierNet(
-            b.module, b.num_features, num_classes, self.hparams.dropout, b.mean, b.std, self.hparams.upsample_to
-        )
-        mixup = dict(self.hparams.mixup)
-        unknown = sorted(set(mixup) - set(inspect.signature(batch_mixing).parameters) - {"num_classes"})
-        if unknown:
-            raise ConfigError(f"model.mixup has unknown keys {unknown}: use mixup_alpha, cutmix_alpha and prob")
-        self.mixing = batch_mixing(num_classes, **mixup)
-        self.metrics = nn.ModuleDict({f"{split}_metrics": _metrics(num_classes, split) for split in SPLITS})
+        head = self._head.make(b.num_features, num_classes, self.hparams.dropout)
+        self.net = ClassifierNet(b.module, head, b.mean, b.std, self.hparams.upsample_to)
+        self.mixing = batch_mixing(num_classes, **self.hparams.mixup)
+        self.metrics = nn.ModuleDict({f"{split}_metrics": self.metrics_factory(num_classes, split) for split in SPLITS})
         # nan_strategy="disable": the NaN check reads a flag back from the GPU every step; a NaN loss shows as NaN.
         self.losses = nn.ModuleDict({f"{split}_loss": MeanMetric(nan_strategy="disable") for split in SPLITS})
 
@@ -220,6 +218,23 @@ class ImageClassifier(L.LightningModule):
         stored = self.hparams.get("preprocessing")
         return Preprocessing.from_dict(stored) if stored else self._backbone.preprocessing
 
+    @property
+    def trainable_stages(self) -> int | None:
+        """How many of the backbone's last stages train (None: all; 0: frozen); see ``set_trainable_stages``."""
+        return self._trainable_stages
+
+    def set_trainable_stages(self, stages: int | None) -> None:
+        """The freeze state of the next fit (``finetune.fit_phase`` calls it per phase); applied in ``setup``."""
+        self._trainable_stages = stages
+
+    def make_loss(self, class_counts: Sequence[int]) -> None:
+        """The training loss, from the training split's images per class (``setup`` calls it at the first fit)."""
+        self.criterion = self.loss_factory(class_counts=list(class_counts))
+
+    def disable_scheduler(self) -> None:
+        """Train with no LR scheduler from the next fit on (the LR finder's sweeps set the LRs themselves)."""
+        self.scheduler_factory = None
+
     def configure_model(self) -> None:
         """Size the head from the data module's classes (once). Lightning's hook for creating layers: callbacks that
         copy the model in their ``setup`` (``EMAWeights``) call it, as ``setup`` does, so the copy has the head."""
@@ -232,7 +247,7 @@ class ImageClassifier(L.LightningModule):
         self._build_head(len(names))
 
     def setup(self, stage: str) -> None:
-        """Size the head from the data (once), then prepare this fit's network: freeze state, memory format, compile.
+        """Size the head from the data (once), then prepare this fit: the loss, freeze state, memory format, compile.
 
         Runs at the start of every ``fit``, before Lightning moves the model or wraps it in DDP; see ``finetune.py``
         for why each fine-tuning phase is its own ``fit``.
@@ -244,16 +259,17 @@ class ImageClassifier(L.LightningModule):
             data_prep = Preprocessing.coerce(getattr(datamodule, "preprocessing", None))
             self.hparams["preprocessing"] = (data_prep or self._backbone.preprocessing).as_dict()
         assert self.net is not None
+        if stage == "fit" and self.criterion is None:
+            counts = datamodule.class_counts() if isinstance(datamodule, ClassificationData) else None
+            self.make_loss(counts or [0] * len(self.class_names))
         if self.hparams.channels_last:
             self.net.to(memory_format=torch.channels_last)
         self._apply_freeze()
-        forward_net: Callable[[torch.Tensor], torch.Tensor] = self.net
         if self.hparams.compile and stage == "fit":
             # A fresh graph per phase: dynamo may reuse a graph traced under the old requires_grad (pytorch#139476).
+            # nn.Module.compile compiles in place: the state_dict keeps its names (no ``_orig_mod.*``).
             torch._dynamo.reset()
-            forward_net = torch.compile(self.net)
-        # Not a registered submodule: the compiled wrapper must not add ``_orig_mod.*`` keys to checkpoints.
-        object.__setattr__(self, "_forward_net", forward_net)
+            self.net.compile()
 
     # ---- fine-tuning state ----------------------------------------------------------------------------------------
     def _first_trainable_stage(self) -> int:
@@ -299,18 +315,21 @@ class ImageClassifier(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        net = self.net if self._forward_net is None else self._forward_net
-        assert net is not None
-        return net(images)
+        assert self.net is not None
+        return self.net(images)
 
     def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> dict[str, torch.Tensor]:
         """Loss and metric updates for any split; returns what callbacks need (loss, logits) from ``outputs``."""
         images, targets = batch
         logits = self(images)
-        # Label smoothing regularises training; val/test report the plain cross-entropy so runs stay comparable.
-        smoothing = self.hparams.label_smoothing if split == "train" else 0.0
-        # targets: class indices, or class probabilities after mixup/cutmix (training only)
-        loss = F.cross_entropy(logits, targets, label_smoothing=smoothing)
+        # targets: class indices, or class probabilities after mixup/cutmix (training only). The configured loss
+        # (label smoothing, focal, ...) is the training objective; val/test report plain cross-entropy, so runs with
+        # different losses stay comparable and eval.py reports the same number from the checkpoint alone.
+        if split == "train":
+            assert self.criterion is not None, "setup('fit') makes the loss"
+            loss = self.criterion(logits, targets)
+        else:
+            loss = F.cross_entropy(logits, targets)
         # A mixed image counts as its dominant class (the larger share) for the train metrics.
         labels = targets.argmax(dim=-1) if targets.is_floating_point() else targets
         self.metrics[f"{split}_metrics"].update(logits.detach(), labels)
@@ -370,10 +389,7 @@ class ImageClassifier(L.LightningModule):
         ``backbone_lr_ratio`` default to the configured ones (the LR finder sweeps them).
         """
         assert self.net is not None
-        if lr is None:
-            lr = getattr(self.optimizer_factory, "keywords", {}).get("lr")
-            if lr is None:
-                raise ConfigError("model.optimizer must set lr (e.g. model.optimizer.lr=1e-3)")
+        lr = self.hparams.lr if lr is None else lr
         ratio = self.hparams.backbone_lr_ratio if backbone_lr_ratio is None else backbone_lr_ratio
         spread = self.hparams.lr_spread
         ratios, names = stage_lr_ratios(len(self.stages), ratio, spread), stage_names(self.stages)
@@ -397,10 +413,10 @@ class ImageClassifier(L.LightningModule):
         optimizer = self.optimizer_factory(self.param_groups())
         if self.scheduler_factory is None:
             return optimizer
-        kwargs = {}
-        if "total_steps" in inspect.signature(self.scheduler_factory).parameters:
-            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
-        scheduler = self.scheduler_factory(optimizer, **kwargs)
+        if self.scheduler_takes_total_steps:
+            scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
+        else:
+            scheduler = self.scheduler_factory(optimizer)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {
@@ -425,6 +441,8 @@ class ImageClassifier(L.LightningModule):
         backbone = rebuild_backbone(hparams["backbone"], source=str(path))
         model = cls(
             backbone=backbone,
+            # checkpoints from before heads were configurable hold the dropout + linear head
+            head=rebuild_head(hparams.get("head") or linear_head().config, source=str(path)),
             class_names=hparams["class_names"],
             preprocessing=hparams.get("preprocessing"),
             dropout=hparams.get("dropout", 0.0),
@@ -467,13 +485,27 @@ def check_weights_fit(module: nn.Module, state_dict: Mapping[str, torch.Tensor],
         for k, v in own.items()
         if k in state_dict and state_dict[k].shape != v.shape
     }
-    problems = []
-    head = next((k for k in shapes if k.endswith("head.1.weight")), None)
-    if head is not None:
-        (n, width), (own_n, own_width) = shapes.pop(head)
-        shapes.pop(head.removesuffix("weight") + "bias", None)
-        problems.append(f"its head is {width}->{n} ({n} classes), not {own_width}->{own_n} ({own_n} classes)")
     missing, unexpected = [k for k in own if k not in state_dict], [k for k in state_dict if k not in own]
+    problems = []
+    # The head's keys (``head.*``, ``net.head.*``): its last weight maps features to classes (models/heads.py).
+    in_head = {k for k in (*own, *unexpected) if k.removeprefix("net.").startswith("head.")}
+    if in_head:
+        head_weights = [k for k in own if k in in_head and k.endswith("weight") and own[k].ndim == 2]
+        last = head_weights[-1] if head_weights else None
+        tail = (last, last.removesuffix("weight") + "bias") if last else ()
+        others = [k for k in (*shapes, *missing, *unexpected) if k in in_head and k not in tail]
+        if last in shapes and not others:
+            (n, width), (own_n, own_width) = shapes.pop(last)
+            shapes.pop(last.removesuffix("weight") + "bias", None)
+            problems.append(f"its head is {width}->{n} ({n} classes), not {own_width}->{own_n} ({own_n} classes)")
+        elif any(k in in_head for k in (*shapes, *missing, *unexpected)):
+            theirs = [k for k in state_dict if k in in_head]
+            problems.append(
+                f"its head is another head ({len(theirs)} tensors, {', '.join(theirs[-2:]) or 'none'}; this model's "
+                f"has {len([k for k in own if k in in_head])})"
+            )
+        shapes = {k: v for k, v in shapes.items() if k not in in_head}
+        missing, unexpected = [k for k in missing if k not in in_head], [k for k in unexpected if k not in in_head]
     if shapes or missing or unexpected:
         examples = [f"{k} is {list(a)}, not {list(b)}" for k, (a, b) in shapes.items()][:2] + [
             f"{k} is missing" for k in missing[:1]

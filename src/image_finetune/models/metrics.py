@@ -14,8 +14,11 @@ classes it cannot contain (issue 18). With every class present, as in training's
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
+from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 
@@ -71,3 +74,21 @@ class SyncFreeTopKAccuracy(MulticlassAccuracy):
         hits = (preds.topk(self.top_k, dim=1).indices == target.view(-1, 1)).any(dim=1).sum()
         misses = target.numel() - hits
         self._update_state(hits, misses, self.num_classes * target.numel() - hits - 2 * misses, misses)
+
+
+def classification_metrics(num_classes: int, split: str) -> MetricCollection:
+    """Accuracy, macro F1 and (over 5 classes) top-5, logged as ``<split>/acc`` ...: ``model.metrics``'s default.
+
+    The engine calls the configured partial as ``metrics(num_classes, split)`` once per split; any ``MetricCollection``
+    of ``(logits, labels)`` metrics works. ``validate_args=False``: the inputs are our own logits and labels, and the
+    checks cost a GPU->CPU sync every step; F1 and top-5 are this module's, as torchmetrics' own sync every step.
+    """
+    metrics: dict[str, Any] = {
+        "acc": MulticlassAccuracy(num_classes, average="micro", validate_args=False),
+        "f1": SyncFreeMacroF1(num_classes),
+    }
+    if num_classes > 5:
+        metrics["top5"] = SyncFreeTopKAccuracy(num_classes, top_k=5)
+    # compute_groups=False: torchmetrics merges metrics whose states are equal after the first batch, so a first
+    # batch that is all correct would make top-5 share top-1's state (and report top-1) for the rest of the epoch.
+    return MetricCollection(metrics, prefix=f"{split}/", compute_groups=False)
