@@ -135,7 +135,7 @@ def test_norm_layers_of_torchvision_and_timm_are_recognised():
 @pytest.mark.parametrize("name", ["test_convnext.r160_in1k", "test_efficientnet_gn.r160_in1k"])
 def test_train_bn_keeps_every_norm_layer_of_a_frozen_backbone_training(name):
     model = ImageClassifier(backbone=timm_backbone(name, None), class_names=["a", "b"])
-    model.trainable_stages = 0  # frozen (what finetune.fit sets for the frozen phase)
+    model.set_trainable_stages(0)  # frozen (what finetune.fit sets for the frozen phase)
     model._apply_freeze()
     model.train()
     modules = [m for m in model.net.backbone.modules() if list(m.parameters(recurse=False))]
