@@ -25,6 +25,15 @@ REPO = Path(__file__).resolve().parents[1]
         (["data.image_size=0"], r"^data.image_size=0 must be a positive number of pixels .*data.image_size=224$"),
         (["data.image_size=big"], r"^data.image_size='big' must be a whole number, e.g. data.image_size=224$"),
         (["data=imagefolder"], r"^data.root is not set: point it at your images, e.g. data.root=~/pets"),
+        (
+            ["data.val_fraction=0"],
+            r"^data.val_fraction=0 leaves no validation split, .*or give data.root a val/ folder",
+        ),
+        (
+            ["trainer.max_epochs=0"],
+            r"^trainer.max_epochs=0 must be a whole number of epochs >= 1, e.g. trainer.max_epochs=10",
+        ),
+        (["trainer.max_epochs=-1"], r"^trainer.max_epochs=-1 must be a whole number of epochs >= 1"),
     ],
 )
 def test_impossible_data_values_are_one_line_naming_the_key_and_the_fix(compose_cfg, overrides, message):
