@@ -1,4 +1,5 @@
-"""What the entry scripts share: config -> plain data, one-line errors, and the run summary."""
+"""What the entry scripts share: Hydra composition and quick help, config -> plain data, one-line errors, the run dir
+check, and JSON/CSV writers. What a run prints is ``console``; its outcome record, ``results``."""
 
 from __future__ import annotations
 
