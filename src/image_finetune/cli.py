@@ -1,5 +1,4 @@
-"""What the entry scripts share: Hydra composition and quick help, config -> plain data, one-line errors, the run dir
-check, and JSON/CSV writers. What a run prints is ``console``; its outcome record, ``results``."""
+"""What the entry scripts share: composing configs, quick help, one-line errors, the run dir check, JSON/CSV writers."""
 
 from __future__ import annotations
 

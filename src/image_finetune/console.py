@@ -1,7 +1,5 @@
-"""What a run prints: Lightning's log lines once each, in the run's log format, without its noise
-(``silence_lightning_noise``), and the summary panel at the end (``summarize_run``). The progress bar and the one-line
-model summary are callbacks (``callbacks.progress``).
-"""
+"""What a run prints: Lightning's log lines once each, without its noise (``silence_lightning_noise``), and the summary
+panel at the end (``summarize_run``). The progress bar and the one-line model summary are ``callbacks.progress``."""
 
 from __future__ import annotations
 
@@ -33,29 +31,21 @@ _NOISE_LOG_PREFIXES = (
 _NOISE_WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's _pytree against torch >= 2.10
     r"Checkpoint directory .* exists and is not empty",  # the unfrozen fit re-opens the run's own checkpoint dir
-    # fewer batches per epoch than trainer.log_every_n_steps: only the per-step points are fewer; the epoch metrics,
-    # which the console, metrics.json and the curves per epoch show, are logged whatever the interval
+    # an epoch shorter than trainer.log_every_n_steps: fewer per-step points; epoch metrics are logged regardless
     r"The number of training batches \(\d+\) is smaller than the logging interval",
 )
-#: Loggers that ``import lightning`` gives a handler of their own: ``lightning`` always ("INFO: ..."), its
-#: ``pytorch``/``fabric`` children when the root logger had none yet (Lightning imported before Hydra set logging up).
+#: Given a handler of their own by ``import lightning``: ``lightning`` always, the others if the root had none yet.
 _LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
 
 
-class _DropNoise(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(_NOISE_LOG_PREFIXES)
-
-
-_noise_filter = _DropNoise()
+def _noise_filter(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_NOISE_LOG_PREFIXES)
 
 
 def silence_lightning_noise() -> None:
     """Drop the lines in ``_NOISE_LOG_PREFIXES`` / ``_NOISE_WARNINGS``; all else Lightning says stays. Idempotent.
-
-    Once Hydra has given the root logger its handlers (console and the run's log file), Lightning's own stream handlers
-    are removed and its records go to the root's: each line is printed once, in the run's format, and reaches the file.
-    """
+    Once Hydra has set up the root logger, Lightning's own stream handlers go: each line is printed once, in the run's
+    format, and reaches the run's log file."""
     if logging.getLogger().handlers:
         for name in _LIGHTNING_LOGGERS:
             logger = logging.getLogger(name)

@@ -1,11 +1,7 @@
-"""The run's outcome, recorded once: what ``metrics.json``, the end-of-run summary, a sweeper's value and TensorBoard's
-hparams tab all show (``run_results`` -> ``add_test`` -> ``flat_metrics``), and ``RunSummary``, the callback that
-keeps the validation history it is built from. Epochs are counted from 1 in everything a person reads.
-
-The hparams tab: ``train.build`` logs the resolved config when the run starts, but with ``default_hp_metric: false``
-Lightning's ``TensorBoardLogger`` writes no hparams summary until it is given metrics, so the tab stays empty until
-``log_final_hparams`` logs the columns people compare (``HPARAM_COLUMNS``; the full config stays in the run dir's
-``.hydra/``) with the final metrics, as ``hparams/<metric>`` scalars that add no points to the training curves.
+"""The run's outcome, recorded once (``run_results`` -> ``add_test`` -> ``flat_metrics``, from ``RunSummary``'s
+validation history): what ``metrics.json``, the summary, a sweeper and TensorBoard's hparams tab show. With
+``default_hp_metric: false`` that tab stays empty until ``log_final_hparams`` logs the compared columns
+(``HPARAM_COLUMNS``) with the final metrics, as ``hparams/<metric>`` scalars that add no points to the curves.
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
-"""Callbacks that make runs reproducible, self-describing, safe under DDP, and visible (TensorBoard, console).
-
-Every callback a config names is importable from here (``_target_: image_finetune.callbacks.<Name>``), including
-the ones that live with the code they serve: the checkpoint callbacks (``checkpoints.callbacks``) and ``RunSummary``
-(``results``).
-"""
+"""Callbacks that make runs reproducible, self-describing, safe under DDP, and visible (TensorBoard, console); every
+callback a config names is importable from here, also those that live with their code (``checkpoints.io``, ``results``)."""
 
 from image_finetune.callbacks.ddp import CheckWeightsInSync
 from image_finetune.callbacks.ema import EMAWeights
@@ -16,7 +12,7 @@ from image_finetune.callbacks.visuals import (
     PerClassAccuracy,
     TrainImageGrid,
 )
-from image_finetune.checkpoints.callbacks import LastCheckpoint, ModelCheckpoint
+from image_finetune.checkpoints.io import LastCheckpoint, ModelCheckpoint
 from image_finetune.results import RunSummary
 
 __all__ = [

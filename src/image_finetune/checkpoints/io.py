@@ -1,4 +1,6 @@
-"""Checkpoints that are never half-written."""
+"""Writing checkpoints: whole (``AtomicCheckpointIO``), and when and under what name (``ModelCheckpoint``,
+``LastCheckpoint``; configs name them as ``image_finetune.callbacks.<Name>``, their checkpoint state is keyed by class
+name)."""
 
 from __future__ import annotations
 
@@ -8,10 +10,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from image_finetune.atomic import atomic_path
+from image_finetune.checkpoints import LAST
 from image_finetune.errors import UserError
 
 
@@ -60,3 +66,53 @@ def _disk_full_message(path: Path, error: OSError) -> str:
         f"{reason} while saving checkpoint {path}{free}; {kept}. Free some space (or point hydra.run.dir at a larger "
         "disk), then resume with ckpt_path=last"
     )
+
+
+class ModelCheckpoint(LightningModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` with ``{epoch}`` in file names counted from 1, as the console counts epochs.
+
+    Only the name changes: which epochs are saved, and the checkpoint's own ``epoch`` field (0-based, Lightning's
+    loop counter), do not. Same class name, so its state in older checkpoints still loads.
+    """
+
+    def format_checkpoint_name(
+        self,
+        metrics: dict[str, torch.Tensor],
+        filename: str | None = None,
+        ver: int | None = None,
+        prefix: str | None = None,
+    ) -> str:
+        if "epoch" in metrics:
+            metrics = {**metrics, "epoch": metrics["epoch"] + 1}
+        return super().format_checkpoint_name(metrics, filename, ver, prefix)
+
+
+class LastCheckpoint(LightningModelCheckpoint):
+    """``checkpoints/last.ckpt``: the state at the end of every epoch, and at an interruption (SIGTERM, Ctrl-C).
+
+    Lightning >= 2.6's ``ModelCheckpoint(save_last=True)`` writes ``last.ckpt`` only in a step that also saved a
+    top-k checkpoint, so with ``save_top_k=1`` it is a copy of the best epoch, not the latest (openclimatefix/pvnet#544
+    fixed it the same way: a second, monitor-less ``ModelCheckpoint`` that owns ``last.ckpt``). Monitor-less with
+    ``save_top_k=1`` it rewrites one file every epoch; no version counter, so never ``last-v1.ckpt``.
+
+    On SIGTERM (and on Ctrl-C, which ``finetune.fit`` hands to the SIGTERM handling) Lightning finishes the current
+    batch and raises ``SIGTERMException``; this then saves the state at that batch, which resumes exactly
+    (``EpochSampler`` skips the batches already trained, ``ReseedEveryBatch`` reseeds per batch). Only those are saved:
+    a ``KeyboardInterrupt`` (a second Ctrl-C) lands anywhere, half an optimizer step included, and would replace a
+    good ``last.ckpt`` with a state no resume can continue exactly; after a crash on one DDP rank, the other ranks
+    would wait in the save's barrier forever, and the crash's state is rarely one to resume from.
+    """
+
+    def __init__(self, dirpath: str | None = None, filename: str = LAST.removesuffix(".ckpt"), **kwargs: Any) -> None:
+        kwargs = {
+            "monitor": None,
+            "save_top_k": 1,
+            "enable_version_counter": False,
+            "save_on_exception": True,
+            **kwargs,
+        }
+        super().__init__(dirpath=dirpath, filename=filename, **kwargs)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException) and (trainer.training or trainer.validating):
+            super().on_exception(trainer, pl_module, exception)
