@@ -186,4 +186,5 @@ def log_step(trainer: L.Trainer) -> int:
 
     Validation runs before the epoch's last optimizer step is counted, so this is ``global_step - 1`` there.
     """
+    # private: no public API gives the loggers' step (Lightning-AI/pytorch-lightning#13752)
     return int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
