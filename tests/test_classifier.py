@@ -7,7 +7,7 @@ from typing import BinaryIO
 import pytest
 import torch
 
-from image_finetune.checkpoint_io import AtomicCheckpointIO
+from image_finetune.checkpoints.io import AtomicCheckpointIO
 from image_finetune.models.metrics import classification_metrics as _metrics
 
 

@@ -54,7 +54,7 @@ IN_EPOCH_2 = (
     "image_finetune.callbacks.reproducibility:ReseedEveryBatch.on_train_batch_end",
     "not sent and args[0].current_epoch == 1 and args[-1] == 1",
 )
-WHILE_SAVING = ("image_finetune.checkpoint_io:AtomicCheckpointIO.save_checkpoint", "len(sent) == 1")
+WHILE_SAVING = ("image_finetune.checkpoints.io:AtomicCheckpointIO.save_checkpoint", "len(sent) == 1")
 LINE = "interrupted: received SIGINT {when}; resume with hydra.run.dir={run_dir} ckpt_path=last"
 
 

@@ -24,7 +24,6 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 import image_finetune.train as train_module
 from image_finetune.callbacks import ConfusionMatrixImage, MisclassifiedGrid, PerClassAccuracy, TrainingProgressBar
-from image_finetune.callbacks.progress import HPARAM_COLUMNS
 from image_finetune.callbacks.visuals import (
     CONFUSION_MATRIX_TAG,
     MISCLASSIFIED_TAG,
@@ -33,6 +32,7 @@ from image_finetune.callbacks.visuals import (
     TRAIN_IMAGES_TAG,
 )
 from image_finetune.plots import image_grid
+from image_finetune.results import HPARAM_COLUMNS
 from image_finetune.train import Run, train
 
 pytestmark = pytest.mark.usefixtures("pretrained")

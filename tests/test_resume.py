@@ -23,8 +23,8 @@ from support import FAST, make_image_folder
 from image_finetune import finetune
 from image_finetune.atomic import remove_orphans
 from image_finetune.callbacks.reproducibility import reseed_globals
-from image_finetune.checkpoint_io import AtomicCheckpointIO
 from image_finetune.checkpoints import read_checkpoint
+from image_finetune.checkpoints.io import AtomicCheckpointIO
 from image_finetune.errors import RunInterrupted, UserError
 from image_finetune.models.classifier import ImageClassifier
 from image_finetune.rundir import LOCK_NAME, clean_run_dir, drop_checkpoints_after_last, run_dir_lock

@@ -1,3 +1,3 @@
-"""Fine-tune pretrained torchvision image classifiers on folders of images, with Lightning and Hydra."""
+"""Fine-tune pretrained image classifiers (torchvision or timm backbones) on folders of images, with Lightning and Hydra."""
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""What the entry scripts share: config -> plain data, one-line errors, and the run summary."""
+"""What the entry scripts share: composing configs, quick help, one-line errors, the run dir check, JSON/CSV writers."""
 
 from __future__ import annotations
 

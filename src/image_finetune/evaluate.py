@@ -26,9 +26,9 @@ from torchmetrics.functional.classification import (
 )
 
 from image_finetune.atomic import atomic_path
-from image_finetune.callbacks import scalar_metrics, silence_lightning_noise
 from image_finetune.checkpoints import check_stored_targets, resolve_ckpt_path, run_config
 from image_finetune.cli import instantiate_group, save_json, write_csv
+from image_finetune.console import silence_lightning_noise
 from image_finetune.data.base import ClassificationDataModule
 from image_finetune.data.contract import ClassificationData
 from image_finetune.data.files import ImageFileDataset
@@ -38,6 +38,7 @@ from image_finetune.inference import prediction_cells, prediction_header, to_flo
 from image_finetune.models import ImageClassifier
 from image_finetune.models.metrics import macro_f1
 from image_finetune.plots import confusion_matrix_figure
+from image_finetune.results import scalar_metrics
 from image_finetune.tta import TTA
 from image_finetune.wiring import build_model_and_data
 

@@ -174,3 +174,17 @@ def log_image(trainer: L.Trainer, tag: str, image: np.ndarray, step: int) -> Non
         return
     for logger in image_loggers(trainer):
         _image_writer(logger)(logger, tag, image, step)  # type: ignore[misc]
+
+
+def tensorboard_logger(trainer: L.Trainer) -> TensorBoardLogger | None:
+    """The run's first TensorBoard logger. Every rank has the same loggers, so every rank gets the same answer."""
+    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+
+
+def log_step(trainer: L.Trainer) -> int:
+    """The step Lightning itself logs at, so our points line up with ``val/acc`` & co. in TensorBoard.
+
+    Validation runs before the epoch's last optimizer step is counted, so this is ``global_step - 1`` there.
+    """
+    # private: no public API gives the loggers' step (Lightning-AI/pytorch-lightning#13752)
+    return int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))

@@ -31,8 +31,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from image_finetune import finetune
-from image_finetune.callbacks import silence_lightning_noise
 from image_finetune.cli import save_json, to_plain
+from image_finetune.console import silence_lightning_noise
 from image_finetune.data.contract import ClassificationData
 from image_finetune.errors import ConfigError
 from image_finetune.init_from import init_from_callbacks

@@ -87,6 +87,8 @@ FOLLOW_THE_RUN_DIR = (
 )
 #: Always differs on a resume, or is said elsewhere: not worth a log line.
 NOT_LOGGED = ("ckpt_path", "resume")
+#: Classes that moved (old ``_target_`` -> new) and that configs, and so checkpoints, name: the same class, no change.
+MOVED = {"image_finetune.checkpoint_io.AtomicCheckpointIO": "image_finetune.checkpoints.io.AtomicCheckpointIO"}
 #: How many keys a message lists before "and N more".
 SHOWN = 6
 
@@ -122,7 +124,7 @@ def check_resume(cfg: DictConfig, ckpt_path: str) -> ResumeCheck:
     checkpoint = read_checkpoint(ckpt_path, mmap=True)
     allow = allow_changes(cfg)
     current = _task_config(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
-    stored = _task_config(run_config(checkpoint))
+    stored = _moved(_task_config(run_config(checkpoint)))
     if not stored and ALL not in allow:
         raise ConfigError(
             f"ckpt_path={ckpt_path} holds no run config (it was not written by this project's train.py), so this "
@@ -268,6 +270,13 @@ def resume_changes(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 def _task_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k != "hydra"}
+
+
+def _moved(node: Any) -> Any:
+    """``node`` with every ``_target_`` in ``MOVED`` renamed to where its class lives now."""
+    if isinstance(node, Mapping):
+        return {k: MOVED.get(v, v) if k == "_target_" and isinstance(v, str) else _moved(v) for k, v in node.items()}
+    return [_moved(v) for v in node] if isinstance(node, list) else node
 
 
 def _matches(key: str, patterns: Iterable[str]) -> bool:

@@ -13,22 +13,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from image_finetune import finetune
-from image_finetune.callbacks import (
-    StoreRunConfig,
-    add_test,
-    flat_metrics,
-    run_results,
-    scalar_metrics,
-    silence_lightning_noise,
-    summarize_run,
-)
+from image_finetune.callbacks import StoreRunConfig
 from image_finetune.checkpoints import LAST, resolve_ckpt_path
 from image_finetune.cli import instantiate_group, record_hydra_config, save_json, to_plain
 from image_finetune.config_checks import check_config
+from image_finetune.console import silence_lightning_noise, summarize_run
 from image_finetune.data.contract import ClassificationData
 from image_finetune.errors import ConfigError, RunInterrupted, is_keyboard_interrupt
 from image_finetune.init_from import init_from_callbacks
 from image_finetune.models import ImageClassifier
+from image_finetune.results import add_test, flat_metrics, run_results, scalar_metrics
 from image_finetune.resume_guard import ResumeCheck, check_resume, describe, record_resume, resume_changes
 from image_finetune.rundir import clean_run_dir, drop_checkpoints_after_last, run_dir_lock
 from image_finetune.schedule import FinetuneSchedule

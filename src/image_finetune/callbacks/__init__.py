@@ -1,20 +1,10 @@
-"""Callbacks that make runs reproducible, self-describing, safe under DDP, and visible (TensorBoard, console)."""
+"""Callbacks that make runs reproducible, self-describing, safe under DDP, and visible (TensorBoard, console); every
+callback a config names is importable from here, also those that live with their code (``checkpoints.io``, ``results``)."""
 
 from image_finetune.callbacks.ddp import CheckWeightsInSync
 from image_finetune.callbacks.ema import EMAWeights
-from image_finetune.callbacks.progress import (
-    CompactModelSummary,
-    ModelCheckpoint,
-    RunSummary,
-    TrainingProgressBar,
-    add_test,
-    flat_metrics,
-    run_results,
-    scalar_metrics,
-    silence_lightning_noise,
-    summarize_run,
-)
-from image_finetune.callbacks.reproducibility import LastCheckpoint, ReseedEveryBatch, StoreRunConfig
+from image_finetune.callbacks.progress import CompactModelSummary, TrainingProgressBar
+from image_finetune.callbacks.reproducibility import ReseedEveryBatch, StoreRunConfig
 from image_finetune.callbacks.visuals import (
     ConfusionMatrixImage,
     FinetunePhaseMarker,
@@ -22,6 +12,8 @@ from image_finetune.callbacks.visuals import (
     PerClassAccuracy,
     TrainImageGrid,
 )
+from image_finetune.checkpoints.io import LastCheckpoint, ModelCheckpoint
+from image_finetune.results import RunSummary
 
 __all__ = [
     "CheckWeightsInSync",
@@ -38,10 +30,4 @@ __all__ = [
     "StoreRunConfig",
     "TrainImageGrid",
     "TrainingProgressBar",
-    "add_test",
-    "flat_metrics",
-    "run_results",
-    "scalar_metrics",
-    "silence_lightning_noise",
-    "summarize_run",
 ]

@@ -21,9 +21,8 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 
-from image_finetune.loggers import image_loggers, log_image
+from image_finetune.loggers import image_loggers, log_image, log_step, tensorboard_logger
 from image_finetune.plots import WRONG_COLOUR, confusion_matrix_figure, image_grid, message_image, render_figure
 
 log = logging.getLogger(__name__)
@@ -35,11 +34,6 @@ PER_CLASS_ACCURACY_PREFIX = "val/acc_per_class/"
 
 
 # ---- helpers shared by the callbacks ----------------------------------------------------------------------------
-def tensorboard_logger(trainer: L.Trainer) -> TensorBoardLogger | None:
-    """The run's first TensorBoard logger. Every rank has the same loggers, so every rank gets the same answer."""
-    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-
-
 def class_names(trainer: L.Trainer, pl_module: L.LightningModule, num_classes: int | None = None) -> list[str]:
     names = list(getattr(pl_module, "class_names", None) or getattr(trainer.datamodule, "class_names", None) or [])
     if num_classes is not None and len(names) != num_classes:
@@ -56,14 +50,6 @@ def phase_name(pl_module: L.LightningModule) -> str:
     if n is None or (stages and n >= stages):
         return "unfrozen"
     return "frozen" if n == 0 else f"last {n}/{stages} stages"
-
-
-def log_step(trainer: L.Trainer) -> int:
-    """The step Lightning itself logs at, so our points line up with ``val/acc`` & co. in TensorBoard.
-
-    Validation runs before the epoch's last optimizer step is counted, so this is ``global_step - 1`` there.
-    """
-    return int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
 
 
 def _add_image(trainer: L.Trainer, tag: str, image: np.ndarray) -> None:

@@ -1,4 +1,5 @@
-"""Reading checkpoints back: one reader, safe by construction, with one-line errors a user can act on.
+"""Checkpoints in one place: reading them back here (one reader, safe by construction, one-line errors a user can act
+on; no torch import until a file is read), writing them in ``io``.
 
 A checkpoint is data, never code. Every read goes through ``torch.load(weights_only=True)`` (no pickled objects), and
 the run config a checkpoint carries may only name the project's own classes (``check_stored_targets``): a file that
@@ -17,7 +18,7 @@ from typing import Any
 
 from image_finetune.errors import UserError
 
-#: ``checkpoints/last.ckpt``: the state to resume from (``ckpt_path=last``), written by ``callbacks.LastCheckpoint``.
+#: ``checkpoints/last.ckpt``: the state to resume from (``ckpt_path=last``), written by ``checkpoints.io.LastCheckpoint``.
 LAST = "last.ckpt"
 #: Only these may appear as ``_target_`` prefixes in a config read back from disk; each prefix has a type check too.
 TRUSTED_PREFIXES = ("image_finetune.", "torchvision.transforms.v2.")

@@ -1,0 +1,32 @@
+"""Checkpoint code has one home (``image_finetune.checkpoints``), and moving a class there does not stop an old run
+from resuming: its stored config names the old ``_target_``, which the resume guard reads as the same class."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import get_object
+from omegaconf import OmegaConf
+
+from image_finetune.errors import ConfigError
+from image_finetune.resume_guard import MOVED, check_resume
+
+
+def test_every_moved_target_resolves_where_it_lives_now():
+    for new in MOVED.values():
+        assert get_object(new).__module__ == new.rsplit(".", 1)[0]
+
+
+def test_a_checkpoint_naming_the_old_checkpoint_io_resumes_with_no_change(tmp_path: Path):
+    old, new = "image_finetune.checkpoint_io.AtomicCheckpointIO", "image_finetune.checkpoints.io.AtomicCheckpointIO"
+    stored = {"trainer": {"max_epochs": 2, "plugins": [{"_target_": old}]}, "seed": 1}
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, "epoch": 0, "run_config": stored}, path)
+    current = OmegaConf.create({**stored, "trainer": {"max_epochs": 2, "plugins": [{"_target_": new}]}})
+    check = check_resume(current, str(path))
+    assert check.refused == {} and check.benign == {}
+    changed = OmegaConf.create({**stored, "trainer": {"max_epochs": 2, "plugins": [{"_target_": "x.Other"}]}})
+    with pytest.raises(ConfigError, match=r"trainer\.plugins"):  # only the moved name is forgiven
+        check_resume(changed, str(path))
