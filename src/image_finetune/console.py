@@ -33,6 +33,9 @@ _NOISE_WARNINGS = (
     r"Checkpoint directory .* exists and is not empty",  # the unfrozen fit re-opens the run's own checkpoint dir
     # an epoch shorter than trainer.log_every_n_steps: fewer per-step points; epoch metrics are logged regardless
     r"The number of training batches \(\d+\) is smaller than the logging interval",
+    # a mid-epoch (SIGTERM/Ctrl-C) last.ckpt: our loader is resumable after all, since the data module's state (the
+    # EpochSampler's epoch and batches done) travels in the checkpoint and the rest of the epoch is drawn exactly
+    r"You're resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable",
 )
 #: Given a handler of their own by ``import lightning``: ``lightning`` always, the others if the root had none yet.
 _LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")

@@ -80,7 +80,7 @@ def batch_mixing(
     """MixUp and/or CutMix (one of them per batch, chosen at random) applied to a batch with probability ``prob``.
 
     Works on the device, on the float batch, and returns soft targets (rows sum to one). Random numbers come from the
-    global generator, which ``ReseedEveryEpoch`` reseeds per epoch, so a resumed run mixes exactly as an
+    global generator, which ``ReseedEveryBatch`` reseeds per batch, so a resumed run mixes exactly as an
     uninterrupted one. None when both alphas are 0 (off).
     """
     if mixup_alpha < 0 or cutmix_alpha < 0 or not 0 <= prob <= 1:
@@ -291,7 +291,7 @@ class ImageClassifier(L.LightningModule):
         assert self.net is not None
         first = self._first_trainable_stage()
         for module_name, module in self.net.backbone.named_modules():
-            norm_trains = self.hparams.train_bn and _is_batchnorm(module)
+            norm_trains = self.hparams.train_bn and is_norm_layer(module)
             for name, p in module.named_parameters(prefix=module_name, recurse=False):
                 p.requires_grad_(norm_trains or self._stage(name) >= first)
         self.train(self.training)
@@ -307,7 +307,7 @@ class ImageClassifier(L.LightningModule):
             first = self._first_trainable_stage()
             for module_name, module in self.net.backbone.named_modules():
                 stage = stage_of(f"{module_name}.", self.stages) if module_name else None
-                if stage is not None and stage < first and not (self.hparams.train_bn and _is_batchnorm(module)):
+                if stage is not None and stage < first and not (self.hparams.train_bn and is_norm_layer(module)):
                     module.training = False
         return self
 
@@ -516,8 +516,3 @@ def check_weights_fit(module: nn.Module, state_dict: Mapping[str, torch.Tensor],
         )
     if problems:
         raise UserError(f"{source} does not fit {expected}: {'; '.join(problems)}")
-
-
-def _is_batchnorm(module: nn.Module) -> bool:
-    """Any norm layer, of torch or timm (the name stays: ``train_bn`` is fastai's)."""
-    return is_norm_layer(module)
