@@ -51,7 +51,7 @@ class Recipe:
 # The template before the study (issue 10's finding), spelled out so that it keeps meaning "before" as defaults move.
 BEFORE = ("data.batch_size=64", "data.crop_scale=[0.08,1.0]", "data.hflip=true", "data.min_steps_per_epoch=1",
           "augment=standard", "model.optimizer.lr=1e-3", "model.optimizer.weight_decay=0.05",
-          "finetune.backbone_lr_ratio=0.1", "model.label_smoothing=0.1", "model.dropout=0.2")  # fmt: skip
+          "finetune.backbone_lr_ratio=0.1", "model.loss.label_smoothing=0.1", "model.dropout=0.2")  # fmt: skip
 
 RECIPES = {r.name: r for r in [
     Recipe("defaults", note="this template's defaults (only data.root, image size and weights set)"),
@@ -80,7 +80,7 @@ RECIPES = {r.name: r for r in [
     Recipe("ratio-1", ("finetune.backbone_lr_ratio=1.0",)),
     Recipe("wd-0.01", ("model.optimizer.weight_decay=0.01",)),
     Recipe("wd-0.1", ("model.optimizer.weight_decay=0.1",)),
-    Recipe("ls-0", ("model.label_smoothing=0.0",)),
+    Recipe("ls-0", ("model.loss.label_smoothing=0.0",)),
     Recipe("dropout-0", ("model.dropout=0.0",)),
     Recipe("dropout-0.5", ("model.dropout=0.5",)),
     Recipe("freeze-0", ("finetune.freeze_epochs=0",)),

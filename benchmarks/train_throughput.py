@@ -388,7 +388,7 @@ def plain_loop(
     precision = str(cfg.trainer.precision)
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(device.type) if dtype is torch.float16 else None
-    smoothing = float(cfg.model.label_smoothing)
+    smoothing = float(cfg.model.loss.get("label_smoothing", 0.0))  # loss=cross_entropy (the default)
     optimizer = model.optimizer_factory(model.param_groups())
     total = sum(warmup + 4 * steps for _, steps in phases)  # the loop's bound on steps (see below)
     scheduler = model.scheduler_factory(optimizer, total_steps=total) if model.scheduler_factory is not None else None
@@ -396,7 +396,7 @@ def plain_loop(
     _reset_peak_memory()
     results = []
     for frozen, steps in phases:
-        model.trainable_stages = 0 if frozen else None  # as finetune.fit sets it for a frozen / unfrozen phase
+        model.set_trainable_stages(0 if frozen else None)  # as finetune.fit sets it for a frozen / unfrozen phase
         model._apply_freeze()  # the same parameters and layers frozen as in the template's phase
         model.train()
         forward = net

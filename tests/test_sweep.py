@@ -30,11 +30,11 @@ def test_search_space_reads_hydra_sweep_syntax():
         "data.crop_scale.0": "choice(0.08, 0.6)",
         "model.dropout": "0.3",
     }
-    space, fixed = search_space(params, ["trainer=cpu", "model.label_smoothing=interval(0.0, 0.2)"])
+    space, fixed = search_space(params, ["trainer=cpu", "model.loss.label_smoothing=interval(0.0, 0.2)"])
     assert space["model.optimizer.lr"] == FloatDistribution(1e-4, 1e-2, log=True)
     assert space["finetune.freeze_epochs"] == IntDistribution(0, 2)
     assert space["data.crop_scale.0"] == CategoricalDistribution([0.08, 0.6])
-    assert space["model.label_smoothing"] == FloatDistribution(0.0, 0.2)
+    assert space["model.loss.label_smoothing"] == FloatDistribution(0.0, 0.2)
     assert fixed == ["trainer=cpu", "model.dropout=0.3"]
 
 
