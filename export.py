@@ -3,13 +3,13 @@
 import hydra
 from omegaconf import DictConfig
 
-from image_finetune.cli import quick_help, user_errors
+from image_finetune.core.cli import quick_help, user_errors
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="export")
 def main(cfg: DictConfig) -> None:
     with user_errors():
-        from image_finetune.export import export  # heavy (torch, Lightning): only once a run starts
+        from image_finetune.inference.export import export  # heavy (torch, Lightning): only once a run starts
 
         export(cfg)
 

@@ -3,9 +3,9 @@
 import hydra
 from omegaconf import DictConfig
 
-from image_finetune.cli import quick_help, user_errors
-from image_finetune.config_checks import check_config
-from image_finetune.multirun import multirun_job
+from image_finetune.core.cli import quick_help, user_errors
+from image_finetune.core.config_checks import check_config
+from image_finetune.ops.multirun import multirun_job
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
@@ -13,7 +13,10 @@ def main(cfg: DictConfig) -> float | None:
     """Returns ``optimized_metric`` (default ``val/acc``: the best checkpoint's) for sweepers such as ``hparams_search=optuna``."""
     with user_errors(), multirun_job():
         check_config(cfg)  # before the heavy imports: a wrong value costs a second, not the ~6 s of importing Lightning
-        from image_finetune.train import optimized_value, train  # torch, Lightning, torchvision: only once a run starts
+        from image_finetune.training.train import (  # torch, Lightning, torchvision: only once a run starts
+            optimized_value,
+            train,
+        )
 
         return optimized_value(train(cfg), cfg.get("optimized_metric"))
 

@@ -145,8 +145,8 @@ def run_template(
     """One ``train(cfg)`` run, as ``train.py`` would do it; the final epoch's val accuracy and the wall time."""
     from omegaconf import OmegaConf
 
-    from image_finetune.cli import compose_config
-    from image_finetune.train import train
+    from image_finetune.core.cli import compose_config
+    from image_finetune.training.train import train
 
     out = work / "runs" / f"{task.name}-{recipe.name}-{seed}"
     cfg = compose_config(REPO / "configs", "train", template_overrides(task, recipe, seed, work), out)

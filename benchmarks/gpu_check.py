@@ -236,8 +236,8 @@ def part_cifar(settings: dict[str, Any], device: str) -> dict[str, Any]:
     import torchvision
     from train_throughput import CONFIGS, seed_fake_weights, write_fake_cifar
 
-    from image_finetune.cli import compose_config
-    from image_finetune.train import train
+    from image_finetune.core.cli import compose_config
+    from image_finetune.training.train import train
 
     with tempfile.TemporaryDirectory(prefix="cifar-") as tmp:
         root = Path(tmp)

@@ -36,10 +36,10 @@ import torchvision
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from image_finetune import finetune
-from image_finetune.cli import compose_config
+from image_finetune.core.cli import compose_config
 from image_finetune.data.cifar10 import TensorImageDataset, random_crop_flip
-from image_finetune.train import build
+from image_finetune.training import finetune
+from image_finetune.training.train import build
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

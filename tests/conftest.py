@@ -18,7 +18,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 from support import make_fake_cifar, make_image_folder, seed_hf_cache
 
-from image_finetune.cli import compose_config
+from image_finetune.core.cli import compose_config
 
 CONFIGS = str(Path(__file__).resolve().parents[1] / "configs")
 REPO = Path(__file__).resolve().parents[1]

@@ -22,13 +22,14 @@ from safetensors.torch import load_file
 from support import TIMM_MODEL, make_image_folder, seed_hf_cache
 from torch import nn
 
+from image_finetune.core.errors import ConfigError, UserError
 from image_finetune.data.preprocessing import Preprocessing
-from image_finetune.errors import ConfigError, UserError
-from image_finetune.export import load_exported
-from image_finetune.inference import Classifier, sidecar_path
-from image_finetune.models import Backbone, ImageClassifier, torchvision_backbone
+from image_finetune.inference.classifier import Classifier, sidecar_path
+from image_finetune.inference.export import load_exported
+from image_finetune.models.classifier import ImageClassifier
 from image_finetune.models.norms import is_norm_layer
-from image_finetune.models.timm_backbone import timm_backbone
+from image_finetune.recipe.backbones import Backbone, torchvision_backbone
+from image_finetune.recipe.timm_backbone import timm_backbone
 
 timm = pytest.importorskip("timm")
 
@@ -66,7 +67,7 @@ def test_model_group_instantiates_either_zoo_as_one_backbone_object(compose_cfg,
     assert tm.stages[0] == ("conv_stem.", "bn1.") and ("blocks.0.",) in tm.stages
     assert_stages_partition(tm)
     assert tm.config == {
-        "_target_": "image_finetune.models.timm_backbone.timm_backbone",
+        "_target_": "image_finetune.recipe.timm_backbone.timm_backbone",
         "name": TIMM_MODEL,
         "weights": "DEFAULT",
         "allow_random_init": True,
@@ -151,7 +152,7 @@ def test_the_data_module_applies_the_backbones_preprocessing_unless_the_data_set
 ):
     from torchvision.transforms import InterpolationMode
 
-    from image_finetune.train import build
+    from image_finetune.training.train import build
 
     folder = make_image_folder(Path(compose_cfg().paths.data_dir) / "images")
     run = build(compose_cfg(*TIMM, "data=imagefolder", f"data.root={folder}", "data.num_workers=0"))
@@ -192,11 +193,11 @@ def test_checkpoints_and_exports_rebuild_only_through_allow_listed_builders(tmp_
     with pytest.raises(UserError, match=r"evil\.ckpt names the backbone builder 'os\.system', which is not one of"):
         Classifier.from_checkpoint(tmp_path / "evil.ckpt", device="cpu")
 
-    from image_finetune.export import export_classifier
+    from image_finetune.inference.export import export_classifier
 
     path = export_classifier(classifier, "safetensors", tmp_path / "model.safetensors", source="x", verify=False)
     meta = json.loads(sidecar_path(path).read_text())
-    assert meta["backbone"] == {"_target_": "image_finetune.models.backbones.torchvision_backbone"}
+    assert meta["backbone"] == {"_target_": "image_finetune.recipe.backbones.torchvision_backbone"}
     sidecar_path(path).write_text(json.dumps({**meta, "backbone": {"_target_": "builtins.exec"}}))
     with pytest.raises(UserError, match=r"model\.safetensors\.json names the backbone builder 'builtins\.exec'"):
         Classifier.from_safetensors(path)

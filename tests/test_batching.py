@@ -10,7 +10,7 @@ from support import FAST, make_image_folder
 
 from image_finetune.data import EpochSampler, ImageFolderDataModule
 from image_finetune.data.base import train_batching
-from image_finetune.train import train
+from image_finetune.training.train import train
 
 
 def steps_and_dropped(n: int, batch_size: int, min_steps: int = 8) -> tuple[int, int, int]:

@@ -10,8 +10,8 @@ import torch
 from hydra.utils import get_object
 from omegaconf import OmegaConf
 
-from image_finetune.errors import ConfigError
-from image_finetune.resume_guard import MOVED, check_resume
+from image_finetune.core.errors import ConfigError
+from image_finetune.training.resume_guard import MOVED, check_resume
 
 
 def test_every_moved_target_resolves_where_it_lives_now():

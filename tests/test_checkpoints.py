@@ -11,8 +11,8 @@ import torch
 from hydra.core.global_hydra import GlobalHydra
 
 from image_finetune.checkpoints import read_checkpoint, resolve_ckpt_path
-from image_finetune.errors import UserError
-from image_finetune.models import ImageClassifier
+from image_finetune.core.errors import UserError
+from image_finetune.models.classifier import ImageClassifier
 
 pytest_plugins = ["trained"]  # the shared `trained` fixture
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from image_finetune.checkpoints.io import AtomicCheckpointIO
-from image_finetune.models.metrics import classification_metrics as _metrics
+from image_finetune.recipe.metrics import classification_metrics as _metrics
 
 
 def test_top5_is_not_top1_even_when_the_first_batch_is_all_correct():

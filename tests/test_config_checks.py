@@ -10,9 +10,9 @@ import pytest
 import torch
 from support import FAST
 
-from image_finetune.config_checks import check_config
-from image_finetune.errors import ConfigError
-from image_finetune.train import train
+from image_finetune.core.config_checks import check_config
+from image_finetune.core.errors import ConfigError
+from image_finetune.training.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def test_a_sound_config_passes(compose_cfg, image_folder):
 
 
 def test_config_checks_import_nothing_heavy():
-    code = "import sys, image_finetune.config_checks; print(sorted({'torch', 'lightning', 'hydra'} & set(sys.modules)))"
+    code = "import sys, image_finetune.core.config_checks; print(sorted({'torch', 'lightning', 'hydra'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
     assert out.strip() == "[]"
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from support import FAST, make_image_folder
 
-from image_finetune.train import train
+from image_finetune.training.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 2

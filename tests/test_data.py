@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 from support import make_image_folder
 
+from image_finetune.core.errors import ConfigError, DataError
 from image_finetune.data import CIFAR10DataModule, DigitsDataModule, EpochSampler, ImageFolderDataModule
 from image_finetune.data.base import train_batching
 from image_finetune.data.cifar10 import random_crop_flip
 from image_finetune.data.imagefolder import balanced_weights
-from image_finetune.errors import ConfigError, DataError
-from image_finetune.models.backbones import build_backbone
+from image_finetune.recipe.backbones import build_backbone
 
 
 def folder_module(root: Path, tmp_path: Path, **kwargs: object) -> ImageFolderDataModule:

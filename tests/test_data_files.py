@@ -20,11 +20,11 @@ import pytest
 from omegaconf import OmegaConf
 from support import FAST, make_image_folder
 
-from image_finetune.config_checks import check_config
+from image_finetune.core.config_checks import check_config
+from image_finetune.core.errors import ConfigError, DataError
 from image_finetune.data import ImageFolderDataModule
 from image_finetune.data.imagefolder import split_summary
 from image_finetune.data.scan import _ScanCache, scan_image_folder, summarize
-from image_finetune.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
 SPLIT_FILE = "data_split.json"
@@ -302,8 +302,8 @@ def test_many_classes_are_summarised_few_are_listed():
     ],
 )
 def test_a_damaged_export_sidecar_is_one_line(tmp_path: Path, text: str, expected: str):
-    from image_finetune.errors import UserError
-    from image_finetune.inference import read_sidecar
+    from image_finetune.core.errors import UserError
+    from image_finetune.inference.classifier import read_sidecar
 
     (tmp_path / "model.onnx.json").write_text(text)
     with pytest.raises(

@@ -13,14 +13,14 @@ from omegaconf import OmegaConf
 from support import FakeFlowers102
 from torch import nn
 
-from image_finetune import finetune
+from image_finetune.core.errors import ConfigError
 from image_finetune.data import ClassificationDataModule
 from image_finetune.data.contract import ClassificationData
 from image_finetune.data.preprocessing import Preprocessing
-from image_finetune.errors import ConfigError
-from image_finetune.lr_find import lr_find
-from image_finetune.models.backbones import Backbone
-from image_finetune.wiring import build_model_and_data
+from image_finetune.recipe.backbones import Backbone
+from image_finetune.training import finetune
+from image_finetune.training.lr_find import lr_find
+from image_finetune.training.wiring import build_model_and_data
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "src" / "image_finetune"
@@ -129,7 +129,14 @@ def test_lr_find_gives_the_data_module_the_backbones_preprocessing(compose_cfg, 
     assert seen == [Preprocessing(size=40, crop_ratio=0.5, interpolation="bicubic")]
 
 
-CALLERS = ["train.py", "evaluate.py", "lr_find.py", "wiring.py", "predict.py", "export.py"]
+CALLERS = [
+    "training/train.py",
+    "inference/evaluate.py",
+    "training/lr_find.py",
+    "training/wiring.py",
+    "inference/predict.py",
+    "inference/export.py",
+]
 ASKING = {"getattr", "hasattr", "isinstance"}
 CONCRETE = {"ImageFolderDataModule", "DigitsDataModule", "CIFAR10DataModule", "DatasetDataModule"}
 
@@ -138,7 +145,9 @@ CONCRETE = {"ImageFolderDataModule", "DigitsDataModule", "CIFAR10DataModule", "D
 def test_no_caller_probes_the_data_module(module):
     """Callers read the contract; they never ask a data module what it is or has (getattr/hasattr/isinstance), reach
     into its datasets' insides (``datasets["train"].loader``) or import a concrete data module class."""
-    allowed = {"isinstance(datamodule, ClassificationData)"} if module == "wiring.py" else set()  # the one check
+    allowed = (
+        {"isinstance(datamodule, ClassificationData)"} if module == "training/wiring.py" else set()
+    )  # the one check
     probes = []
     for node in ast.walk(ast.parse((PACKAGE / module).read_text())):
         asks = isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ASKING and node.args

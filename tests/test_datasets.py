@@ -8,8 +8,9 @@ import torch
 import torchvision
 from torchvision.transforms import v2
 
-from image_finetune.data import DatasetDataModule, EpochSampler, SeededDataset
-from image_finetune.errors import ConfigError, DataError
+from image_finetune.core.errors import ConfigError, DataError
+from image_finetune.data import EpochSampler
+from image_finetune.recipe.datasets import DatasetDataModule, SeededDataset
 
 
 def fake(size: int = 20, transform=None) -> torchvision.datasets.FakeData:

@@ -19,6 +19,7 @@ from torchvision.io import read_file
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from image_finetune.core.errors import ConfigError
 from image_finetune.data import device_decode
 from image_finetune.data.base import EpochSampler
 from image_finetune.data.device_decode import (
@@ -30,8 +31,7 @@ from image_finetune.data.device_decode import (
 )
 from image_finetune.data.imagefolder import ImageFolderDataModule
 from image_finetune.data.transforms import Augmentation
-from image_finetune.errors import ConfigError
-from image_finetune.train import build, train
+from image_finetune.training.train import build, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -198,7 +198,7 @@ def test_decode_gpu_trains_and_validates_end_to_end(compose_cfg, pretrained, tmp
         modules.append(run.datamodule)
         return run
 
-    monkeypatch.setattr("image_finetune.train.build", build_and_watch)
+    monkeypatch.setattr("image_finetune.training.train.build", build_and_watch)
     images = make_image_folder(tmp_path / "images", per_class=8)
     cfg = compose_cfg(
         "data=imagefolder", f"data.root={images}", "data.decode=gpu", "augment=standard", "trainer.max_epochs=2", *FAST

@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 from device_reads import DeviceReads
 
-from image_finetune.train import train
+from image_finetune.training.train import train
 
 # The counted training steps are batches 2..7 (from 0) of each epoch; Lightning reads the logged values back on its logging steps
 # (every ``trainer.log_every_n_steps``), which must fall outside them: that read is Lightning's, once per 10 steps.

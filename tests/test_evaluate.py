@@ -14,8 +14,8 @@ from PIL import Image
 from support import FAST
 
 from image_finetune.checkpoints import run_config
-from image_finetune.errors import DataError, UserError
-from image_finetune.evaluate import data_config, evaluate
+from image_finetune.core.errors import DataError, UserError
+from image_finetune.inference.evaluate import data_config, evaluate
 
 pytest_plugins = ["trained"]  # the shared `trained` fixture
 
@@ -142,7 +142,7 @@ def with_stored_data(trained, tmp_path: Path, data: dict) -> Path:
         ({"_target_": "pathlib.Path.write_text", "self": {"_target_": "pathlib.Path", "_args_": ["VICTIM"]}, "data": "x"},
          r"data\._target_='pathlib\.Path\.write_text' is not one of this project's classes: a checkpoint may not choose code"),
         # The project's own *functions* are not allowed either: called with a file's arguments, they would still act.
-        ({"_target_": "image_finetune.atomic.atomic_write_text", "path": "VICTIM", "text": "x"},
+        ({"_target_": "image_finetune.core.atomic.atomic_write_text", "path": "VICTIM", "text": "x"},
          r"atomic_write_text' is not a ClassificationDataModule"),
         # A project class that is not a data module.
         ({"_target_": "image_finetune.callbacks.RunSummary"}, r"is not a ClassificationDataModule"),
@@ -186,9 +186,9 @@ def test_a_stored_data_config_writes_nothing_where_the_checkpoint_says(trained, 
 def test_split_test_without_a_test_split_is_an_error_never_val_under_the_name_test(tmp_path):
     from support import make_image_folder
 
+    from image_finetune.core.errors import ConfigError
     from image_finetune.data import ImageFolderDataModule
-    from image_finetune.errors import ConfigError
-    from image_finetune.evaluate import select_split
+    from image_finetune.inference.evaluate import select_split
 
     images = make_image_folder(tmp_path / "few", per_class=4)
     dm = ImageFolderDataModule(images, image_size=16, num_workers=0, cache_dir=tmp_path / "cache", test_fraction=0)

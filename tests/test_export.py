@@ -28,13 +28,13 @@ from safetensors.torch import load_file
 from support import FAST
 from torchvision.datasets import CIFAR10
 
+from image_finetune.core.errors import ConfigError, UserError
 from image_finetune.data.scan import IMAGE_EXTENSIONS
-from image_finetune.errors import ConfigError, UserError
-from image_finetune.evaluate import evaluate
-from image_finetune.export import FORMATS, WRITERS, export, export_classifier, load_exported
-from image_finetune.inference import Classifier, sidecar_path
-from image_finetune.predict import predict
-from image_finetune.train import train
+from image_finetune.inference.classifier import Classifier, sidecar_path
+from image_finetune.inference.evaluate import evaluate
+from image_finetune.inference.export import FORMATS, WRITERS, export, export_classifier, load_exported
+from image_finetune.inference.predict import predict
+from image_finetune.training.train import train
 
 pytest_plugins = ["trained"]  # the shared `trained` fixture
 

@@ -13,13 +13,13 @@ from lightning.pytorch.callbacks import EarlyStopping
 from support import FakeFlowers102
 from torch import nn
 
-from image_finetune.cli import compose_config
+from image_finetune.core.cli import compose_config
+from image_finetune.core.errors import UserError
 from image_finetune.data.preprocessing import Preprocessing
-from image_finetune.errors import UserError
-from image_finetune.inference import Classifier
-from image_finetune.models.backbones import Backbone
-from image_finetune.models.registry import BUILDERS
-from image_finetune.train import train
+from image_finetune.inference.classifier import Classifier
+from image_finetune.recipe.backbones import Backbone
+from image_finetune.recipe.registry import BUILDERS
+from image_finetune.training.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 # small, quick runs on the CPU; nothing here changes what the section's lines do

@@ -13,9 +13,9 @@ from messy_folder import photo, save
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
+from image_finetune.core.errors import DataError
 from image_finetune.data.files import ImageFileDataset, ImageLoader
 from image_finetune.data.scan import scan_image_folder
-from image_finetune.errors import DataError
 
 AUGMENT = v2.Compose([v2.RandomResizedCrop(24, antialias=True), v2.RandomHorizontalFlip()])
 

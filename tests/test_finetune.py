@@ -14,9 +14,9 @@ import torch
 from omegaconf import DictConfig
 from support import FAST, TIMM_MODEL, make_image_folder
 
-from image_finetune import finetune
 from image_finetune.models.norms import is_norm_layer
-from image_finetune.train import Run, build, train
+from image_finetune.training import finetune
+from image_finetune.training.train import Run, build, train
 
 pytestmark = pytest.mark.usefixtures("pretrained")
 

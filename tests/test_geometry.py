@@ -13,12 +13,13 @@ from torchvision.io import decode_jpeg, encode_jpeg
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from image_finetune.data import CIFAR10DataModule, DatasetDataModule
+from image_finetune.data import CIFAR10DataModule
 from image_finetune.data.base import seeded_rngs
 from image_finetune.data.device_decode import center_box, crop_resize, decode_crop_batch, random_resized_box
 from image_finetune.data.imagefolder import ImageFolderDataModule
 from image_finetune.data.preprocessing import Preprocessing
 from image_finetune.data.transforms import Augmentation, Geometry, train_transform
+from image_finetune.recipe.datasets import DatasetDataModule
 
 SEEDS = (0, 2, 3, 5, 7, 2**40 + 3)
 # (top, left, height, width), flip: torchvision's RandomResizedCrop + RandomHorizontalFlip under seeded_rngs(seed)

@@ -15,11 +15,10 @@ import torch
 import torch.nn.functional as F
 from support import FAST, make_image_folder
 
-from image_finetune.inference import Classifier
-from image_finetune.models import ImageClassifier
-from image_finetune.models.classifier import check_weights_fit
-from image_finetune.models.heads import mlp_head
-from image_finetune.models.losses import balanced_weights, focal
+from image_finetune.inference.classifier import Classifier
+from image_finetune.models.classifier import ImageClassifier, check_weights_fit
+from image_finetune.recipe.heads import mlp_head
+from image_finetune.recipe.losses import balanced_weights, focal
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = Path(__file__).parent / "fixtures" / "main_checkpoint"
@@ -49,7 +48,7 @@ def test_balanced_weights_come_from_the_counts():
 
 def test_mlp_head_shapes_and_its_checkpoint_record():
     head = mlp_head(hidden=16)
-    assert head.config == {"_target_": "image_finetune.models.heads.mlp_head", "hidden": 16}
+    assert head.config == {"_target_": "image_finetune.recipe.heads.mlp_head", "hidden": 16}
     module = head.make(32, 5, 0.1)
     assert module(torch.randn(4, 32)).shape == (4, 5) and module[-1].weight.shape == (5, 16)
 
@@ -107,7 +106,7 @@ def mlp_focal_run(tmp_path_factory) -> Path:
 def test_mlp_focal_checkpoint_serves_eval_predict_and_onnx_export(mlp_focal_run):
     ckpt = mlp_focal_run / "run" / "checkpoints" / "last.ckpt"
     hparams = torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]
-    assert hparams["head"] == {"_target_": "image_finetune.models.heads.mlp_head", "hidden": 16}
+    assert hparams["head"] == {"_target_": "image_finetune.recipe.heads.mlp_head", "hidden": 16}
     for args in (
         ["eval.py", f"ckpt_path={ckpt}", "data=imagefolder", f"data.root={mlp_focal_run / 'images'}", "split=all",
          "trainer=cpu", "data.num_workers=0", f"hydra.run.dir={mlp_focal_run / 'eval'}"],

@@ -17,7 +17,7 @@ import torch
 from sklearn.metrics import accuracy_score, f1_score
 from torchmetrics.functional.classification import multiclass_f1_score
 
-from image_finetune.export import export_classifier
+from image_finetune.inference.export import export_classifier
 
 pytest_plugins = ["trained"]  # the shared `trained` fixture: trained once per session
 

@@ -21,13 +21,13 @@ import torch
 from support import FAST, make_image_folder
 
 from image_finetune.checkpoints import read_checkpoint
-from image_finetune.errors import ConfigError, UserError
-from image_finetune.export import export_classifier
-from image_finetune.inference import Classifier
-from image_finetune.init_from import InitFrom, apply_init_weights, init_from_callbacks, read_init_weights
-from image_finetune.models import ImageClassifier
-from image_finetune.models.backbones import torchvision_backbone
-from image_finetune.train import build
+from image_finetune.core.errors import ConfigError, UserError
+from image_finetune.inference.classifier import Classifier
+from image_finetune.inference.export import export_classifier
+from image_finetune.models.classifier import ImageClassifier
+from image_finetune.recipe.backbones import torchvision_backbone
+from image_finetune.training.init_from import InitFrom, apply_init_weights, init_from_callbacks, read_init_weights
+from image_finetune.training.train import build
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["trainer=cpu", "data.image_size=32", "model.backbone.weights=null", "data.num_workers=0", "logger=csv"]

@@ -22,8 +22,8 @@ import pytest
 from support import make_image_folder
 from test_resume import assert_bitwise_equal, train_command, weights
 
-from image_finetune import finetune
 from image_finetune.checkpoints import read_checkpoint
+from image_finetune.training import finetune
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -160,7 +160,7 @@ def lr_find_run(tmp_path_factory: pytest.TempPathFactory, hub_dir: Path) -> subp
         f"paths.data_dir={root / 'data'}", f"hydra.run.dir={root / 'run'}",
     ]  # fmt: skip
     in_sweep_2 = (
-        "image_finetune.lr_find:SweepCallback.on_train_batch_end",
+        "image_finetune.training.lr_find:SweepCallback.on_train_batch_end",
         "not sent and self.label.startswith('LR sweep 2/2') and len(self.sweep.losses) == 3",
     )
     return run(ctrl_c(command, in_sweep_2), env)

@@ -31,7 +31,7 @@ GRAPH = {module_name(p): imports(p) for p in PACKAGE.rglob("*.py")}
 GRAPH = {m: {d for d in deps if d in GRAPH and d != m} for m, deps in GRAPH.items()}
 #: The top layer: the module each entry script (train.py, eval.py, ...) hands its config to. The small helpers the
 #: scripts also import (cli, config_checks, multirun) are leaves below everything.
-HELPERS = {"image_finetune.cli", "image_finetune.config_checks", "image_finetune.multirun"}
+HELPERS = {"image_finetune.core.cli", "image_finetune.core.config_checks", "image_finetune.ops.multirun"}
 ENTRY = {d for script in REPO.glob("*.py") for d in imports(script) if d in GRAPH} - HELPERS
 
 
@@ -53,10 +53,10 @@ def test_the_package_has_no_import_circles():
 
 def test_entry_modules_import_only_downward():
     assert {
-        "image_finetune.train",
-        "image_finetune.evaluate",
-        "image_finetune.predict",
-        "image_finetune.export",
+        "image_finetune.training.train",
+        "image_finetune.inference.evaluate",
+        "image_finetune.inference.predict",
+        "image_finetune.inference.export",
     } <= ENTRY
     sideways = {m: sorted(GRAPH[m] & ENTRY) for m in ENTRY if GRAPH[m] & ENTRY}
     assert sideways == {}
@@ -64,7 +64,7 @@ def test_entry_modules_import_only_downward():
 
 @pytest.mark.parametrize("layer", ["models", "data", "callbacks"])
 def test_building_blocks_never_import_the_layers_above(layer):
-    above = ENTRY | {"image_finetune.cli"}
+    above = ENTRY | {"image_finetune.core.cli"}
     offenders = {
         m: sorted(GRAPH[m] & above) for m in GRAPH if m.startswith(f"image_finetune.{layer}") and GRAPH[m] & above
     }
@@ -83,4 +83,4 @@ def test_drawing_lives_in_one_module():
                 return True
         return False
 
-    assert sorted(module_name(p) for p in PACKAGE.rglob("*.py") if draws(p)) == ["image_finetune.plots"]
+    assert sorted(module_name(p) for p in PACKAGE.rglob("*.py") if draws(p)) == ["image_finetune.core.plots"]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from image_finetune.checkpoints import read_checkpoint
-from image_finetune.lr_find import LRSweep
+from image_finetune.training.lr_find import LRSweep
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,7 @@ from support import FAST
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-import image_finetune.train as train_module
+import image_finetune.training.train as train_module
 from image_finetune.callbacks import ConfusionMatrixImage, MisclassifiedGrid, PerClassAccuracy, TrainingProgressBar
 from image_finetune.callbacks.visuals import (
     CONFUSION_MATRIX_TAG,
@@ -31,9 +31,9 @@ from image_finetune.callbacks.visuals import (
     PHASE_TEXT_TAG,
     TRAIN_IMAGES_TAG,
 )
-from image_finetune.plots import image_grid
-from image_finetune.results import HPARAM_COLUMNS
-from image_finetune.train import Run, train
+from image_finetune.core.plots import image_grid
+from image_finetune.core.results import HPARAM_COLUMNS
+from image_finetune.training.train import Run, train
 
 pytestmark = pytest.mark.usefixtures("pretrained")
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from image_finetune.multirun import SUMMARY_CSV, SUMMARY_MD, summarize
+from image_finetune.ops.multirun import SUMMARY_CSV, SUMMARY_MD, summarize
 
 TINY = [
     "trainer.max_epochs=2",

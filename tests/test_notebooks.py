@@ -12,7 +12,7 @@ from nbclient import NotebookClient
 from support import FAST
 
 from image_finetune.data.digits import write_digits_folder
-from image_finetune.train import train
+from image_finetune.training.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))

@@ -19,9 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from image_finetune.errors import ConfigError
-from image_finetune.multirun import ERROR_JSON, SUMMARY_CSV, SUMMARY_MD, JobFailed, MultirunSummary, summarize
-from image_finetune.sweep import open_study, run_study
+from image_finetune.core.errors import ConfigError
+from image_finetune.ops.multirun import ERROR_JSON, SUMMARY_CSV, SUMMARY_MD, JobFailed, MultirunSummary, summarize
+from image_finetune.ops.sweep import open_study, run_study
 
 TINY = [
     "trainer=cpu",

@@ -14,10 +14,10 @@ from hydra.core.global_hydra import GlobalHydra
 from messy_folder import truncated_jpeg
 from PIL import Image
 
-from image_finetune.errors import DataError, UserError
-from image_finetune.inference import Classifier, Preprocessing
-from image_finetune.models import ImageClassifier
-from image_finetune.predict import list_inputs, predict
+from image_finetune.core.errors import DataError, UserError
+from image_finetune.inference.classifier import Classifier, Preprocessing
+from image_finetune.inference.predict import list_inputs, predict
+from image_finetune.models.classifier import ImageClassifier
 
 pytest_plugins = ["trained"]  # the shared `trained` fixture
 

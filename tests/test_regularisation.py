@@ -20,15 +20,15 @@ from omegaconf import DictConfig
 from support import FAST
 from torchvision.ops import StochasticDepth
 
-from image_finetune import finetune
 from image_finetune.callbacks import EMAWeights
+from image_finetune.core.errors import ConfigError
 from image_finetune.data.files import ImageFileDataset
 from image_finetune.data.transforms import train_transform
-from image_finetune.errors import ConfigError
-from image_finetune.models import ImageClassifier
-from image_finetune.models.backbones import build_backbone
-from image_finetune.models.losses import cross_entropy
-from image_finetune.train import build
+from image_finetune.models.classifier import ImageClassifier
+from image_finetune.recipe.backbones import build_backbone
+from image_finetune.recipe.losses import cross_entropy
+from image_finetune.training import finetune
+from image_finetune.training.train import build
 
 pytestmark = pytest.mark.usefixtures("pretrained")
 

@@ -20,15 +20,15 @@ import pytest
 import torch
 from support import FAST, make_image_folder
 
-from image_finetune import finetune
-from image_finetune.atomic import remove_orphans
 from image_finetune.callbacks.reproducibility import reseed_globals
 from image_finetune.checkpoints import read_checkpoint
 from image_finetune.checkpoints.io import AtomicCheckpointIO
-from image_finetune.errors import RunInterrupted, UserError
+from image_finetune.core.atomic import remove_orphans
+from image_finetune.core.errors import RunInterrupted, UserError
+from image_finetune.core.rundir import LOCK_NAME, clean_run_dir, drop_checkpoints_after_last, run_dir_lock
 from image_finetune.models.classifier import ImageClassifier
-from image_finetune.rundir import LOCK_NAME, clean_run_dir, drop_checkpoints_after_last, run_dir_lock
-from image_finetune.train import build, train
+from image_finetune.training import finetune
+from image_finetune.training.train import build, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -121,7 +121,7 @@ def test_a_run_stopped_by_sigterm_mid_epoch_resumes_to_the_uninterrupted_weights
         run.trainer.callbacks.append(SendSigterm())
         return run
 
-    monkeypatch.setattr("image_finetune.train.build", build_with_sigterm)
+    monkeypatch.setattr("image_finetune.training.train.build", build_with_sigterm)
     with pytest.raises(
         RunInterrupted, match=r"received SIGTERM during training; resume with hydra\.run\.dir=.* ckpt_path=last"
     ) as info:
@@ -131,7 +131,7 @@ def test_a_run_stopped_by_sigterm_mid_epoch_resumes_to_the_uninterrupted_weights
     loops = last["loops"]["fit_loop"]
     assert loops["epoch_progress"]["current"]["processed"] == 1, "saved mid-epoch 1"
     assert loops["epoch_loop.batch_progress"]["current"]["processed"] == 2, "after its second batch"
-    monkeypatch.setattr("image_finetune.train.build", real_build)
+    monkeypatch.setattr("image_finetune.training.train.build", real_build)
     train(compose_cfg(*common, "ckpt_path=last", output_dir=tmp_path / "stopped"))
     assert_bitwise_equal(weights(tmp_path / "stopped" / "checkpoints" / "last.ckpt"), expected, "resumed after SIGTERM")
 
@@ -231,7 +231,7 @@ def test_a_sigterm_at_the_unfreeze_stops_the_run_as_one_inside_a_fit_does(
         run.trainer.callbacks.append(SigtermAtTheUnfreeze())
         return run
 
-    monkeypatch.setattr("image_finetune.train.build", build_with_sigterm)
+    monkeypatch.setattr("image_finetune.training.train.build", build_with_sigterm)
     images = make_image_folder(tmp_path / "images", per_class=8)
     cfg = compose_cfg("data=imagefolder", f"data.root={images}", "trainer.max_epochs=2", "test=false", *FAST)
     try:
@@ -270,7 +270,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_non_zero(tmp_path, hub_dir):
 
 def test_a_second_run_in_a_locked_dir_fails_at_once_and_a_dead_holder_leaves_no_lock(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from image_finetune.rundir import run_dir_lock\n"
+        [sys.executable, "-c", "import sys, time; from image_finetune.core.rundir import run_dir_lock\n"
          "with run_dir_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(600)", str(tmp_path)],
         env={**os.environ, "PYTHONPATH": str(REPO / "src")}, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -295,7 +295,7 @@ def test_a_forked_worker_that_outlives_a_killed_trainer_does_not_keep_the_dir_lo
     """Data loader workers are forked while the lock is held; one still alive after its trainer died (as after
     `kill -9`, until its watchdog notices) must not hold the lock: a flock belongs to the open file, not the process."""
     script = (
-        "import os, sys, time; from image_finetune.rundir import run_dir_lock\n"
+        "import os, sys, time; from image_finetune.core.rundir import run_dir_lock\n"
         "with run_dir_lock(sys.argv[1]):\n"
         "    if os.fork() == 0:\n        os.write(1, b'forked\\n'); time.sleep(600)\n"
         "    os.write(1, b'locked\\n'); time.sleep(600)"

@@ -17,8 +17,8 @@ import torch
 from omegaconf import OmegaConf
 
 from image_finetune.checkpoints import resume_epoch
-from image_finetune.errors import ConfigError
-from image_finetune.resume_guard import (
+from image_finetune.core.errors import ConfigError
+from image_finetune.training.resume_guard import (
     ALLOWED,
     UNSET,
     allow_changes,
@@ -29,7 +29,7 @@ from image_finetune.resume_guard import (
     refusal,
     world_size,
 )
-from image_finetune.schedule import FinetuneSchedule
+from image_finetune.training.schedule import FinetuneSchedule
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 2

@@ -11,6 +11,7 @@ import pytest
 from messy_folder import MessyFolder, make_messy_folder, photo, save, truncated_jpeg
 from PIL import Image
 
+from image_finetune.core.errors import DataError, UserError
 from image_finetune.data import scan as scan_mod
 from image_finetune.data.scan import (
     REASON_KINDS,
@@ -21,7 +22,6 @@ from image_finetune.data.scan import (
     summarize,
     write_scan_report,
 )
-from image_finetune.errors import DataError, UserError
 
 
 @pytest.fixture

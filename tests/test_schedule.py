@@ -10,10 +10,10 @@ import pytest
 import torch
 import torchvision
 
-from image_finetune.errors import ConfigError
-from image_finetune.models.backbones import _replace_classifier
+from image_finetune.core.errors import ConfigError
 from image_finetune.models.stages import stage_names, torchvision_stages
-from image_finetune.schedule import FinetuneSchedule, Phase, stage_lr_ratios
+from image_finetune.recipe.backbones import _replace_classifier
+from image_finetune.training.schedule import FinetuneSchedule, Phase, stage_lr_ratios
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "image_finetune"
 
@@ -69,9 +69,9 @@ def test_the_schedule_is_a_leaf_and_no_module_imports_in_a_circle():
             a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
         }
 
-    leaf = {"__future__", "collections.abc", "dataclasses", "typing", "image_finetune.errors"}
+    leaf = {"__future__", "collections.abc", "dataclasses", "typing", "image_finetune.core.errors"}
     assert imports(SRC / "schedule.py") <= leaf
-    assert "image_finetune.finetune" not in imports(SRC / "models" / "classifier.py")
+    assert "image_finetune.training.finetune" not in imports(SRC / "models" / "classifier.py")
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ import torch
 from conftest import CONFIGS, REPO
 from omegaconf import OmegaConf
 
-from image_finetune.slurm import resume_if_requeued, run_id, slurm_job_id
+from image_finetune.ops.slurm import resume_if_requeued, run_id, slurm_job_id
 
 JOB_ID = "4242"
 TINY = [

@@ -64,7 +64,7 @@ def test_train_cfg_job_and_a_config_error_import_neither_torch_nor_lightning(tmp
 
 def test_the_one_line_error_helper_is_import_light():
     code = (
-        "import sys, image_finetune.cli, image_finetune.config_checks; "
+        "import sys, image_finetune.core.cli, image_finetune.core.config_checks; "
         f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}

@@ -18,9 +18,9 @@ from hydra.core.utils import JobReturn, JobStatus
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from image_finetune.errors import ConfigError
-from image_finetune.sweep import TRIAL_OVERRIDE, optuna_pruning, record, results_table, search_space
-from image_finetune.train import optimized_value
+from image_finetune.core.errors import ConfigError
+from image_finetune.ops.sweep import TRIAL_OVERRIDE, optuna_pruning, record, results_table, search_space
+from image_finetune.training.train import optimized_value
 
 
 def test_search_space_reads_hydra_sweep_syntax():

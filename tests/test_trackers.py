@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from support import FAST
 
-from image_finetune.cli import user_errors
-from image_finetune.loggers import RUN_DIR_TAG, finish_wandb_run, mlflow_logger, wandb_logger
-from image_finetune.train import train
+from image_finetune.core.cli import user_errors
+from image_finetune.ops.loggers import RUN_DIR_TAG, finish_wandb_run, mlflow_logger, wandb_logger
+from image_finetune.training.train import train
 
 pytestmark = pytest.mark.usefixtures("pretrained")
 

@@ -13,8 +13,8 @@ import torch
 from hydra.utils import instantiate
 from support import FAST, TIMM_MODEL, make_image_folder
 
-from image_finetune.evaluate import evaluate
-from image_finetune.train import train
+from image_finetune.inference.evaluate import evaluate
+from image_finetune.training.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml"))
@@ -73,7 +73,7 @@ def test_fast_dev_run_imagefolder_experiment(compose_cfg, pretrained, image_fold
 
 
 def test_non_demo_runs_stop_when_weights_cannot_be_had(compose_cfg, offline_hub, image_folder):
-    from image_finetune.errors import ConfigError
+    from image_finetune.core.errors import ConfigError
 
     cfg = compose_cfg("experiment=imagefolder", "debug=fdr", *FAST, f"data.root={image_folder}")
     with pytest.raises(Exception) as info:
@@ -100,7 +100,7 @@ def test_eval_reproduces_the_test_metrics_of_training(compose_cfg, pretrained, i
 
 
 def test_ckpt_path_last_without_a_checkpoint_is_an_error(compose_cfg):
-    from image_finetune.errors import UserError
+    from image_finetune.core.errors import UserError
 
     with pytest.raises(UserError, match=r"no checkpoint at .*last\.ckpt.*hydra\.run\.dir"):
         train(compose_cfg("ckpt_path=last", *FAST))

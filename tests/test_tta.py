@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 from support import FAST
 
-from image_finetune.errors import ConfigError
-from image_finetune.evaluate import evaluate
-from image_finetune.inference import Classifier
-from image_finetune.predict import predict
+from image_finetune.core.errors import ConfigError
+from image_finetune.inference.classifier import Classifier
+from image_finetune.inference.evaluate import evaluate
+from image_finetune.inference.predict import predict
 
 pytest_plugins = ["trained"]  # the shared `trained` fixture
 

@@ -14,8 +14,8 @@ import pytest
 from omegaconf import DictConfig
 from support import FAST, make_image_folder
 
-from image_finetune.inference import Classifier
-from image_finetune.train import train
+from image_finetune.inference.classifier import Classifier
+from image_finetune.training.train import train
 
 
 @dataclass(frozen=True)

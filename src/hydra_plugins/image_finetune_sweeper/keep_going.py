@@ -16,7 +16,7 @@ class _CompletedOnly(Launcher):
 
     Hydra's ``BasicSweeper`` re-raises the first failed job's error once its batch ends: the later batches never run
     and no ``on_multirun_end`` callback is called, so there would be no summary. Each failed job is reported by
-    ``image_finetune.multirun.MultirunSummary`` instead: its line when it fails, the list and exit code 2 at the end.
+    ``image_finetune.ops.multirun.MultirunSummary`` instead: its line when it fails, the list and exit code 2 at the end.
     """
 
     def __init__(self, launcher: Launcher) -> None:

@@ -1,5 +1,5 @@
 """Hydra only instantiates sweepers that live under ``hydra_plugins``: this adapter hands the work to
-``image_finetune.sweep`` (why we drive Optuna ourselves instead of hydra-optuna-sweeper: see there)."""
+``image_finetune.ops.sweep`` (why we drive Optuna ourselves instead of hydra-optuna-sweeper: see there)."""
 
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ class OptunaSweeper(Sweeper):
                 file=sys.stderr,
             )
             sys.exit(2)
-        from image_finetune.cli import user_errors
-        from image_finetune.sweep import run_study
+        from image_finetune.core.cli import user_errors
+        from image_finetune.ops.sweep import run_study
 
         assert self.config is not None
         with user_errors():  # the sweep's own mistakes (a foreign optuna.db, nothing to search): one line, exit 2

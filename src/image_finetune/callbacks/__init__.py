@@ -13,7 +13,7 @@ from image_finetune.callbacks.visuals import (
     TrainImageGrid,
 )
 from image_finetune.checkpoints.io import LastCheckpoint, ModelCheckpoint
-from image_finetune.results import RunSummary
+from image_finetune.core.results import RunSummary
 
 __all__ = [
     "CheckWeightsInSync",

@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.callbacks import ModelSummary, RichProgressBar
 
 from image_finetune.callbacks.visuals import phase_name
-from image_finetune.results import scalar_metrics
+from image_finetune.core.results import scalar_metrics
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ cost nothing a training epoch would notice and to be safe under DDP:
 * Anything that needs the other ranks (summing a confusion matrix, gathering mistakes) runs in
   ``on_validation_epoch_end`` on **every** rank, before rank 0 draws. A collective called from rank-0-only code (the
   progress bar, a ``rank_zero_only`` function) waits forever for ranks that never call it (Lightning #21264).
-* Images go to every logger that can show them (TensorBoard, W&B, MLflow: ``image_finetune.loggers``); without one
+* Images go to every logger that can show them (TensorBoard, W&B, MLflow: ``image_finetune.ops.loggers``); without one
   (``logger=csv``) the image callbacks do nothing and ``PerClassAccuracy`` still logs its scalars to every logger.
 * Nothing is logged during the sanity check: its numbers come from an untrained head and two batches.
 """
@@ -22,8 +22,8 @@ import lightning as L
 import numpy as np
 import torch
 
-from image_finetune.loggers import image_loggers, log_image, log_step, tensorboard_logger
-from image_finetune.plots import WRONG_COLOUR, confusion_matrix_figure, image_grid, message_image, render_figure
+from image_finetune.core.plots import WRONG_COLOUR, confusion_matrix_figure, image_grid, message_image, render_figure
+from image_finetune.ops.loggers import image_loggers, log_image, log_step, tensorboard_logger
 
 log = logging.getLogger(__name__)
 

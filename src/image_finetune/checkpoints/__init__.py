@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from image_finetune.errors import UserError
+from image_finetune.core.errors import UserError
 
 #: ``checkpoints/last.ckpt``: the state to resume from (``ckpt_path=last``), written by ``checkpoints.io.LastCheckpoint``.
 LAST = "last.ckpt"

@@ -16,9 +16,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpo
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from image_finetune.atomic import atomic_path
 from image_finetune.checkpoints import LAST
-from image_finetune.errors import UserError
+from image_finetune.core.atomic import atomic_path
+from image_finetune.core.errors import UserError
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -17,7 +17,7 @@ import simplejpeg
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
-from image_finetune.atomic import atomic_path
+from image_finetune.core.atomic import atomic_path
 from image_finetune.data.decode import decode_rgb, stored_short_side, to_uint8_tensor
 
 log = logging.getLogger(__name__)

@@ -18,10 +18,10 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10
 
+from image_finetune.core.errors import ConfigError
 from image_finetune.data.base import ClassificationDataModule, EpochSampler
 from image_finetune.data.preprocessing import Preprocessing
 from image_finetune.data.transforms import Augmentation
-from image_finetune.errors import ConfigError
 
 CIFAR_SIZE = 32
 

@@ -25,12 +25,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from image_finetune.core.errors import ConfigError, DataError
 from image_finetune.data.decode import decode_rgb, exif_transpose_method, to_uint8_tensor
 from image_finetune.data.files import ImageFileDataset
 from image_finetune.data.scan import failure_reason
 from image_finetune.data.transforms import Box, Geometry, SeedDraws
 from image_finetune.data.transforms import center_box as center_box  # the eval crop, where the device path had it
-from image_finetune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from image_finetune.core.errors import DataError
 from image_finetune.data.base import seeded_rngs
 from image_finetune.data.cache import ResizedCache
 from image_finetune.data.decode import decode_rgb, to_uint8_tensor
 from image_finetune.data.scan import failure_reason
-from image_finetune.errors import DataError
 
 log = logging.getLogger(__name__)
 

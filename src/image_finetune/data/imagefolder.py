@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 
+from image_finetune.core.errors import ConfigError, DataError
 from image_finetune.data.base import ClassificationDataModule
 from image_finetune.data.cache import ResizedCache
 from image_finetune.data.decode import stored_short_side
@@ -36,7 +37,6 @@ from image_finetune.data.manifest import read_manifest, write_manifest
 from image_finetune.data.preprocessing import Preprocessing
 from image_finetune.data.scan import FolderScan, scan_image_folder, summarize, write_scan_report
 from image_finetune.data.transforms import Augmentation
-from image_finetune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from image_finetune.atomic import atomic_write_text
-from image_finetune.errors import DataError
+from image_finetune.core.atomic import atomic_write_text
+from image_finetune.core.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from image_finetune.core.errors import ConfigError
 from image_finetune.data.decode import decode_rgb, to_rgb, to_uint8_tensor
-from image_finetune.errors import ConfigError
 
 #: Resize kernels a backbone's preprocessing may name (torchvision's weights and timm's configs use the first two).
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")

@@ -27,9 +27,9 @@ from typing import NamedTuple
 import PIL
 from PIL import Image, UnidentifiedImageError
 
-from image_finetune.atomic import atomic_write_text
+from image_finetune.core.atomic import atomic_write_text
+from image_finetune.core.errors import DataError
 from image_finetune.data.decode import to_rgb
-from image_finetune.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from image_finetune.core.errors import ConfigError
 from image_finetune.data.preprocessing import Preprocessing, eval_transform
-from image_finetune.errors import ConfigError
 
 Box = tuple[int, int, int, int]  # top, left, height, width
 Op = Callable[[torch.Tensor], torch.Tensor]

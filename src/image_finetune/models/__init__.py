@@ -1,10 +1,3 @@
-"""Backbones (torchvision, timm, or yours: any builder returning a ``Backbone``) and the module fine-tuning them.
-
-(timm's builder is ``image_finetune.models.timm_backbone.timm_backbone``; it is not re-exported here, where its name
-would hide the module of the same name from Hydra's ``_target_`` lookup.)
-"""
-
-from image_finetune.models.backbones import Backbone, build_backbone, torchvision_backbone
-from image_finetune.models.classifier import ClassifierNet, ImageClassifier
-
-__all__ = ["Backbone", "ClassifierNet", "ImageClassifier", "build_backbone", "torchvision_backbone"]
+"""The model engine: ``ImageClassifier`` (the LightningModule every run trains), the ``Backbone`` seam it is built on,
+its stages and norms, and the rebuild of a network from a checkpoint through the recipe's allow-lists. The parts a
+person changes (backbone builders, heads, losses, metrics, schedulers) are in ``image_finetune.recipe``."""

@@ -16,17 +16,17 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchvision.transforms import v2
 
 from image_finetune.checkpoints import read_checkpoint
+from image_finetune.core.errors import ConfigError, UserError
 from image_finetune.data.contract import ClassificationData
 from image_finetune.data.preprocessing import Preprocessing
-from image_finetune.errors import ConfigError, UserError
-from image_finetune.models.backbones import Backbone
-from image_finetune.models.heads import Head, linear_head
-from image_finetune.models.losses import cross_entropy
-from image_finetune.models.metrics import classification_metrics
+from image_finetune.models.backbone import Backbone
 from image_finetune.models.norms import is_norm_layer
-from image_finetune.models.registry import build_backbone_from_config, rebuild_backbone, rebuild_head
+from image_finetune.models.rebuild import build_backbone_from_config, rebuild_backbone, rebuild_head
 from image_finetune.models.stages import stage_names, stage_of, torchvision_stages
-from image_finetune.schedule import stage_lr_ratios
+from image_finetune.recipe.heads import Head, linear_head
+from image_finetune.recipe.losses import cross_entropy
+from image_finetune.recipe.metrics import classification_metrics
+from image_finetune.training.schedule import stage_lr_ratios
 
 log = logging.getLogger(__name__)
 # Epoch metrics are computed by torchmetrics across ranks before they are logged (see _log_epoch_metrics), so
@@ -37,7 +37,7 @@ SPLITS = ("train", "val", "test")
 
 
 class ClassifierNet(nn.Module):
-    """(Upsampling +) normalisation + backbone + head (``models/heads.py``): the whole inference network, exported as is.
+    """(Upsampling +) normalisation + backbone + head (``recipe/heads.py``): the whole inference network, exported as is.
 
     Input is float RGB in [0, 1], NCHW. Normalising inside the network means the mean/std of the backbone's
     pretrained weights travel with the checkpoint and the exported model, so serving code cannot get them wrong.
@@ -487,7 +487,7 @@ def check_weights_fit(module: nn.Module, state_dict: Mapping[str, torch.Tensor],
     }
     missing, unexpected = [k for k in own if k not in state_dict], [k for k in state_dict if k not in own]
     problems = []
-    # The head's keys (``head.*``, ``net.head.*``): its last weight maps features to classes (models/heads.py).
+    # The head's keys (``head.*``, ``net.head.*``): its last weight maps features to classes (recipe/heads.py).
     in_head = {k for k in (*own, *unexpected) if k.removeprefix("net.").startswith("head.")}
     if in_head:
         head_weights = [k for k in own if k in in_head and k.endswith("weight") and own[k].ndim == 2]

@@ -1,0 +1,71 @@
+"""Training losses (``configs/loss/*.yaml``). Add yours here: a function taking ``class_counts`` and plain arguments.
+
+The engine calls the configured partial once per fit as ``loss(class_counts=...)`` (the training split's images per
+class, in label order, from the data module's ``class_counts()``) and uses the module it returns as
+``loss(logits, targets)``, where ``targets`` are class indices, or class probabilities (rows summing to one) after
+mixup/cutmix. The loss is the training objective only: val/test report plain cross-entropy, so runs with different
+losses stay comparable (and ``eval.py`` reports the same number from a checkpoint).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from image_finetune.core.errors import ConfigError
+
+
+def cross_entropy(class_counts: Sequence[int], label_smoothing: float = 0.0) -> nn.Module:
+    """Cross-entropy with label smoothing (the default); ``class_counts`` is not needed."""
+    if not 0 <= label_smoothing < 1:
+        raise ConfigError(f"model.loss.label_smoothing={label_smoothing} must be in [0, 1)")
+    return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+
+def balanced_weights(class_counts: Sequence[int]) -> torch.Tensor:
+    """``n / (k * n_c)`` per class (scikit-learn's "balanced"): each class weighs as much in total; 0 for an empty one."""
+    counts = torch.as_tensor(list(class_counts), dtype=torch.float32)
+    return torch.where(counts > 0, counts.sum() / (len(counts) * counts.clamp(min=1)), torch.zeros_like(counts))
+
+
+class FocalLoss(nn.Module):
+    """Focal loss (Lin et al. 2017) over softmax: ``-sum_c t_c w_c (1 - p_c)^gamma log p_c``, averaged over the batch.
+
+    Written for soft targets ``t`` (mixup/cutmix); class indices are their one-hot case. ``gamma=0`` without weights is
+    cross-entropy. ``weights`` is a non-persistent buffer: checkpoints hold only the network.
+    """
+
+    def __init__(self, gamma: float, weights: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.gamma = gamma
+        self.register_buffer("weights", weights, persistent=False)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        log_p = F.log_softmax(logits.float(), dim=-1)
+        if not targets.is_floating_point():
+            targets = F.one_hot(targets, logits.shape[-1]).float()
+        terms = targets * (1 - log_p.exp()).pow(self.gamma) * log_p
+        if self.weights is not None:
+            terms = terms * self.weights
+        return -terms.sum(dim=-1).mean()
+
+
+def focal(class_counts: Sequence[int], gamma: float = 2.0, weights: str | Sequence[float] | None = None) -> nn.Module:
+    """Focal loss; ``weights``: null, ``balanced`` (from ``class_counts``) or one number per class."""
+    if gamma < 0:
+        raise ConfigError(f"model.loss.gamma={gamma} must be >= 0 (0 = cross-entropy)")
+    if weights == "balanced":
+        tensor = balanced_weights(class_counts)
+    elif weights is None:
+        tensor = None
+    elif isinstance(weights, str) or len(weights) != len(class_counts):
+        raise ConfigError(
+            f"model.loss.weights={weights!r} must be null, balanced, or a list of {len(class_counts)} numbers "
+            "(one per class, in label order)"
+        )
+    else:
+        tensor = torch.tensor([float(w) for w in weights])
+    return FocalLoss(gamma, tensor)
