@@ -62,13 +62,31 @@ def test_entry_modules_import_only_downward():
     assert sideways == {}
 
 
-@pytest.mark.parametrize("layer", ["models", "data", "callbacks"])
+@pytest.mark.parametrize("layer", ["recipe", "models", "data", "callbacks"])
 def test_building_blocks_never_import_the_layers_above(layer):
     above = ENTRY | {"image_finetune.core.cli"}
     offenders = {
         m: sorted(GRAPH[m] & above) for m in GRAPH if m.startswith(f"image_finetune.{layer}") and GRAPH[m] & above
     }
     assert offenders == {}
+
+
+def test_the_recipe_reads_only_the_seams_of_the_engine():
+    """What a person edits depends on the small types it builds (``Backbone``, ``Preprocessing``, stages, the data
+    module base) and on errors, never on the training, inference, checkpoint or operations machinery."""
+    engine = ("training", "inference", "ops", "callbacks", "checkpoints")
+    offenders = {
+        m: sorted(d for d in GRAPH[m] if d.split(".")[1] in engine)
+        for m in GRAPH
+        if m.startswith("image_finetune.recipe") and any(d.split(".")[1] in engine for d in GRAPH[m])
+    }
+    assert offenders == {}
+
+
+def test_every_recipe_file_says_what_to_edit_in_it():
+    for path in (PACKAGE / "recipe").glob("*.py"):
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        assert "edit" in doc.lower() or "add your" in doc.lower(), path.name
 
 
 def test_drawing_lives_in_one_module():

@@ -1,4 +1,4 @@
-"""A new data source: any map-style dataset (a torchvision dataset, your own) in one line,
+"""A new data source: edit or add a data module here. Any map-style dataset (a torchvision dataset, your own) in one line,
 ``DatasetDataModule(train=..., val=...)`` (``configs/data/flowers102.yaml`` is the worked example). Image folders,
 CIFAR-10 and digits are the engine's own (``data/``); what the engine reads of any data module is
 ``data.contract.ClassificationData``.
