@@ -1,9 +1,11 @@
-"""Data modules: image folders (the product), CIFAR-10, the offline digits demo, and any dataset wrapped in one line."""
+"""Data modules: image folders (the product), CIFAR-10, the offline digits demo, Hugging Face datasets, and any dataset
+wrapped in one line."""
 
 from image_finetune.data.base import ClassificationDataModule, EpochSampler, seeded_rngs
 from image_finetune.data.cifar10 import CIFAR10DataModule
 from image_finetune.data.datasets import DatasetDataModule, SeededDataset
 from image_finetune.data.digits import DigitsDataModule
+from image_finetune.data.hfdata import HFDataModule
 from image_finetune.data.imagefolder import ImageFolderDataModule
 
 __all__ = [
@@ -12,6 +14,7 @@ __all__ = [
     "DatasetDataModule",
     "DigitsDataModule",
     "EpochSampler",
+    "HFDataModule",
     "ImageFolderDataModule",
     "SeededDataset",
     "seeded_rngs",
