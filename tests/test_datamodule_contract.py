@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torchvision
+from hf_parquet import write_digits_parquet
 from omegaconf import OmegaConf
 from support import FakeFlowers102
 from torch import nn
@@ -26,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "src" / "image_finetune"
 QUICK = ["trainer=cpu", "model.backbone.weights=null", "data.num_workers=0", "logger=csv"]
 #: configs/data/<name>.yaml -> what makes it run offline here
-SHIPPED = ["cifar10", "digits", "flowers102", "imagefolder"]
+SHIPPED = ["cifar10", "digits", "flowers102", "hf", "imagefolder"]
 
 
 def shipped_data(name: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -35,6 +36,14 @@ def shipped_data(name: str, request: pytest.FixtureRequest, monkeypatch: pytest.
         return ["data=cifar10", f"data.data_dir={request.getfixturevalue('cifar_root')}", "data.val_size=20"]
     if name == "digits":
         return ["data=digits", f"paths.data_dir={request.getfixturevalue('digits_data_dir')}"]
+    if name == "hf":
+        parquet = write_digits_parquet(request.getfixturevalue("tmp_path") / "parquet", 60, 20)
+        return [
+            "data=hf",
+            f"data.path={parquet}",
+            f"data.hf_cache_dir={parquet.parent / 'hf_cache'}",
+            "data.image_size=32",
+        ]
     if name == "flowers102":
         monkeypatch.setattr(torchvision.datasets, "Flowers102", FakeFlowers102)
         return ["data=flowers102"]
@@ -73,8 +82,8 @@ def test_every_shipped_data_module_keeps_the_contract(name, request, monkeypatch
         assert datamodule.has_split(split) == (split in datamodule.datasets)
     assert isinstance(datamodule.batch_size, int) and isinstance(datamodule.num_workers, int)
     everything = datamodule.all_images()
-    if name in ("imagefolder", "digits"):  # one pool of files: split=all means something
-        assert datamodule.source.startswith("data.root=")
+    if name in ("imagefolder", "digits", "hf"):  # one pool of files (rows): split=all means something
+        assert datamodule.source.startswith("data.path=" if name == "hf" else "data.root=")
         assert len(everything) == sum(len(d) for d in datamodule.datasets.values())
     else:
         assert everything is None and datamodule.source == "the data"

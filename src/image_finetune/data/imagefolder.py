@@ -91,15 +91,7 @@ class ImageFolderDataModule(ClassificationDataModule):
     ) -> None:
         """``preprocessing`` is the backbone's (``train`` hands it over); ``image_size``/``crop_ratio`` override it."""
         super().__init__(batch_size, num_workers, seed, pin_memory, persistent_workers, min_steps_per_epoch)
-        if isinstance(test_fraction, str) and test_fraction != "auto":
-            raise ConfigError(
-                f"data.test_fraction={test_fraction!r}: use auto or a fraction in [0, 1), e.g. 0.15 (0: no test split)"
-            )
-        largest_test = AUTO_TEST_FRACTION if test_fraction == "auto" else float(test_fraction)
-        if not 0 <= val_fraction < 1 or not 0 <= largest_test < 1 or val_fraction + largest_test >= 1:
-            raise ConfigError(
-                f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must be in [0, 1) and sum to < 1"
-            )
+        check_fractions(val_fraction, test_fraction)
         if cache not in CACHE_MODES:
             raise ConfigError(
                 f"data.cache={cache!r}: use auto (keep resized copies when the images are large), resized (always) "
@@ -174,68 +166,20 @@ class ImageFolderDataModule(ClassificationDataModule):
                         "Every split needs the same class folders."
                     )
             splits = {split: list(scan.samples) for split, scan in scans.items()}
-            # What train/ must give up: val when there is no val/ folder, test when there is no test/ folder.
-            names = [name for name in ("val", "test") if name not in splits]
-            fractions = {
-                "val": self.val_fraction,
-                "test": self._test_fraction(splits["train"], classes, "train/"),
-            }
-            if any(fractions[name] > 0 for name in names):
-                splits.update(
-                    self._stratified_split(splits["train"], [fractions[name] for name in names], names, classes)
-                )
+            splits = hold_out_missing_splits(
+                splits, classes, self.val_fraction, self.test_fraction, self.seed, where="train/"
+            )
             return classes, splits, scans
         scan = self._scan(self.root)
-        fractions = [self.val_fraction, self._test_fraction(scan.samples, scan.classes, "data.root")]
+        fractions = [
+            self.val_fraction,
+            resolve_test_fraction(self.test_fraction, scan.samples, scan.classes, "data.root"),
+        ]
         return (
             scan.classes,
-            self._stratified_split(list(scan.samples), fractions, ["val", "test"], scan.classes),
+            stratified_split(list(scan.samples), fractions, ["val", "test"], scan.classes, self.seed),
             {"all": scan},
         )
-
-    def _test_fraction(self, pool: Samples, classes: list[str], where: str) -> float:
-        """``data.test_fraction``, with ``auto`` resolved for ``pool``: AUTO_TEST_FRACTION when every class has at
-        least AUTO_TEST_MIN_IMAGES images, else 0, logged plainly (the run then has no test split and reports none)."""
-        if self.test_fraction != "auto":
-            return float(self.test_fraction)
-        counts = Counter(label for _, label in pool)
-        smallest = min(range(len(classes)), key=lambda label: counts[label], default=None)
-        if smallest is None or counts[smallest] >= AUTO_TEST_MIN_IMAGES:
-            return AUTO_TEST_FRACTION
-        log.warning(
-            "no test split: class %r in %s has only %d image(s) (data.test_fraction=auto holds out %d%% of each class "
-            "for testing when every class has at least %d). The run reports validation metrics only; add a test/ "
-            "folder or set data.test_fraction to hold one out anyway.",
-            classes[smallest], where, counts[smallest], round(AUTO_TEST_FRACTION * 100), AUTO_TEST_MIN_IMAGES,
-        )  # fmt: skip
-        return 0.0
-
-    def _stratified_split(
-        self, samples: Samples, fractions: list[float], names: list[str], classes: list[str]
-    ) -> dict[str, Samples]:
-        """Hold out ``fractions`` of each class (at least one image per class per held-out split)."""
-        rng = random.Random(self.seed)
-        by_class: dict[int, Samples] = {}
-        for sample in sorted(samples):
-            by_class.setdefault(sample[1], []).append(sample)
-        out: dict[str, Samples] = {
-            name: [] for name in ["train", *names] if name == "train" or fractions[names.index(name)] > 0
-        }
-        for label, items in sorted(by_class.items()):
-            rng.shuffle(items)
-            sizes = split_sizes(len(items), fractions)
-            if sum(sizes) >= len(items):
-                raise DataError(
-                    f"class {classes[label]!r} has {len(items)} usable image(s): too few to hold out "
-                    f"{dict(zip(names, fractions))} and keep one for training. Add images or lower the fractions."
-                )
-            start = 0
-            for name, size in zip(names, sizes):
-                if size:
-                    out[name].extend(items[start : start + size])
-                start += size
-            out["train"].extend(items[start:])
-        return {name: sorted(items) for name, items in out.items()}
 
     # ---- manifest -------------------------------------------------------------------------------------------------
     def _read_manifest(self, classes: list[str], scans: Mapping[str, FolderScan]) -> dict[str, Samples] | None:
@@ -365,6 +309,86 @@ def split_summary(split: str, counts: Mapping[str, int]) -> str:
         f"{sizes[0]:,}-{sizes[-1]:,} per class (median {statistics.median(sizes):g}); "
         f"smallest: {', '.join(f'{name} {n:,}' for name, n in smallest)}"
     )
+
+
+def check_fractions(val_fraction: float, test_fraction: TestFraction) -> None:
+    """Refuse ``data.val_fraction``/``data.test_fraction`` that cannot hold out what they say (before any work)."""
+    if isinstance(test_fraction, str) and test_fraction != "auto":
+        raise ConfigError(
+            f"data.test_fraction={test_fraction!r}: use auto or a fraction in [0, 1), e.g. 0.15 (0: no test split)"
+        )
+    largest_test = AUTO_TEST_FRACTION if test_fraction == "auto" else float(test_fraction)
+    if not 0 <= val_fraction < 1 or not 0 <= largest_test < 1 or val_fraction + largest_test >= 1:
+        raise ConfigError(
+            f"data.val_fraction={val_fraction} and data.test_fraction={test_fraction} must be in [0, 1) and sum to < 1"
+        )
+
+
+def resolve_test_fraction(test_fraction: TestFraction, pool: Samples, classes: list[str], where: str) -> float:
+    """``data.test_fraction``, with ``auto`` resolved for ``pool``: AUTO_TEST_FRACTION when every class has at
+    least AUTO_TEST_MIN_IMAGES images, else 0, logged plainly (the run then has no test split and reports none)."""
+    if test_fraction != "auto":
+        return float(test_fraction)
+    counts = Counter(label for _, label in pool)
+    smallest = min(range(len(classes)), key=lambda label: counts[label], default=None)
+    if smallest is None or counts[smallest] >= AUTO_TEST_MIN_IMAGES:
+        return AUTO_TEST_FRACTION
+    log.warning(
+        "no test split: class %r in %s has only %d image(s) (data.test_fraction=auto holds out %d%% of each class "
+        "for testing when every class has at least %d). The run reports validation metrics only; add a test/ "
+        "folder or set data.test_fraction to hold one out anyway.",
+        classes[smallest], where, counts[smallest], round(AUTO_TEST_FRACTION * 100), AUTO_TEST_MIN_IMAGES,
+    )  # fmt: skip
+    return 0.0
+
+
+def hold_out_missing_splits(
+    splits: dict[str, Samples],
+    classes: list[str],
+    val_fraction: float,
+    test_fraction: TestFraction,
+    seed: int,
+    where: str,
+) -> dict[str, Samples]:
+    """``splits`` with what ``train`` must give up held out of it (``stratified_split``): val when there is no val
+    split, test (``resolve_test_fraction``) when there is no test split. ``where`` names the train pool in messages."""
+    names = [name for name in ("val", "test") if name not in splits]
+    fractions = [
+        val_fraction if name == "val" else resolve_test_fraction(test_fraction, splits["train"], classes, where)
+        for name in names
+    ]
+    if any(fraction > 0 for fraction in fractions):
+        splits = {**splits, **stratified_split(splits["train"], fractions, names, classes, seed)}
+    return splits
+
+
+def stratified_split(
+    samples: Samples, fractions: list[float], names: list[str], classes: list[str], seed: int
+) -> dict[str, Samples]:
+    """Hold out ``fractions`` of each class as the splits ``names`` (at least one image per class per held-out
+    split), seeded by ``seed``; the rest is ``train``. Every data module that splits a pool uses this one rule."""
+    rng = random.Random(seed)
+    by_class: dict[int, Samples] = {}
+    for sample in sorted(samples):
+        by_class.setdefault(sample[1], []).append(sample)
+    out: dict[str, Samples] = {
+        name: [] for name in ["train", *names] if name == "train" or fractions[names.index(name)] > 0
+    }
+    for label, items in sorted(by_class.items()):
+        rng.shuffle(items)
+        sizes = split_sizes(len(items), fractions)
+        if sum(sizes) >= len(items):
+            raise DataError(
+                f"class {classes[label]!r} has {len(items)} usable image(s): too few to hold out "
+                f"{dict(zip(names, fractions))} and keep one for training. Add images or lower the fractions."
+            )
+        start = 0
+        for name, size in zip(names, sizes):
+            if size:
+                out[name].extend(items[start : start + size])
+            start += size
+        out["train"].extend(items[start:])
+    return {name: sorted(items) for name, items in out.items()}
 
 
 def auto_cache_pays(paths: Sequence[str], short_side: int, seed: int) -> tuple[bool, int | None]:

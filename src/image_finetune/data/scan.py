@@ -95,15 +95,18 @@ def failure_reason(exc: BaseException) -> str:
     return f"{UNREADABLE}: {' '.join(detail.split())}"
 
 
-def check_image(path: str) -> str | None:
+def check_image(path: str, data: bytes | None = None) -> str | None:
     """None when Pillow decodes `path` as training would (training's fast JPEG path falls back to Pillow), else the
-    reason it cannot be used.
+    reason it cannot be used. ``data``: the image's bytes when they are held in memory (a row of a Hugging Face
+    dataset); ``path`` then only names it.
 
     A full decode is the only reliable test: `Image.verify()` passes truncated JPEGs. JPEGs decode at 1/8 scale,
     which still entropy-decodes every byte (so truncation is caught) for a fraction of the cost.
     """
+    if data is not None and not data:
+        return EMPTY_FILE
     try:
-        with open(path, "rb") as f:
+        with io.BytesIO(data) if data is not None else open(path, "rb") as f:
             im = Image.open(f)
             if im.format not in ACCEPTED_FORMATS:
                 return f"{UNSUPPORTED_FORMAT}: {im.format}"
@@ -112,7 +115,7 @@ def check_image(path: str) -> str | None:
             to_rgb(im, min_size=1)
     except Exception as e:  # any exception from a decoder means "cannot train on this file"
         reason = failure_reason(e)
-        return TRUNCATED if reason.startswith(UNREADABLE) and _is_cut_webp(path) else reason
+        return TRUNCATED if reason.startswith(UNREADABLE) and data is None and _is_cut_webp(path) else reason
     return None
 
 
