@@ -18,9 +18,9 @@ import datasets
 import pytest
 from hf_parquet import CORRUPT_ROW, DIGIT_NAMES, write_digits_parquet
 
+from image_finetune.core.errors import ConfigError, UserError
 from image_finetune.data import HFDataModule
 from image_finetune.data.imagefolder import stratified_split
-from image_finetune.core.errors import ConfigError, UserError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["trainer=cpu", "data.image_size=32", "model.backbone.weights=null", "data.num_workers=0", "logger=csv"]

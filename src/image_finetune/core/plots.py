@@ -162,3 +162,37 @@ def lr_find_figure(sweeps: Sequence[tuple[str, dict[str, Any]]]) -> Figure:
             ax.axvline(sweep["suggestion"], color="red", linestyle="--", label=f"suggestion {sweep['suggestion']:.2g}")
             ax.legend()
     return fig
+
+
+def reliability_figure(
+    lower: Sequence[float],
+    accuracy: Sequence[float | None],
+    confidence: Sequence[float | None],
+    count: Sequence[int],
+    title: str = "",
+) -> Figure:
+    """The reliability diagram of equal-width confidence bins (``interpretation.Calibration``): each bin's accuracy as
+    a bar against the diagonal of perfect calibration, its mean confidence as a red tick; below, how many images each
+    bin holds. Empty bins (``None``) draw nothing."""
+    from matplotlib.figure import Figure
+
+    width = 1.0 / len(lower)
+    centres = [lo + width / 2 for lo in lower]
+    fig = Figure(figsize=(5, 6), dpi=80, layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    filled = [i for i, a in enumerate(accuracy) if a is not None]
+    top.bar([centres[i] for i in filled], [accuracy[i] for i in filled], width=width, edgecolor="black",
+            color="tab:blue", label="accuracy")  # fmt: skip
+    top.scatter([centres[i] for i in filled], [confidence[i] for i in filled], marker="_", s=200, color="tab:red",
+                label="mean confidence", zorder=3)  # fmt: skip
+    top.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy")
+    top.legend(loc="upper left", fontsize=8)
+    if title:
+        top.set_title(title)
+    bottom.bar(centres, count, width=width, edgecolor="black", color="tab:grey")
+    bottom.set_xlabel("confidence (top-1 probability)")
+    bottom.set_ylabel("images")
+    return fig

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from image_finetune.core.errors import ConfigError, DataError, UserError
 from image_finetune.data.base import ClassificationDataModule
 from image_finetune.data.decode import decode_rgb
 from image_finetune.data.files import ImageFileDataset
@@ -35,7 +36,6 @@ from image_finetune.data.imagefolder import (
 from image_finetune.data.preprocessing import Preprocessing
 from image_finetune.data.scan import EMPTY_FILE, FolderScan, check_image, summarize, write_scan_report
 from image_finetune.data.transforms import Augmentation
-from image_finetune.core.errors import ConfigError, DataError, UserError
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """``evaluate(cfg)``: test a checkpoint on the data it was trained with (or on data the command line names).
 
 Besides the ``test/...`` metrics of training (same code, same numbers), it writes per-class precision/recall/F1, the
-confusion matrix (CSV and PNG) and every image's top-k prediction, all from one pass over the data.
+confusion matrix (CSV and PNG), every image's top-k prediction and the interpretation (``interpretation``: most
+confused pairs, top losses, calibration), all from one pass over the data.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from image_finetune.data.contract import ClassificationData
 from image_finetune.data.files import ImageFileDataset
 from image_finetune.data.preprocessing import Preprocessing
 from image_finetune.inference.classifier import prediction_cells, prediction_header, to_float, top_k_predictions
+from image_finetune.inference.interpretation import log_interpretation, options, write_interpretation
 from image_finetune.inference.tta import TTA
 from image_finetune.models.classifier import ImageClassifier
 from image_finetune.recipe.metrics import macro_f1
@@ -298,6 +300,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     datamodule.datasets["test"] = match_classes(dataset, datamodule.class_names, model.class_names, datamodule.source)
     geometry = datamodule.preprocessing or model.preprocessing  # the size and crop the network's inputs are made at
     tta = TTA.parse(cfg.get("tta"), geometry.size, geometry.crop_ratio)
+    interpret = options(cfg.get("interpret"))  # checked before the pass over the data
     collector = CollectLogits()
     trainer: L.Trainer = instantiate(
         cfg.trainer, logger=instantiate_group(cfg.get("logger")) or False, callbacks=[collector]
@@ -321,6 +324,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     out_dir = Path(cfg.paths.output_dir)
     ids = sample_ids(datamodule.datasets["test"])[: len(targets)]  # limit_test_batches may stop early
     per_class = write_report(out_dir, logits, targets, ids, model.class_names, cfg.get("top_k", 5))
+    interpretation = write_interpretation(
+        out_dir, logits.double().softmax(dim=-1), targets, ids, model.class_names,
+        lambda index: datamodule.datasets["test"][index][0], **interpret,
+    )  # fmt: skip
+    log_interpretation(trainer, split, interpretation)
     summary = {
         **metrics,
         "tta": tta.mode if tta else None,
@@ -332,4 +340,5 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     }
     save_json(summary, out_dir / "metrics.json")
     log.info("evaluated %d images (%s split); report in %s", len(targets), split, out_dir)
+    log.info("%s", interpretation.summary)
     return metrics
