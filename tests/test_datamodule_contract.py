@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "src" / "image_finetune"
 QUICK = ["trainer=cpu", "model.backbone.weights=null", "data.num_workers=0", "logger=csv"]
 #: configs/data/<name>.yaml -> what makes it run offline here
-SHIPPED = ["cifar10", "digits", "flowers102", "imagefolder"]
+SHIPPED = ["cifar10", "csv", "digits", "flowers102", "imagefolder"]
 
 
 def shipped_data(name: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -38,6 +38,11 @@ def shipped_data(name: str, request: pytest.FixtureRequest, monkeypatch: pytest.
     if name == "flowers102":
         monkeypatch.setattr(torchvision.datasets, "Flowers102", FakeFlowers102)
         return ["data=flowers102"]
+    if name == "csv":  # the image folder's files listed in a CSV file beside them
+        folder = request.getfixturevalue("image_folder")
+        rows = [f"{p.relative_to(folder)},{p.parent.name}" for p in sorted(folder.rglob("img_*"))]
+        (folder / "labels.csv").write_text("\n".join(["path,label", *rows]) + "\n")
+        return ["data=csv", f"data.file={folder / 'labels.csv'}", "data.image_size=32"]
     return ["data=imagefolder", f"data.root={request.getfixturevalue('image_folder')}", "data.image_size=32"]
 
 
@@ -73,8 +78,8 @@ def test_every_shipped_data_module_keeps_the_contract(name, request, monkeypatch
         assert datamodule.has_split(split) == (split in datamodule.datasets)
     assert isinstance(datamodule.batch_size, int) and isinstance(datamodule.num_workers, int)
     everything = datamodule.all_images()
-    if name in ("imagefolder", "digits"):  # one pool of files: split=all means something
-        assert datamodule.source.startswith("data.root=")
+    if name in ("imagefolder", "digits", "csv"):  # one pool of files: split=all means something
+        assert datamodule.source.startswith("data.file=" if name == "csv" else "data.root=")
         assert len(everything) == sum(len(d) for d in datamodule.datasets.values())
     else:
         assert everything is None and datamodule.source == "the data"

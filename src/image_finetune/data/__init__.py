@@ -1,7 +1,9 @@
-"""Data modules: image folders (the product), CIFAR-10, the offline digits demo, and any dataset wrapped in one line."""
+"""Data modules: image folders (the product), labels in a CSV file, CIFAR-10, the offline digits demo, and any
+dataset wrapped in one line."""
 
 from image_finetune.data.base import ClassificationDataModule, EpochSampler, seeded_rngs
 from image_finetune.data.cifar10 import CIFAR10DataModule
+from image_finetune.data.csvfile import CsvDataModule
 from image_finetune.data.datasets import DatasetDataModule, SeededDataset
 from image_finetune.data.digits import DigitsDataModule
 from image_finetune.data.imagefolder import ImageFolderDataModule
@@ -9,6 +11,7 @@ from image_finetune.data.imagefolder import ImageFolderDataModule
 __all__ = [
     "CIFAR10DataModule",
     "ClassificationDataModule",
+    "CsvDataModule",
     "DatasetDataModule",
     "DigitsDataModule",
     "EpochSampler",
