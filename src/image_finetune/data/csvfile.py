@@ -133,9 +133,8 @@ class PathResolver:
             )
         if os.path.lexists(path) or os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS:
             return path
-        matches = self._stems().get(path, [])
-        images = [m for m in matches if os.path.splitext(m)[1].lower() in IMAGE_EXTENSIONS]
-        matches = images if len(matches) > 1 and len(images) == 1 else matches
+        files = self._stems().get(path, [])
+        matches = [f for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS] or files
         if len(matches) > 1:
             names = ", ".join(os.path.basename(m) for m in matches)
             raise DataError(
