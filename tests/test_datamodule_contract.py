@@ -10,6 +10,7 @@ import lightning as L
 import pytest
 import torchvision
 from hf_parquet import write_digits_parquet
+from hydra.utils import get_class
 from omegaconf import OmegaConf
 from support import FakeFlowers102
 from torch import nn
@@ -27,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "src" / "image_finetune"
 QUICK = ["trainer=cpu", "model.backbone.weights=null", "data.num_workers=0", "logger=csv"]
 #: configs/data/<name>.yaml -> what makes it run offline here
-SHIPPED = ["cifar10", "digits", "flowers102", "hf", "imagefolder"]
+SHIPPED = ["cifar10", "csv", "digits", "flowers102", "hf", "imagefolder"]
 
 
 def shipped_data(name: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -47,6 +48,11 @@ def shipped_data(name: str, request: pytest.FixtureRequest, monkeypatch: pytest.
     if name == "flowers102":
         monkeypatch.setattr(torchvision.datasets, "Flowers102", FakeFlowers102)
         return ["data=flowers102"]
+    if name == "csv":  # the image folder's files listed in a CSV file beside them
+        folder = request.getfixturevalue("image_folder")
+        rows = [f"{p.relative_to(folder)},{p.parent.name}" for p in sorted(folder.rglob("img_*"))]
+        (folder / "labels.csv").write_text("\n".join(["path,label", *rows]) + "\n")
+        return ["data=csv", f"data.file={folder / 'labels.csv'}", "data.image_size=32"]
     return ["data=imagefolder", f"data.root={request.getfixturevalue('image_folder')}", "data.image_size=32"]
 
 
@@ -56,10 +62,14 @@ def test_the_list_covers_every_data_config_and_every_shipped_data_module():
     configs = {p.stem: OmegaConf.load(p) for p in (REPO / "configs" / "data").glob("*.yaml")}
     assert sorted(configs) == SHIPPED
     # digits.yaml is a `@package _global_` preset (it also sets the model's offline fallback): its module is data._target_
-    targets = {(c.data if "data" in c else c)._target_.removeprefix("image_finetune.data.") for c in configs.values()}
-    exported = {name for name in data.__all__ if isinstance(getattr(data, name), type)}
-    modules = {name for name in exported if issubclass(getattr(data, name), ClassificationDataModule)}
-    assert targets == modules - {"ClassificationDataModule"}
+    targets = {(c.data if "data" in c else c)._target_ for c in configs.values()}
+    exported = {f"image_finetune.data.{name}" for name in data.__all__ if isinstance(getattr(data, name), type)}
+    engine = {name for name in exported if issubclass(get_class(name), ClassificationDataModule)}
+    # the engine's data modules, plus the recipe's one-line wrapper of any dataset (recipe/datasets.py)
+    shipped = engine - {"image_finetune.data.ClassificationDataModule"} | {
+        "image_finetune.recipe.datasets.DatasetDataModule"
+    }
+    assert targets == shipped
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -82,8 +92,9 @@ def test_every_shipped_data_module_keeps_the_contract(name, request, monkeypatch
         assert datamodule.has_split(split) == (split in datamodule.datasets)
     assert isinstance(datamodule.batch_size, int) and isinstance(datamodule.num_workers, int)
     everything = datamodule.all_images()
-    if name in ("imagefolder", "digits", "hf"):  # one pool of files (rows): split=all means something
-        assert datamodule.source.startswith("data.path=" if name == "hf" else "data.root=")
+    if name in ("imagefolder", "digits", "hf", "csv"):  # one pool of files (rows): split=all means something
+        prefix = {"hf": "data.path=", "csv": "data.file="}.get(name, "data.root=")
+        assert datamodule.source.startswith(prefix)
         assert len(everything) == sum(len(d) for d in datamodule.datasets.values())
     else:
         assert everything is None and datamodule.source == "the data"

@@ -39,6 +39,11 @@ def _check_data(data: DictConfig) -> None:
             "data.root is not set: point it at your images, e.g. data.root=~/pets (a folder of class folders, or of "
             "train/ val/ [test/] class folders)"
         )
+    if OmegaConf.is_missing(data, "file"):  # data=csv
+        raise ConfigError(
+            "data.file is not set: point it at the CSV file that lists your images, e.g. data.file=~/pets/labels.csv "
+            "(columns path,label; data.image_dir: the folder the paths are relative to)"
+        )
     for key, example in (("batch_size", 64), ("image_size", 224)):
         value = data.get(key) if not OmegaConf.is_missing(data, key) else None
         if isinstance(value, bool) or (value is not None and not isinstance(value, int)):
@@ -55,6 +60,8 @@ def _check_val_split(data: DictConfig) -> None:
     value = data.get("val_fraction") if not OmegaConf.is_missing(data, "val_fraction") else None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != 0:
         return
+    if data.get("split_column"):
+        return  # data=csv: the split column may mark val rows; the data module says so if it marks none
     try:
         root = data.get("root")
     except Exception:  # an interpolation that only resolves later: the data module decides then

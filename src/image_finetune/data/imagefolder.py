@@ -17,7 +17,7 @@ import statistics
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -59,11 +59,27 @@ TestFraction = float | Literal["auto"]
 MAX_CLASSES_LISTED = 20
 
 
+class LabelledFiles(NamedTuple):
+    """Where a data module's labelled files come from (``ImageFolderDataModule._labelled_files``)."""
+
+    classes: list[str]
+    scans: dict[str, FolderScan]
+    """What was kept and left out, by split or ``"all"``: the report and the summary lines."""
+    splits: dict[str, Samples] | None
+    """The splits the data gives (``train`` and any of ``val``, ``test``; train gives up the missing ones), or None:
+    one pool, split by ``data.val_fraction`` and ``data.test_fraction``."""
+    where: str
+    """How the "no test split" warning names the pool it splits."""
+
+
 class ImageFolderDataModule(ClassificationDataModule):
     """Image classification data from folders of files, scanned once, split reproducibly, decoded robustly."""
 
     #: Subclasses that write their folder in ``prepare_data`` set this, so a missing root is not an error at init.
     root_created_by_prepare_data = False
+    #: Labels (and given splits) are folder names, which ``data_split.json`` is checked against on resume; a source
+    #: that lists its files elsewhere (``data=csv``) sets False and the manifest is checked against its labels.
+    labels_from_folders = True
 
     def __init__(
         self,
@@ -145,8 +161,9 @@ class ImageFolderDataModule(ClassificationDataModule):
                 f"data.root={str(self.root)!r} does not exist or is not a folder. Point data.root at a folder of class folders."
             )
 
-    def _discover(self) -> tuple[list[str], dict[str, Samples], dict[str, FolderScan]]:
-        """Scan the folder(s) and split; returns class names, samples per split, and the scans (for the report)."""
+    def _labelled_files(self) -> LabelledFiles:
+        """The labelled files, from the class folders under data.root (and its train/ val/ test/ folders, if any).
+        The one place that knows where labels come from: ``data=csv`` (``csvfile.py``) reads a labels file instead."""
         self._check_root()
         if (self.root / "train").is_dir():
             for split in SPLIT_DIRS[1:]:
@@ -165,21 +182,19 @@ class ImageFolderDataModule(ClassificationDataModule):
                         f"{self.root / split} has different classes than {self.root / 'train'}: missing {missing}, extra {extra}. "
                         "Every split needs the same class folders."
                     )
-            splits = {split: list(scan.samples) for split, scan in scans.items()}
-            splits = hold_out_missing_splits(
-                splits, classes, self.val_fraction, self.test_fraction, self.seed, where="train/"
-            )
-            return classes, splits, scans
+            return LabelledFiles(classes, scans, {split: list(scan.samples) for split, scan in scans.items()}, "train/")
         scan = self._scan(self.root)
-        fractions = [
-            self.val_fraction,
-            resolve_test_fraction(self.test_fraction, scan.samples, scan.classes, "data.root"),
-        ]
-        return (
-            scan.classes,
-            stratified_split(list(scan.samples), fractions, ["val", "test"], scan.classes, self.seed),
-            {"all": scan},
-        )
+        return LabelledFiles(scan.classes, {"all": scan}, None, "data.root")
+
+    def _discover(self) -> tuple[list[str], dict[str, Samples], dict[str, FolderScan]]:
+        """Find the labelled files and split; returns class names, samples per split, and the scans (for the report)."""
+        classes, scans, given, where = self._labelled_files()
+        if given is None:
+            pool = [sample for scan in scans.values() for sample in scan.samples]
+            fractions = [self.val_fraction, resolve_test_fraction(self.test_fraction, pool, classes, where)]
+            return classes, stratified_split(pool, fractions, ["val", "test"], classes, self.seed), scans
+        splits = hold_out_missing_splits(dict(given), classes, self.val_fraction, self.test_fraction, self.seed, where)
+        return classes, splits, scans
 
     # ---- manifest -------------------------------------------------------------------------------------------------
     def _read_manifest(self, classes: list[str], scans: Mapping[str, FolderScan]) -> dict[str, Samples] | None:
@@ -188,8 +203,10 @@ class ImageFolderDataModule(ClassificationDataModule):
             return None
         usable = {path: label for scan in scans.values() for path, label in scan.samples}
         left_out = {path: reason for scan in scans.values() for path, reason in scan.skipped}
-        split_folders = "all" not in scans
-        splits = read_manifest(self.manifest_path, self.root, classes, split_folders, usable, left_out)
+        split_folders = self.labels_from_folders and "all" not in scans
+        splits = read_manifest(
+            self.manifest_path, self.root, classes, split_folders, usable, left_out, self.labels_from_folders
+        )
         log.info("Reusing the data split in %s", self.manifest_path)
         return splits
 

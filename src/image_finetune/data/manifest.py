@@ -46,13 +46,15 @@ def read_manifest(
     split_folders: bool,
     usable: Mapping[str, int],
     left_out: Mapping[str, str],
+    class_folders: bool = True,
 ) -> dict[str, Samples]:
     """The splits in ``path``, checked against the folder as scanned now; ``DataError`` (one line) when it is damaged.
 
     ``split_folders``: data.root has the ``train/ val/ [test/]`` layout (a file under ``val/`` or ``test/`` belongs
     to that split). ``usable``: absolute path -> label of every image the scan kept; ``left_out``: path -> reason of
-    every file it left out. Listed files the scan no longer keeps (deleted, or no longer decoding) are left out of the
-    splits with one warning; a split that loses every file is an error.
+    every file it left out. ``class_folders=False``: the labels come from a labels file (``data=csv``), so each entry's
+    label is checked against ``usable`` instead of its folder. Listed files the scan no longer keeps (deleted, or no
+    longer decoding) are left out of the splits with one warning; a split that loses every file is an error.
     """
     path = Path(path)
     manifest = _load(path)
@@ -70,7 +72,11 @@ def read_manifest(
         splits[split] = []
         for rel, label in items:
             full = os.path.normpath(os.path.join(base, rel))
-            problem = _entry_problem(rel, label, full, base, split, classes, split_folders)
+            problem = _entry_problem(rel, label, full, base, split, classes, split_folders, class_folders)
+            if problem is None and not class_folders and usable.get(full, label) != label:
+                problem = (
+                    f"has label {label} ({classes[label]!r}) but the labels file now says {classes[usable[full]]!r}"
+                )
             if problem is None and full in split_of:
                 twice = split_of[full] == split
                 problem = (
@@ -138,7 +144,14 @@ def _is_entry(item: Any) -> bool:
 
 
 def _entry_problem(
-    rel: str, label: int, full: str, base: str, split: str, classes: Sequence[str], split_folders: bool
+    rel: str,
+    label: int,
+    full: str,
+    base: str,
+    split: str,
+    classes: Sequence[str],
+    split_folders: bool,
+    class_folders: bool = True,
 ) -> str | None:
     """Why one entry cannot be right, or None. Paths are taken as the scan takes them: under data.root once ``..`` is
     resolved (a symlink inside data.root may point elsewhere, as the scan follows it)."""
@@ -152,7 +165,7 @@ def _entry_problem(
         allowed = {"train": ("train",), "val": ("train", "val"), "test": ("train", "test")}[split]
         if folder not in allowed:
             return f"is in the {folder}/ folder, which is not part of the {split!r} split"
-    if len(parts) < 2 or parts[0] != classes[label]:
+    if class_folders and (len(parts) < 2 or parts[0] != classes[label]):
         return f"has label {label} ({classes[label]!r}) but is not in that class folder"
     return None
 

@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -66,12 +66,17 @@ _CACHE_FORMAT = 2  # 2: images over Pillow's pixel limit are left out
 
 @dataclass(frozen=True)
 class FolderScan:
-    """What a scan kept and what it left out (with why); paths are absolute but not resolved, as the user sees them."""
+    """What a scan kept and what it left out (with why); paths are absolute but not resolved, as the user sees them.
+
+    ``rows``: for files listed in a labels file (``data=csv``), the row that names each path, so the report points at
+    the line to fix; empty for a folder scan.
+    """
 
     root: Path
     classes: list[str]
     samples: list[tuple[str, int]]
     skipped: list[tuple[str, str]]
+    rows: Mapping[str, str] = field(default_factory=dict)
 
     def class_counts(self) -> dict[str, int]:
         counts = Counter(label for _, label in self.samples)
@@ -189,19 +194,9 @@ def scan_image_folder(
             else:
                 skipped.append((found.path, reason))
 
-    files, duplicates = _dedupe(candidates)
-    skipped.extend(duplicates)
-    cache = _ScanCache(cache_dir, root_path) if cache_dir is not None else None
-    reasons = _check_all(files, cache, num_workers, root_path)
-    if cache is not None:
-        cache.save()
-
     kept: dict[str, list[str]] = {name: [] for name, _ in class_dirs}
-    for f, reason in zip(files, reasons):
-        if reason is None:
-            kept[f.class_name].append(f.path)
-        else:
-            skipped.append((f.path, reason))
+    for path, name in _decodable(candidates, skipped, cache_dir, num_workers, root_path):
+        kept[name].append(path)
     empty = [(name, folder) for name, folder in class_dirs if not kept[name]]
     if empty and require_classes:
         raise DataError(_empty_classes_message(empty, skipped))
@@ -211,11 +206,59 @@ def scan_image_folder(
     index = {name: i for i, name in enumerate(classes)}
     samples = sorted((p, index[name]) for name in classes for p in kept[name])
     scan = FolderScan(root_path, classes, samples, sorted(skipped))
-    log.debug(
-        "scanned %s: %d files checked (%d from cache) in %.2f s",
-        root_path, len(files), cache.hits if cache else 0, time.perf_counter() - started,
-    )  # fmt: skip
+    log.debug("scanned %s in %.2f s", root_path, time.perf_counter() - started)
     return scan
+
+
+def scan_image_files(
+    root: str | Path,
+    labelled: Iterable[tuple[str, str]],
+    *,
+    cache_dir: str | Path | None = None,
+    num_workers: int | None = None,
+) -> FolderScan:
+    """The usable files of ``labelled`` ((path, class name) pairs whose labels come from elsewhere, e.g. a CSV under
+    ``root``), checked exactly as ``scan_image_folder`` checks a class folder's files: same reasons, same per-file
+    cache. Classes are the sorted names with at least one usable file; the caller decides whether one without is an
+    error. A path the caller names is used even if it looks hidden: it was asked for by name."""
+    root_path = _check_root(root)
+    skipped: list[tuple[str, str]] = []
+    candidates: list[tuple[Found, str]] = []
+    for path, name in labelled:
+        kind, st = path_kind(path)
+        reason = skip_reason(path, kind)
+        if reason is None:
+            candidates.append((Found(path, kind, os.path.realpath(path), st), name))
+        else:
+            skipped.append((path, reason))
+    kept = _decodable(candidates, skipped, cache_dir, num_workers, root_path)
+    classes = sorted({name for _, name in kept})
+    index = {name: i for i, name in enumerate(classes)}
+    return FolderScan(root_path, classes, sorted((p, index[name]) for p, name in kept), sorted(skipped))
+
+
+def _decodable(
+    candidates: list[tuple[Found, str]],
+    skipped: list[tuple[str, str]],
+    cache_dir: str | Path | None,
+    num_workers: int | None,
+    root: Path,
+) -> list[tuple[str, str]]:
+    """The (path, class name) of the candidates that decode, one per real file; the rest go to ``skipped``."""
+    files, duplicates = _dedupe(candidates)
+    skipped.extend(duplicates)
+    cache = _ScanCache(cache_dir, root) if cache_dir is not None else None
+    reasons = _check_all(files, cache, num_workers, root)
+    if cache is not None:
+        cache.save()
+        log.debug("%s: %d files checked, %d from cache", root, len(files), cache.hits)
+    kept = []
+    for f, reason in zip(files, reasons):
+        if reason is None:
+            kept.append((f.path, f.class_name))
+        else:
+            skipped.append((f.path, reason))
+    return kept
 
 
 def _check_root(root: str | Path) -> Path:
@@ -472,16 +515,17 @@ def _empty_classes_message(empty: list[tuple[str, str]], skipped: list[tuple[str
 def write_scan_report(scans: Mapping[str, FolderScan] | FolderScan, path: str | Path) -> Path:
     """Write every left-out file with its reason (tab-separated; comma-separated when `path` ends in .csv).
 
-    A mapping of split name -> scan adds a leading `split` column. Written atomically so a crash or a second
-    process never leaves a half report behind.
+    A mapping of split name -> scan adds a leading `split` column; files listed in a labels file (``FolderScan.rows``)
+    add a trailing `row` column. Written atomically so a crash or a second process never leaves a half report behind.
     """
     out = Path(path)
     delimiter = "," if out.suffix.lower() == ".csv" else "\t"
-    rows: list[list[str]]
-    if isinstance(scans, FolderScan):
-        rows = [["path", "reason"], *([p, r] for p, r in scans.skipped)]
-    else:
-        rows = [["split", "path", "reason"], *([split, p, r] for split, s in scans.items() for p, r in s.skipped)]
+    named = {"": scans} if isinstance(scans, FolderScan) else scans
+    listed = any(scan.rows for scan in named.values())
+    rows: list[list[str]] = [[*(["split"] if named is scans else []), "path", "reason", *(["row"] if listed else [])]]
+    for split, scan in named.items():
+        for p, r in scan.skipped:
+            rows.append([*([split] if named is scans else []), p, r, *([scan.rows.get(p, "")] if listed else [])])
     buf = io.StringIO()
     csv.writer(buf, delimiter=delimiter, lineterminator="\n").writerows(rows)
     atomic_write_text(out, buf.getvalue(), newline="")

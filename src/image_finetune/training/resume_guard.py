@@ -53,6 +53,7 @@ ALLOWED: dict[str, str] = {
     "logger": "where metrics are sent, not what they are",
     "data.num_workers": "loader processes: every sample is seeded by itself, not by its worker",
     "data.root": "the data may move: the run dir's data_split.json pins the files, by path relative to the root",
+    "data.image_dir": "data=csv's images may move too: data_split.json pins them by path relative to it",
     "data.cache_dir": "where resized copies are kept, not what they hold",
     "data.manifest_path": "follows the run dir",
     "data.report_path": "follows the run dir",
