@@ -105,14 +105,16 @@ class Preprocessing:
     def transform(self) -> torch.nn.Module:
         return eval_transform(self.size, self.crop_ratio, self.interpolation)
 
-    def load(self, image: str | Image.Image | Any) -> torch.Tensor:
-        """uint8 CHW, resized and cropped; raises the decoder's exception for an unreadable file.
+    def load(self, image: str | bytes | Image.Image | Any) -> torch.Tensor:
+        """uint8 CHW, resized and cropped; raises the decoder's exception for an unreadable file (or bytes).
 
         Files decode as in training (JPEGs at reduced scale, EXIF orientation, transparency on white); a PIL image is
         converted the same way, on a copy, so the caller's image is left as it was.
         """
         if isinstance(image, Image.Image):
             rgb = to_rgb(image.copy())
+        elif isinstance(image, bytes):  # a file's content (an HTTP upload): decoded exactly as the file would be
+            rgb = decode_rgb("<bytes>", min_size=self.resize, data=image)
         else:
             rgb = decode_rgb(image, min_size=self.resize)
         # channels_last as in ImageFileDataset: eval and predict then run the very same (and the faster) resize kernel.
