@@ -3,13 +3,13 @@
 import hydra
 from omegaconf import DictConfig
 
-from image_finetune.cli import quick_help, user_errors
+from image_finetune.core.cli import quick_help, user_errors
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="serve")
 def main(cfg: DictConfig) -> None:
     with user_errors():
-        from image_finetune.serving import serve  # heavy (torch, LitServe): only once a run starts
+        from image_finetune.inference.serving import serve  # heavy (torch, LitServe): only once a run starts
 
         serve(cfg)
 

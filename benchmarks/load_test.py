@@ -223,8 +223,8 @@ def run_phase(url: str, bodies: Sequence[tuple[bytes, str]], concurrency: int, d
 
 def predict_throughput(ckpt: Path, images: Sequence[Path], batch_size: int = 64) -> float:
     """images/s of predict.py's batch path (``classify_files``) on the same files, after one warm-up batch."""
-    from image_finetune.inference import Classifier
-    from image_finetune.predict import classify_files
+    from image_finetune.inference.classifier import Classifier
+    from image_finetune.inference.predict import classify_files
 
     classifier = Classifier.from_checkpoint(ckpt, device="cpu")
     inputs = [(str(p), None) for p in images]

@@ -18,9 +18,9 @@ import pytest
 from hydra.core.global_hydra import GlobalHydra
 from messy_folder import bomb_png, truncated_jpeg
 
-from image_finetune.errors import ConfigError, UserError
-from image_finetune.export import export_classifier
-from image_finetune.serving import PAYLOAD_FIELD, ClassifierAPI, serve
+from image_finetune.core.errors import ConfigError, UserError
+from image_finetune.inference.export import export_classifier
+from image_finetune.inference.serving import PAYLOAD_FIELD, ClassifierAPI, serve
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))  # the load test's server and request helpers

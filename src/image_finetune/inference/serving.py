@@ -40,10 +40,10 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from image_finetune.checkpoints import resolve_ckpt_path
+from image_finetune.core.errors import ConfigError, UserError
 from image_finetune.data.preprocessing import Preprocessing
 from image_finetune.data.scan import TOO_LARGE, failure_reason, over_pixel_limit, reason_kind
-from image_finetune.errors import ConfigError, UserError
-from image_finetune.inference import Classifier, read_sidecar, to_float, top_k_predictions
+from image_finetune.inference.classifier import Classifier, read_sidecar, to_float, top_k_predictions
 
 try:  # an optional dependency (the ``serve`` extra)
     import litserve as ls
