@@ -2,8 +2,9 @@
 missing or broken are named by their row and left out, a Ctrl-C'd run resumes bitwise, every entry script runs on the
 checkpoint, and a bad table is one line naming the file and the column.
 
-The entry scripts are checked by test_entry_matrix.py's own tests (eval, predict, export, lr_find), imported below and
-run on this module's ``trained`` fixture: one shared training run instead of a sixth row in the matrix.
+The entry scripts that read a data module are checked by test_entry_matrix.py's own tests (eval, export, lr_find),
+imported below and run on this module's ``trained`` fixture: one shared training run instead of a sixth row in the
+matrix (predict.py reads files, not a data module; the matrix runs it).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from test_entry_matrix import (
     test_eval_py_tests_the_checkpoint_with_test_time_augmentation,
     test_export_py_writes_onnx_and_its_json,
     test_lr_find_py_sweeps_on_the_data_module,
-    test_predict_py_classifies_a_folder_with_the_checkpoint,
 )
 from test_interrupts import IN_EPOCH_2, LINE, ctrl_c, run
 from test_resume import assert_bitwise_equal, weights
@@ -41,7 +41,6 @@ CLASSES = ["0", "1", "2"]
 #: Each a subprocess on the shared run below (the matrix's tests, so the csv data keeps the matrix's promises).
 ENTRY_SCRIPTS = [
     test_eval_py_tests_the_checkpoint_with_test_time_augmentation,
-    test_predict_py_classifies_a_folder_with_the_checkpoint,
     test_export_py_writes_onnx_and_its_json,
     test_lr_find_py_sweeps_on_the_data_module,
 ]
@@ -160,17 +159,6 @@ def test_a_run_ctrl_cd_mid_epoch_resumes_to_the_uninterrupted_weights(runs, trai
         weights(root / "stopped" / "checkpoints" / "last.ckpt"),
         weights(trained.checkpoint),
         "data=csv resumed after Ctrl-C",
-    )
-
-
-@pytest.mark.slow
-def test_a_table_without_the_named_column_stops_train_py_in_one_line(runs, tmp_path):
-    result = run([sys.executable, "train.py", *runs["data"].args, "data.path_column=file", *COMMON], script_env())  # type: ignore[attr-defined]
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == (
-        f"error: {runs['table']} has no column 'file' (data.path_column); its columns are ['id', 'label']: set "
-        "data.path_column to the column that holds it"
     )
 
 
