@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
 from support import FAST, make_image_folder
 
 from image_finetune.inference.classifier import Classifier
@@ -119,3 +120,18 @@ def test_mlp_focal_checkpoint_serves_eval_predict_and_onnx_export(mlp_focal_run)
     assert (mlp_focal_run / "predict" / "predictions.csv").is_file()
     exported = json.loads((mlp_focal_run / "export" / "model.onnx.json").read_text())
     assert exported["head"] == hparams["head"]
+
+
+def test_debug_overfit_composes_with_every_shipped_loss(compose_cfg):
+    """``debug=overfit`` turns label smoothing off (``model.loss.label_smoothing``): every loss must take it."""
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs" / "loss").glob("*.yaml")):
+        cfg = compose_cfg("debug=overfit", f"loss={path.stem}")
+        assert cfg.model.loss.label_smoothing == 0.0
+        loss = instantiate(cfg.model.loss)(class_counts=[2, 3])
+        assert torch.isfinite(loss(torch.zeros(2, 2), torch.tensor([0, 1])))
+
+
+def test_focal_label_smoothing_smooths_the_targets_as_cross_entropy_does():
+    logits, targets = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 1])
+    smoothed = focal([1, 1, 1, 1], gamma=0.0, label_smoothing=0.2)(logits, targets)
+    assert torch.allclose(smoothed, torch.nn.CrossEntropyLoss(label_smoothing=0.2)(logits, targets), atol=1e-6)

@@ -38,23 +38,33 @@ class FocalLoss(nn.Module):
     cross-entropy. ``weights`` is a non-persistent buffer: checkpoints hold only the network.
     """
 
-    def __init__(self, gamma: float, weights: torch.Tensor | None = None) -> None:
+    def __init__(self, gamma: float, weights: torch.Tensor | None = None, label_smoothing: float = 0.0) -> None:
         super().__init__()
-        self.gamma = gamma
+        self.gamma, self.label_smoothing = gamma, label_smoothing
         self.register_buffer("weights", weights, persistent=False)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         log_p = F.log_softmax(logits.float(), dim=-1)
         if not targets.is_floating_point():
             targets = F.one_hot(targets, logits.shape[-1]).float()
+        if self.label_smoothing:  # as nn.CrossEntropyLoss smooths: (1 - e) t + e / K
+            targets = targets * (1 - self.label_smoothing) + self.label_smoothing / logits.shape[-1]
         terms = targets * (1 - log_p.exp()).pow(self.gamma) * log_p
         if self.weights is not None:
             terms = terms * self.weights
         return -terms.sum(dim=-1).mean()
 
 
-def focal(class_counts: Sequence[int], gamma: float = 2.0, weights: str | Sequence[float] | None = None) -> nn.Module:
-    """Focal loss; ``weights``: null, ``balanced`` (from ``class_counts``) or one number per class."""
+def focal(
+    class_counts: Sequence[int],
+    gamma: float = 2.0,
+    weights: str | Sequence[float] | None = None,
+    label_smoothing: float = 0.0,
+) -> nn.Module:
+    """Focal loss; ``weights``: null, ``balanced`` (from ``class_counts``) or one number per class; ``label_smoothing``
+    as cross-entropy's (every loss takes it, so ``debug=overfit`` can turn it off whichever loss is chosen)."""
+    if not 0 <= label_smoothing < 1:
+        raise ConfigError(f"model.loss.label_smoothing={label_smoothing} must be in [0, 1)")
     if gamma < 0:
         raise ConfigError(f"model.loss.gamma={gamma} must be >= 0 (0 = cross-entropy)")
     if weights == "balanced":
@@ -68,4 +78,4 @@ def focal(class_counts: Sequence[int], gamma: float = 2.0, weights: str | Sequen
         )
     else:
         tensor = torch.tensor([float(w) for w in weights])
-    return FocalLoss(gamma, tensor)
+    return FocalLoss(gamma, tensor, label_smoothing)
