@@ -4,6 +4,9 @@
   split off ``train/``.
 * ``root/<class>/...``: one pool, split into train/val(/test) by fractions, stratified by class, with a fixed seed.
 
+With ``folds``/``fold`` (k-fold cross-validation, ``data/folds.py``) the validation split is fold ``fold`` of the pool
+left once the test split is held out, instead of ``val_fraction`` of it.
+
 The split is written to ``manifest_path`` (in the run dir) and read back from there when the run is resumed, so a
 resumed run trains and validates on exactly the same files even if the folder gained images meanwhile.
 """
@@ -21,6 +24,7 @@ from typing import Any, Literal
 
 import torch
 
+from image_finetune.config_checks import check_folds
 from image_finetune.data.base import ClassificationDataModule
 from image_finetune.data.cache import ResizedCache
 from image_finetune.data.decode import stored_short_side
@@ -32,6 +36,7 @@ from image_finetune.data.device_decode import (
     require_gpu,
 )
 from image_finetune.data.files import ImageFileDataset, ImageLoader
+from image_finetune.data.folds import fold_split
 from image_finetune.data.manifest import read_manifest, write_manifest
 from image_finetune.data.preprocessing import Preprocessing
 from image_finetune.data.scan import FolderScan, scan_image_folder, summarize, write_scan_report
@@ -88,8 +93,11 @@ class ImageFolderDataModule(ClassificationDataModule):
         preprocessing: Preprocessing | Mapping[str, Any] | None = None,
         min_steps_per_epoch: int = 4,
         decode: DecodeMode = "cpu",
+        folds: int | None = None,
+        fold: int | None = None,
     ) -> None:
-        """``preprocessing`` is the backbone's (``train`` hands it over); ``image_size``/``crop_ratio`` override it."""
+        """``preprocessing`` is the backbone's (``train`` hands it over); ``image_size``/``crop_ratio`` override it.
+        ``folds``/``fold``: validate on fold ``fold`` of ``folds`` (stratified) instead of ``val_fraction``."""
         super().__init__(batch_size, num_workers, seed, pin_memory, persistent_workers, min_steps_per_epoch)
         if isinstance(test_fraction, str) and test_fraction != "auto":
             raise ConfigError(
@@ -127,8 +135,13 @@ class ImageFolderDataModule(ClassificationDataModule):
                 "val_fraction": val_fraction,
                 "test_fraction": test_fraction,
                 "seed": seed,
+                "folds": folds,
+                "fold": fold,
             }
         )
+        check_folds(folds, fold)
+        self.folds, self.fold = folds, fold
+        self.folded = False  # set by the split step once it has cut the folds (see setup)
         self.root = Path(root).expanduser()
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.crop_scale, self.hflip = tuple(crop_scale), hflip
@@ -142,6 +155,8 @@ class ImageFolderDataModule(ClassificationDataModule):
         self.splits: dict[str, Samples] = {}
         if not self.root_created_by_prepare_data:
             self._check_root()  # fail before anything slow (weight download, worker start-up) happens
+            if self.folds is not None and (self.root / "train").is_dir() and (self.root / "val").is_dir():
+                raise self._nothing_to_fold(f"{self.root / 'val'} is the validation split")
 
     # ---- discovery ------------------------------------------------------------------------------------------------
     def _scan(self, folder: Path) -> FolderScan:
@@ -180,7 +195,7 @@ class ImageFolderDataModule(ClassificationDataModule):
                 "val": self.val_fraction,
                 "test": self._test_fraction(splits["train"], classes, "train/"),
             }
-            if any(fractions[name] > 0 for name in names):
+            if any(fractions[name] > 0 for name in names) or (self.folds is not None and "val" in names):
                 splits.update(
                     self._stratified_split(splits["train"], [fractions[name] for name in names], names, classes)
                 )
@@ -210,10 +225,24 @@ class ImageFolderDataModule(ClassificationDataModule):
         )  # fmt: skip
         return 0.0
 
+    def _nothing_to_fold(self, why: str) -> ConfigError:
+        return ConfigError(
+            f"data.folds={self.folds} cuts the training images into folds to validate on, but {why}: drop data.folds "
+            "and data.fold to validate on it, or merge it into the training images to cross-validate"
+        )
+
     def _stratified_split(
         self, samples: Samples, fractions: list[float], names: list[str], classes: list[str]
     ) -> dict[str, Samples]:
-        """Hold out ``fractions`` of each class (at least one image per class per held-out split)."""
+        """Hold out ``fractions`` of each class (at least one image per class per held-out split).
+
+        With ``folds``, ``val`` is fold ``fold`` of what is left once the other splits (test) are held out."""
+        if self.folds is not None and self.fold is not None and "val" in names:
+            rest = [i for i, name in enumerate(names) if name != "val"]
+            out = self._stratified_split(samples, [fractions[i] for i in rest], [names[i] for i in rest], classes)
+            out["train"], out["val"] = fold_split(out["train"], self.folds, self.fold, self.seed, classes)
+            self.folded = True
+            return {name: sorted(out[name]) for name in SPLIT_DIRS if name in out}
         rng = random.Random(self.seed)
         by_class: dict[int, Samples] = {}
         for sample in sorted(samples):
@@ -245,7 +274,9 @@ class ImageFolderDataModule(ClassificationDataModule):
         usable = {path: label for scan in scans.values() for path, label in scan.samples}
         left_out = {path: reason for scan in scans.values() for path, reason in scan.skipped}
         split_folders = "all" not in scans
-        splits = read_manifest(self.manifest_path, self.root, classes, split_folders, usable, left_out)
+        splits = read_manifest(
+            self.manifest_path, self.root, classes, split_folders, usable, left_out, folds=self.fold_record()
+        )
         log.info("Reusing the data split in %s", self.manifest_path)
         return splits
 
@@ -254,13 +285,15 @@ class ImageFolderDataModule(ClassificationDataModule):
         if self.splits:
             return
         classes, splits, scans = self._discover()
+        if self.folds is not None and not self.folded:
+            raise self._nothing_to_fold(f"{self.source} gives a validation split of its own")
         self.class_names = classes
         reused = self._read_manifest(classes, scans)
         self.splits = reused or splits
         rank_zero = self.trainer is None or self.trainer.is_global_zero
         if rank_zero:
             if self.manifest_path is not None and reused is None:  # a reused file stays the record of the split
-                write_manifest(self.manifest_path, self.root, self.class_names, self.splits)
+                write_manifest(self.manifest_path, self.root, self.class_names, self.splits, self.fold_record())
             if self.report_path is not None:
                 write_scan_report(scans, self.report_path)
             for scan in scans.values():
@@ -344,9 +377,17 @@ class ImageFolderDataModule(ClassificationDataModule):
     def train_labels(self) -> list[int]:
         return [label for _, label in self.splits["train"]]
 
+    def fold_record(self) -> dict[str, int] | None:
+        """``{"folds": K, "fold": i}`` with k-fold (``data_split.json`` records it), else None."""
+        return None if self.folds is None or self.fold is None else {"folds": self.folds, "fold": self.fold}
+
     def all_images(self) -> ImageFileDataset:
         """Every image of every split, sorted by path, read from the original files at the eval transform."""
-        samples = sorted(sample for items in self.splits.values() for sample in items)
+        return self.split_images(*self.splits)
+
+    def split_images(self, *splits: str) -> ImageFileDataset:
+        """The images of ``splits``, sorted by path, read from the original files at the eval transform."""
+        samples = sorted(sample for split in splits for sample in self.splits[split])
         return ImageFileDataset(samples, self.preprocessing.transform, ImageLoader(min_size=self.preprocessing.resize))
 
 
