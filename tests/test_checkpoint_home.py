@@ -52,3 +52,13 @@ def test_a_run_config_written_before_the_recipe_moved_resumes_with_no_change(tmp
     torch.save({"state_dict": {}, "epoch": 0, "run_config": {"model": old, "seed": 1}}, path)
     check = check_resume(OmegaConf.create({"model": new, "seed": 1}), str(path))
     assert check.refused == {} and check.benign == {}
+
+
+def test_a_key_added_since_and_left_null_is_no_change_but_one_set_is(tmp_path: Path):
+    """A run from before ``data.folds`` existed resumes; setting the new key changes the run and is refused."""
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, "epoch": 0, "run_config": {"data": {"batch_size": 8}, "seed": 1}}, path)
+    check = check_resume(OmegaConf.create({"data": {"batch_size": 8, "folds": None}, "seed": 1}), str(path))
+    assert check.refused == {} and "data.folds" in check.benign
+    with pytest.raises(ConfigError, match=r"data\.folds"):
+        check_resume(OmegaConf.create({"data": {"batch_size": 8, "folds": 5}, "seed": 1}), str(path))

@@ -26,7 +26,8 @@ def check_config(cfg: DictConfig, validates: bool = True) -> None:
     data = cfg.get("data")
     if data is not None:
         _check_data(data)
-        if validates:
+        check_folds(data.get("folds"), data.get("fold"))
+        if validates and data.get("folds") is None:  # with data.folds the held-out fold is the validation split
             _check_val_split(data)
     trainer = cfg.get("trainer")
     if trainer is not None:
@@ -51,6 +52,34 @@ def _check_data(data: DictConfig) -> None:
         if value is not None and value <= 0:
             what = "images per batch (per device)" if key == "batch_size" else "pixels (the side of the square input)"
             raise ConfigError(f"data.{key}={value} must be a positive number of {what}, e.g. data.{key}={example}")
+
+
+def check_folds(folds: object, fold: object) -> None:
+    """``data.folds``/``data.fold`` (k-fold cross-validation): both null, or ``folds >= 2`` and ``0 <= fold < folds``.
+
+    The data modules call it too, so a module built in Python is held to what the command line is."""
+    if folds is None and fold is None:
+        return
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        if folds is None:
+            raise ConfigError(
+                f"data.fold={fold!r} needs data.folds (how many folds): e.g. data.folds=5 data.fold={fold!r}, or "
+                "drop data.fold"
+            )
+        raise ConfigError(
+            f"data.folds={folds!r} must be a whole number >= 2 (how many folds the training data is cut into), "
+            "e.g. data.folds=5; null for no k-fold"
+        )
+    if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < folds:
+        every = f"python train.py -m data.folds={folds} data.fold='range({folds})'"
+        if fold is None:
+            raise ConfigError(
+                f"data.folds={folds} needs data.fold, the fold held out for validation (0-{folds - 1}); "
+                f"to run every fold: {every}"
+            )
+        raise ConfigError(
+            f"data.fold={fold!r} is not a fold of data.folds={folds}: use 0-{folds - 1} (every fold: {every})"
+        )
 
 
 def _check_val_split(data: DictConfig) -> None:

@@ -18,8 +18,10 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10
 
+from image_finetune.core.config_checks import check_folds
 from image_finetune.core.errors import ConfigError
 from image_finetune.data.base import ClassificationDataModule, EpochSampler
+from image_finetune.data.folds import fold_indices
 from image_finetune.data.preprocessing import Preprocessing
 from image_finetune.data.transforms import Augmentation
 
@@ -122,7 +124,10 @@ class ResidentBatches:
 
 
 class CIFAR10DataModule(ClassificationDataModule):
-    """45k/5k train/val split of the CIFAR-10 training set (seeded), plus the 10k test set."""
+    """45k/5k train/val split of the CIFAR-10 training set (seeded), plus the 10k test set.
+
+    ``folds``/``fold``: validate on fold ``fold`` of ``folds`` of the training set (stratified) instead of ``val_size``
+    random images; the test set stays the test set."""
 
     def __init__(
         self,
@@ -138,7 +143,10 @@ class CIFAR10DataModule(ClassificationDataModule):
         persistent_workers: bool = True,
         preprocessing: Preprocessing | Mapping[str, Any] | None = None,
         min_steps_per_epoch: int = 4,
+        folds: int | None = None,
+        fold: int | None = None,
     ) -> None:
+        check_folds(folds, fold)
         super().__init__(batch_size, num_workers, seed, pin_memory, persistent_workers, min_steps_per_epoch)
         # Whole 32x32 images (resized, never cropped) with the backbone's mean/std: what eval, predict, exports repeat.
         backbone_preprocessing = Preprocessing.coerce(preprocessing) or Preprocessing()
@@ -150,8 +158,16 @@ class CIFAR10DataModule(ClassificationDataModule):
                 f"so eval, predict and exports do the same) and leave data.image_size at {CIFAR_SIZE}"
             )
         self.save_hyperparameters(
-            {"data_dir": str(data_dir), "image_size": image_size, "val_size": val_size, "seed": seed}
+            {
+                "data_dir": str(data_dir),
+                "image_size": image_size,
+                "val_size": val_size,
+                "seed": seed,
+                "folds": folds,
+                "fold": fold,
+            }
         )
+        self.folds, self.fold = folds, fold
         self.data_dir = Path(data_dir).expanduser()
         self.image_size, self.val_size, self.download = image_size, val_size, download
         self._on_device: dict[tuple[str, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -173,13 +189,17 @@ class CIFAR10DataModule(ClassificationDataModule):
         train_set, test_set = (CIFAR10(self.data_dir, train=train) for train in (True, False))
         self.class_names = list(train_set.classes)
         images, labels = _as_tensors(train_set)
-        if not 0 < self.val_size < len(labels):
+        if self.folds is not None and self.fold is not None:
+            train_index, val_index = fold_indices(labels.tolist(), self.folds, self.fold, self.seed, self.class_names)
+            train, val = torch.tensor(train_index), torch.tensor(val_index)
+        elif not 0 < self.val_size < len(labels):
             raise ConfigError(
                 f"data.val_size={self.val_size}: the CIFAR-10 training set in {self.data_dir} has {len(labels)} images, and "
                 f"validation needs at least 1 and must leave some for training. Choose a data.val_size below {len(labels)}"
             )
-        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
-        val, train = order[: self.val_size], order[self.val_size :]
+        else:
+            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
+            val, train = order[: self.val_size], order[self.val_size :]
         self.datasets = {
             "train": TensorImageDataset(images[train], labels[train]),
             "val": TensorImageDataset(images[val], labels[val]),

@@ -4,6 +4,9 @@
   split off ``train/``.
 * ``root/<class>/...``: one pool, split into train/val(/test) by fractions, stratified by class, with a fixed seed.
 
+With ``folds``/``fold`` (k-fold cross-validation, ``data/folds.py``) the validation split is fold ``fold`` of the pool
+left once the test split is held out, instead of ``val_fraction`` of it.
+
 The split is written to ``manifest_path`` (in the run dir) and read back from there when the run is resumed, so a
 resumed run trains and validates on exactly the same files even if the folder gained images meanwhile.
 """
@@ -21,6 +24,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
+from image_finetune.core.config_checks import check_folds
 from image_finetune.core.errors import ConfigError, DataError
 from image_finetune.data.base import ClassificationDataModule
 from image_finetune.data.cache import ResizedCache
@@ -33,6 +37,7 @@ from image_finetune.data.device_decode import (
     require_gpu,
 )
 from image_finetune.data.files import ImageFileDataset, ImageLoader
+from image_finetune.data.folds import fold_split
 from image_finetune.data.manifest import read_manifest, write_manifest
 from image_finetune.data.preprocessing import Preprocessing
 from image_finetune.data.scan import FolderScan, scan_image_folder, summarize, write_scan_report
@@ -104,8 +109,11 @@ class ImageFolderDataModule(ClassificationDataModule):
         preprocessing: Preprocessing | Mapping[str, Any] | None = None,
         min_steps_per_epoch: int = 4,
         decode: DecodeMode = "cpu",
+        folds: int | None = None,
+        fold: int | None = None,
     ) -> None:
-        """``preprocessing`` is the backbone's (``train`` hands it over); ``image_size``/``crop_ratio`` override it."""
+        """``preprocessing`` is the backbone's (``train`` hands it over); ``image_size``/``crop_ratio`` override it.
+        ``folds``/``fold``: validate on fold ``fold`` of ``folds`` (stratified) instead of ``val_fraction``."""
         super().__init__(batch_size, num_workers, seed, pin_memory, persistent_workers, min_steps_per_epoch)
         check_fractions(val_fraction, test_fraction)
         if cache not in CACHE_MODES:
@@ -135,8 +143,12 @@ class ImageFolderDataModule(ClassificationDataModule):
                 "val_fraction": val_fraction,
                 "test_fraction": test_fraction,
                 "seed": seed,
+                "folds": folds,
+                "fold": fold,
             }
         )
+        check_folds(folds, fold)
+        self.folds, self.fold = folds, fold
         self.root = Path(root).expanduser()
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.crop_scale, self.hflip = tuple(crop_scale), hflip
@@ -150,6 +162,8 @@ class ImageFolderDataModule(ClassificationDataModule):
         self.splits: dict[str, Samples] = {}
         if not self.root_created_by_prepare_data:
             self._check_root()  # fail before anything slow (weight download, worker start-up) happens
+            if self.folds is not None and (self.root / "train").is_dir() and (self.root / "val").is_dir():
+                raise self._nothing_to_fold(f"{self.root / 'val'} is the validation split")
 
     # ---- discovery ------------------------------------------------------------------------------------------------
     def _scan(self, folder: Path) -> FolderScan:
@@ -189,12 +203,24 @@ class ImageFolderDataModule(ClassificationDataModule):
     def _discover(self) -> tuple[list[str], dict[str, Samples], dict[str, FolderScan]]:
         """Find the labelled files and split; returns class names, samples per split, and the scans (for the report)."""
         classes, scans, given, where = self._labelled_files()
+        folds = None if self.folds is None or self.fold is None else (self.folds, self.fold)
         if given is None:
             pool = [sample for scan in scans.values() for sample in scan.samples]
             fractions = [self.val_fraction, resolve_test_fraction(self.test_fraction, pool, classes, where)]
-            return classes, stratified_split(pool, fractions, ["val", "test"], classes, self.seed), scans
-        splits = hold_out_missing_splits(dict(given), classes, self.val_fraction, self.test_fraction, self.seed, where)
+            splits = stratified_split(pool, fractions, ["val", "test"], classes, self.seed, folds)
+        else:
+            if folds is not None and "val" in given:
+                raise self._nothing_to_fold(f"{self.source} gives a validation split of its own")
+            splits = hold_out_missing_splits(
+                dict(given), classes, self.val_fraction, self.test_fraction, self.seed, where, folds
+            )
         return classes, splits, scans
+
+    def _nothing_to_fold(self, why: str) -> ConfigError:
+        return ConfigError(
+            f"data.folds={self.folds} cuts the training images into folds to validate on, but {why}: drop data.folds "
+            "and data.fold to validate on it, or merge it into the training images to cross-validate"
+        )
 
     # ---- manifest -------------------------------------------------------------------------------------------------
     def _read_manifest(self, classes: list[str], scans: Mapping[str, FolderScan]) -> dict[str, Samples] | None:
@@ -205,7 +231,14 @@ class ImageFolderDataModule(ClassificationDataModule):
         left_out = {path: reason for scan in scans.values() for path, reason in scan.skipped}
         split_folders = self.labels_from_folders and "all" not in scans
         splits = read_manifest(
-            self.manifest_path, self.root, classes, split_folders, usable, left_out, self.labels_from_folders
+            self.manifest_path,
+            self.root,
+            classes,
+            split_folders,
+            usable,
+            left_out,
+            self.labels_from_folders,
+            folds=self.fold_record(),
         )
         log.info("Reusing the data split in %s", self.manifest_path)
         return splits
@@ -221,7 +254,7 @@ class ImageFolderDataModule(ClassificationDataModule):
         rank_zero = self.trainer is None or self.trainer.is_global_zero
         if rank_zero:
             if self.manifest_path is not None and reused is None:  # a reused file stays the record of the split
-                write_manifest(self.manifest_path, self.root, self.class_names, self.splits)
+                write_manifest(self.manifest_path, self.root, self.class_names, self.splits, self.fold_record())
             if self.report_path is not None:
                 write_scan_report(scans, self.report_path)
             for scan in scans.values():
@@ -305,9 +338,17 @@ class ImageFolderDataModule(ClassificationDataModule):
     def train_labels(self) -> list[int]:
         return [label for _, label in self.splits["train"]]
 
+    def fold_record(self) -> dict[str, int] | None:
+        """``{"folds": K, "fold": i}`` with k-fold (``data_split.json`` records it), else None."""
+        return None if self.folds is None or self.fold is None else {"folds": self.folds, "fold": self.fold}
+
     def all_images(self) -> ImageFileDataset:
         """Every image of every split, sorted by path, read from the original files at the eval transform."""
-        samples = sorted(sample for items in self.splits.values() for sample in items)
+        return self.split_images(*self.splits)
+
+    def split_images(self, *splits: str) -> ImageFileDataset:
+        """The images of ``splits``, sorted by path, read from the original files at the eval transform."""
+        samples = sorted(sample for split in splits for sample in self.splits[split])
         return ImageFileDataset(samples, self.preprocessing.transform, ImageLoader(min_size=self.preprocessing.resize))
 
 
@@ -366,6 +407,7 @@ def hold_out_missing_splits(
     test_fraction: TestFraction,
     seed: int,
     where: str,
+    folds: tuple[int, int] | None = None,
 ) -> dict[str, Samples]:
     """``splits`` with what ``train`` must give up held out of it (``stratified_split``): val when there is no val
     split, test (``resolve_test_fraction``) when there is no test split. ``where`` names the train pool in messages."""
@@ -374,16 +416,28 @@ def hold_out_missing_splits(
         val_fraction if name == "val" else resolve_test_fraction(test_fraction, splits["train"], classes, where)
         for name in names
     ]
-    if any(fraction > 0 for fraction in fractions):
-        splits = {**splits, **stratified_split(splits["train"], fractions, names, classes, seed)}
+    if any(fraction > 0 for fraction in fractions) or (folds is not None and "val" in names):
+        splits = {**splits, **stratified_split(splits["train"], fractions, names, classes, seed, folds)}
     return splits
 
 
 def stratified_split(
-    samples: Samples, fractions: list[float], names: list[str], classes: list[str], seed: int
+    samples: Samples,
+    fractions: list[float],
+    names: list[str],
+    classes: list[str],
+    seed: int,
+    folds: tuple[int, int] | None = None,
 ) -> dict[str, Samples]:
     """Hold out ``fractions`` of each class as the splits ``names`` (at least one image per class per held-out
-    split), seeded by ``seed``; the rest is ``train``. Every data module that splits a pool uses this one rule."""
+    split), seeded by ``seed``; the rest is ``train``. Every data module that splits a pool uses this one rule.
+
+    ``folds=(K, i)``: ``val`` is fold ``i`` of ``K`` (stratified) of what is left once the other splits are held out."""
+    if folds is not None and "val" in names:
+        rest = [i for i, name in enumerate(names) if name != "val"]
+        out = stratified_split(samples, [fractions[i] for i in rest], [names[i] for i in rest], classes, seed)
+        out["train"], out["val"] = fold_split(out["train"], *folds, seed, classes)
+        return {name: sorted(out[name]) for name in SPLIT_DIRS if name in out}
     rng = random.Random(seed)
     by_class: dict[int, Samples] = {}
     for sample in sorted(samples):

@@ -22,18 +22,24 @@ log = logging.getLogger(__name__)
 
 Samples = list[tuple[str, int]]
 SPLITS = ("train", "val", "test")
-KEYS = ("root", "classes", "splits")
+KEYS = ("root", "classes", "splits", "folds", "fold")
 # Class names listed in full in a message up to this many; beyond, the first few and a count.
 MAX_LISTED = 5
 
 
 def write_manifest(
-    path: str | os.PathLike, root: str | os.PathLike, classes: Sequence[str], splits: Mapping[str, Samples]
+    path: str | os.PathLike,
+    root: str | os.PathLike,
+    classes: Sequence[str],
+    splits: Mapping[str, Samples],
+    folds: Mapping[str, int] | None = None,
 ) -> None:
-    """Write the splits with paths relative to ``root`` (atomically: a killed run never leaves half a file)."""
+    """Write the splits with paths relative to ``root`` (atomically: a killed run never leaves half a file).
+    ``folds``: ``{"folds": K, "fold": i}`` of a k-fold run, recorded beside the splits it made."""
     manifest = {
         "root": str(root),
         "classes": list(classes),
+        **(folds or {}),
         "splits": {split: [(os.path.relpath(p, root), label) for p, label in items] for split, items in splits.items()},
     }
     atomic_write_text(Path(path), json.dumps(manifest, indent=1))
@@ -47,13 +53,15 @@ def read_manifest(
     usable: Mapping[str, int],
     left_out: Mapping[str, str],
     class_folders: bool = True,
+    folds: Mapping[str, int] | None = None,
 ) -> dict[str, Samples]:
     """The splits in ``path``, checked against the folder as scanned now; ``DataError`` (one line) when it is damaged.
 
     ``split_folders``: data.root has the ``train/ val/ [test/]`` layout (a file under ``val/`` or ``test/`` belongs
     to that split). ``usable``: absolute path -> label of every image the scan kept; ``left_out``: path -> reason of
     every file it left out. ``class_folders=False``: the labels come from a labels file (``data=csv``), so each entry's
-    label is checked against ``usable`` instead of its folder. Listed files the scan no longer keeps (deleted, or no
+    label is checked against ``usable`` instead of its folder. ``folds``: the run's ``{"folds": K, "fold": i}`` (None:
+    no k-fold), which must be the one the file was written for. Listed files the scan no longer keeps (deleted, or no
     longer decoding) are left out of the splits with one warning; a split that loses every file is an error.
     """
     path = Path(path)
@@ -63,6 +71,12 @@ def read_manifest(
         raise DataError(
             f"{path} was written for other classes than {root} has now ({_class_difference(manifest['classes'], classes)}). "
             "Resume in a new run dir, or delete the file to split afresh."
+        )
+    written = {key: manifest.get(key) for key in ("folds", "fold")}
+    if written != {key: (folds or {}).get(key) for key in ("folds", "fold")}:
+        raise DataError(
+            f"{path} holds the split of {_fold_text(written)}, not of {_fold_text(folds or {})} as this run asks: "
+            "each fold is its own run, so train this fold in a new run dir (or resume with the fold's own setting)"
         )
     base = os.path.abspath(root)
     splits: dict[str, Samples] = {}
@@ -90,6 +104,12 @@ def read_manifest(
     if bad:
         raise _damaged(path, bad[0] + (f" ({len(bad)} bad entries in all)" if len(bad) > 1 else ""))
     return _drop_gone(path, splits, usable, left_out)
+
+
+def _fold_text(record: Mapping[str, Any]) -> str:
+    if record.get("folds") is None:
+        return "no k-fold (data.folds=null)"
+    return f"data.folds={record['folds']} data.fold={record.get('fold')}"
 
 
 def _load(path: Path) -> Any:

@@ -2,7 +2,9 @@
 
 * ``MultirunSummary`` is a Hydra callback (configs/hydra/default.yaml): when a multirun ends it reads every job's
   ``metrics.json`` from the sweep dir and writes ``summary.csv`` (one row per job and its overrides) and
-  ``summary.md`` (mean +- std of each final metric). It reads the files rather than the jobs' return values so that
+  ``summary.md`` (mean +- std of each final metric over the jobs that repeat one setting: jobs that differ only in
+  ``seed``, ``data.seed`` or ``data.fold`` are repeats; a sweep over other settings too gets one table per setting).
+  The ``oof_predictions.csv`` of k-fold jobs are joined into ``<sweep dir>/oof_predictions.csv``. It reads the files rather than the jobs' return values so that
   it works with launchers that run jobs elsewhere (submitit) and after a resumed sweep.
 * A failed job does not end a multirun. In a job, ``multirun_job`` prints a mistake's one line (naming the job) and
   raises ``JobFailed``, an ``Exception``: Hydra records the job as failed (``cli.user_errors`` would ``sys.exit``,
@@ -30,6 +32,7 @@ import os
 import statistics
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +54,11 @@ ERROR_JSON = "error.json"
 #: the path segments that make a ``metrics.json`` value a metric (``best/val/acc``, ``test/acc``), not bookkeeping
 #: such as ``epochs_counted_from`` or ``best/epoch``
 SPLITS = {"train", "val", "test"}
+#: a k-fold job's predictions on its held-out fold (``out_of_fold``); the sweep dir gets them joined, under this name
+OOF_CSV = "oof_predictions.csv"
+#: overrides whose jobs are repeats of one setting (another seed, another fold): the mean +- std is taken over them
+REPEAT_KEYS = ("seed", "data.seed", "data.fold")
+Stats = dict[str, dict[str, float]]
 
 
 class JobFailed(Exception):  # noqa: N818 (a job's outcome, carried through Hydra's launcher)
@@ -131,11 +139,44 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def summarize(sweep_dir: str | Path) -> dict[str, dict[str, float]]:
-    """Write ``summary.csv`` and ``summary.md`` into the sweep dir; returns ``{metric: {mean, std, n}}``.
+def is_repeat(override: str) -> bool:
+    """``seed=3``, ``data.fold=1``: an override that makes a job a repeat of the same setting (``REPEAT_KEYS``)."""
+    return override.split("=", 1)[0].lstrip("+~") in REPEAT_KEYS
+
+
+def metric_stats(rows: list[dict[str, Any]], names: list[str]) -> Stats:
+    """``{metric: {mean, std, n}}`` over ``rows`` (NaNs and missing values left out)."""
+    stats: Stats = {}
+    for name in names:
+        values = [row[name] for row in rows if name in row and not math.isnan(row[name])]
+        if values:
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            stats[name] = {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+    return stats
+
+
+@dataclass
+class SweepSummary:
+    """``stats`` over every finished job; ``groups``: setting -> its repeats' stats, when the sweep repeats settings
+    (seeds, folds) and varies others too (else empty); ``repeats``: the repeat keys the jobs differ in."""
+
+    stats: Stats = field(default_factory=dict)
+    groups: dict[str, Stats] = field(default_factory=dict)
+    repeats: list[str] = field(default_factory=list)
+
+
+def summarize(sweep_dir: str | Path) -> Stats:
+    """Write ``summary.csv`` and ``summary.md`` into the sweep dir; returns ``{metric: {mean, std, n}}`` over every
+    finished job (``summarize_sweep`` has the per-setting numbers too)."""
+    return summarize_sweep(sweep_dir).stats
+
+
+def summarize_sweep(sweep_dir: str | Path) -> SweepSummary:
+    """Write ``summary.csv``, ``summary.md`` (and the joined ``oof_predictions.csv``) into the sweep dir.
 
     Finished jobs give the metrics; failed jobs (``error.json``) get a row with their error and are named in
-    ``summary.md``."""
+    ``summary.md``. Jobs that differ only in ``REPEAT_KEYS`` are repeats: when several settings are repeated, each
+    gets its own mean +- std table."""
     sweep_dir = Path(sweep_dir)
     rows = []
     dirs = job_dirs(sweep_dir)
@@ -143,8 +184,11 @@ def summarize(sweep_dir: str | Path) -> dict[str, dict[str, float]]:
     overrides = {d: _overrides(d) for d in dirs} | {d: list(e.get("overrides", [])) for d, e in failed.items()}
     shared = set.intersection(*(set(o) for o in overrides.values())) if overrides else set()
 
-    def own(job_dir: Path) -> str:  # what differs per job
-        return " ".join(o for o in overrides[job_dir] if o not in shared or len(overrides) == 1)
+    def own_overrides(job_dir: Path) -> list[str]:  # what differs per job
+        return [o for o in overrides[job_dir] if o not in shared or len(overrides) == 1]
+
+    def own(job_dir: Path) -> str:
+        return " ".join(own_overrides(job_dir))
 
     for job_dir in dirs:
         metrics = _flatten(_read_record(job_dir / METRICS_JSON) or {})
@@ -155,14 +199,20 @@ def summarize(sweep_dir: str | Path) -> dict[str, dict[str, float]]:
         }
         rows.append({"job": job_dir.name, "overrides": own(job_dir), **numbers})
     names = sorted({k for row in rows for k in row if k not in ("job", "overrides")})
-    stats: dict[str, dict[str, float]] = {}
-    for name in names:
-        values = [row[name] for row in rows if name in row and not math.isnan(row[name])]
-        if values:
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            stats[name] = {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+    summary = SweepSummary(metric_stats(rows, names))
+    setting = {d: " ".join(o for o in own_overrides(d) if not is_repeat(o)) for d in dirs}
+    summary.repeats = sorted(
+        {o.split("=", 1)[0].lstrip("+~") for d in dirs for o in overrides[d] if is_repeat(o) and o not in shared}
+    )
+    by_setting: dict[str, list[dict[str, Any]]] = {}
+    for job_dir, row in zip(dirs, rows):
+        by_setting.setdefault(setting[job_dir], []).append(row)
+    if len(by_setting) > 1 and any(len(group) > 1 for group in by_setting.values()):
+        summary.groups = {name: metric_stats(group, names) for name, group in by_setting.items()}
+    stats = summary.stats
     if not rows and not failed:
-        return stats
+        return summary
+    join_oof_predictions(sweep_dir, dirs)
     rows += [{"job": d.name, "overrides": own(d), "error": e.get("error", "")} for d, e in failed.items()]
     rows.sort(key=lambda row: _job_order(Path(row["job"])))
     buffer = io.StringIO()
@@ -176,13 +226,42 @@ def summarize(sweep_dir: str | Path) -> dict[str, dict[str, float]]:
         if not failed
         else f"# {finished} of {finished + len(failed)} jobs finished in {sweep_dir}"
     )
-    lines = [title, "", "| metric | mean | std | jobs |", "|---|---|---|---|"]
-    lines += [f"| {k} | {s['mean']:.4f} | {s['std']:.4f} | {int(s['n'])} |" for k, s in stats.items()]
+    over = f" (repeats over {', '.join(summary.repeats)})" if summary.repeats else ""
+    lines = [title + over, ""]
+    for name, group_stats in summary.groups.items() or {"": stats}.items():
+        if name:
+            lines += [f"## {name}", ""]
+        lines += ["| metric | mean | std | jobs |", "|---|---|---|---|"]
+        lines += [f"| {k} | {s['mean']:.4f} | {s['std']:.4f} | {int(s['n'])} |" for k, s in group_stats.items()]
+        lines += [""] if summary.groups else []
     if failed:
         lines += ["", f"## {len(failed)} failed", ""]
         lines += [f"- job {d.name} (`{own(d)}`, {d}): {e.get('error', '')}" for d, e in failed.items()]
-    (sweep_dir / SUMMARY_MD).write_text("\n".join(lines) + "\n")
-    return stats
+    (sweep_dir / SUMMARY_MD).write_text("\n".join(lines).rstrip("\n") + "\n")
+    return summary
+
+
+def join_oof_predictions(sweep_dir: Path, dirs: list[Path]) -> Path | None:
+    """``<sweep dir>/oof_predictions.csv``: the jobs' out-of-fold predictions in job order, each row led by its job;
+    None when no job wrote any. A file with other columns (other classes) is left out with a warning."""
+    found = [d for d in dirs if (d / OOF_CSV).is_file()]
+    if not found:
+        return None
+    header: list[str] | None = None
+    out: list[list[str]] = []
+    for job_dir in found:
+        with open(job_dir / OOF_CSV, newline="") as f:
+            rows = list(csv.reader(f))
+        if not rows or (header is not None and rows[0] != header):
+            log.warning("%s has other columns than %s: left out of the joined file", job_dir / OOF_CSV, found[0])
+            continue
+        header = header or rows[0]
+        out += [[job_dir.name, *row] for row in rows[1:]]
+    path = sweep_dir / OOF_CSV
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows([["job", *(header or [])], *out])
+    path.write_text(buffer.getvalue())
+    return path
 
 
 class MultirunSummary(Callback):
@@ -213,17 +292,24 @@ class MultirunSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        stats = summarize(sweep_dir)
+        summary = summarize_sweep(sweep_dir)
+        stats = summary.stats
         failed = failed_jobs(sweep_dir)
         if not stats and not failed:
             log.warning("No job of %s wrote metrics.json: no summary", sweep_dir)
         if stats:
             shown = self.metrics or [k for k in stats if k.startswith(("best/val/", "test/"))]
             n = max(int(s["n"]) for s in stats.values())
-            log.info("Across %d jobs (%s):", n, sweep_dir / SUMMARY_MD)
-            for name in shown:
-                if name in stats:
-                    log.info("  %-20s %.4f +- %.4f", name, stats[name]["mean"], stats[name]["std"])
+            over = f", mean ± std over {', '.join(summary.repeats)}" if summary.repeats else ""
+            log.info("Across %d jobs%s (%s):", n, over, sweep_dir / SUMMARY_MD)
+            for setting, group in summary.groups.items() or {"": stats}.items():
+                if setting:
+                    log.info(" %s (%d jobs):", setting, max(int(s["n"]) for s in group.values()))
+                for name in shown:
+                    if name in group:
+                        log.info("  %-20s %.4f ± %.4f", name, group[name]["mean"], group[name]["std"])
+            if (sweep_dir / OOF_CSV).is_file():
+                log.info("Out-of-fold predictions of every job: %s", sweep_dir / OOF_CSV)
         if failed:
             # Hydra calls this after the sweeper returned and before the process ends: the multirun's exit code.
             # (Hydra calls on_multirun_end in the reverse order of configs/hydra/default.yaml's callbacks: the ones

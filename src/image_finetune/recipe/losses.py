@@ -18,11 +18,18 @@ from torch import nn
 from image_finetune.core.errors import ConfigError
 
 
-def cross_entropy(class_counts: Sequence[int], label_smoothing: float = 0.0) -> nn.Module:
-    """Cross-entropy with label smoothing (the default); ``class_counts`` is not needed."""
+def cross_entropy(
+    class_counts: Sequence[int], label_smoothing: float = 0.0, weights: str | Sequence[float] | None = None
+) -> nn.Module:
+    """Cross-entropy with label smoothing (the default); ``weights``: null, ``balanced`` (from ``class_counts``) or
+    one number per class, as ``focal`` takes them (torch's weighted mean: the batch's weights sum to one)."""
     if not 0 <= label_smoothing < 1:
         raise ConfigError(f"model.loss.label_smoothing={label_smoothing} must be in [0, 1)")
-    return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    tensor = class_weights(weights, class_counts)
+    if tensor is not None:
+        loss.register_buffer("weight", tensor, persistent=False)  # checkpoints hold only the network
+    return loss
 
 
 def balanced_weights(class_counts: Sequence[int]) -> torch.Tensor:
@@ -55,6 +62,20 @@ class FocalLoss(nn.Module):
         return -terms.sum(dim=-1).mean()
 
 
+def class_weights(weights: str | Sequence[float] | None, class_counts: Sequence[int]) -> torch.Tensor | None:
+    """``model.loss.weights`` as a tensor: None for null, ``balanced_weights`` for ``balanced``, else the list."""
+    if weights == "balanced":
+        return balanced_weights(class_counts)
+    if weights is None:
+        return None
+    if isinstance(weights, str) or len(weights) != len(class_counts):
+        raise ConfigError(
+            f"model.loss.weights={weights!r} must be null, balanced, or a list of {len(class_counts)} numbers "
+            "(one per class, in label order)"
+        )
+    return torch.tensor([float(w) for w in weights])
+
+
 def focal(
     class_counts: Sequence[int],
     gamma: float = 2.0,
@@ -67,15 +88,4 @@ def focal(
         raise ConfigError(f"model.loss.label_smoothing={label_smoothing} must be in [0, 1)")
     if gamma < 0:
         raise ConfigError(f"model.loss.gamma={gamma} must be >= 0 (0 = cross-entropy)")
-    if weights == "balanced":
-        tensor = balanced_weights(class_counts)
-    elif weights is None:
-        tensor = None
-    elif isinstance(weights, str) or len(weights) != len(class_counts):
-        raise ConfigError(
-            f"model.loss.weights={weights!r} must be null, balanced, or a list of {len(class_counts)} numbers "
-            "(one per class, in label order)"
-        )
-    else:
-        tensor = torch.tensor([float(w) for w in weights])
-    return FocalLoss(gamma, tensor, label_smoothing)
+    return FocalLoss(gamma, class_weights(weights, class_counts), label_smoothing)

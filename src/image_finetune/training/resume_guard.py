@@ -162,13 +162,19 @@ def compare(
     same_world = _same_world_size(stored, current)
     benign, allowed, refused = {}, {}, {}
     for key, change in changes.items():
-        if _matches(key, ALLOWED) or (key in WORLD_SIZE_KEYS and same_world):
+        if _matches(key, ALLOWED) or (key in WORLD_SIZE_KEYS and same_world) or _added_and_off(change):
             benign[key] = change
         elif ALL in allow or _matches(key, allow):
             allowed[key] = change
         else:
             refused[key] = change
     return benign, allowed, refused
+
+
+def _added_and_off(change: tuple[Any, Any]) -> bool:
+    """A key this version added (absent from an older run's config) and left null: the feature is off, as it was
+    then (``data.folds``, ``model.loss.weights``, ...), so a run from before the key existed still resumes."""
+    return change[0] is UNSET and change[1] is None
 
 
 def differences(old: Any, new: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:

@@ -24,6 +24,7 @@ from image_finetune.data.contract import ClassificationData
 from image_finetune.models.classifier import ImageClassifier
 from image_finetune.training import finetune
 from image_finetune.training.init_from import init_from_callbacks
+from image_finetune.training.out_of_fold import write_oof_predictions
 from image_finetune.training.resume_guard import ResumeCheck, check_resume, describe, record_resume, resume_changes
 from image_finetune.training.schedule import FinetuneSchedule
 from image_finetune.training.wiring import build_data, build_model
@@ -108,9 +109,11 @@ def _train(cfg: DictConfig, ckpt_path: str | None, allowed_changes: list[dict[st
 
 def _test_and_report(cfg: DictConfig, run: Run, allowed_changes: list[dict[str, Any]]) -> dict[str, Any]:
     """Test the best checkpoint (when there is a test split), write ``metrics.json`` (with the changes a resume was
-    allowed, if any) and print the summary."""
+    allowed, if any) and print the summary. A k-fold run also writes the best checkpoint's predictions on its held-out
+    fold (``out_of_fold``)."""
     trainer = run.trainer
     results = run_results(trainer)  # before trainer.test, which resets the trainer's metrics
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
 
     test: dict[str, float] | None = None
     note = None
@@ -123,7 +126,6 @@ def _test_and_report(cfg: DictConfig, run: Run, allowed_changes: list[dict[str, 
         note = "no test split (the data holds none out; validation metrics only)"
         log.warning("%s: no test metrics. Add a test/ folder or set data.test_fraction to hold one out.", note)
     else:
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if not best:
             log.warning("No best checkpoint (checkpointing off or no validation): testing the current weights.")
         # verbose=False: the summary below prints these numbers once, labelled, next to the val metrics.
@@ -132,6 +134,8 @@ def _test_and_report(cfg: DictConfig, run: Run, allowed_changes: list[dict[str, 
     results = add_test(results, test, note)
     if allowed_changes:
         results["resume_changes"] = allowed_changes
+    if trainer.is_global_zero and not trainer.interrupted:
+        write_oof_predictions(run.datamodule, best or None, run.model, cfg.paths.output_dir)
     if trainer.is_global_zero:
         save_json(results, Path(cfg.paths.output_dir) / "metrics.json")
     summarize_run(trainer, run.config, results)

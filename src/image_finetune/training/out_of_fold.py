@@ -1,0 +1,59 @@
+"""Out-of-fold predictions: a k-fold run's best checkpoint on the fold it held out (``oof_predictions.csv``).
+
+Each fold's run predicts only the images it never trained on, so the K files of ``-m data.folds=K
+data.fold='range(K)'`` together give one honest prediction for every image of the pool (the multirun summary joins
+them into ``<sweep dir>/oof_predictions.csv``): what error analysis, stacking or label cleaning need. The images are
+read from the original files at the eval transform, as ``eval.py`` reads them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from image_finetune.core.cli import write_csv
+from image_finetune.data.contract import ClassificationData
+from image_finetune.inference.classifier import to_float
+from image_finetune.models.classifier import ImageClassifier
+from image_finetune.ops.multirun import OOF_CSV
+
+log = logging.getLogger(__name__)
+
+
+def oof_header(class_names: list[str]) -> list[str]:
+    """``path, label, predicted`` and one probability column per class (``prob_<class>``, in label order)."""
+    return ["path", "label", "predicted", *(f"prob_{name}" for name in class_names)]
+
+
+def write_oof_predictions(
+    datamodule: ClassificationData, ckpt_path: str | None, model: ImageClassifier, out_dir: str | os.PathLike
+) -> Path | None:
+    """``<out_dir>/oof_predictions.csv``: the probabilities ``ckpt_path`` (the best checkpoint; ``model`` as it is when
+    there is none) gives each image of the held-out fold. None, writing nothing, when the run is no k-fold run of
+    data split into files (only image folders know each image's file)."""
+    fold_record = getattr(datamodule, "fold_record", None)
+    split_images = getattr(datamodule, "split_images", None)
+    if fold_record is None or split_images is None or fold_record() is None:
+        return None
+    net = ImageClassifier.from_checkpoint(ckpt_path).net if ckpt_path else model.net
+    assert net is not None  # a trained model has its head
+    device = model.device
+    net = net.to(device).eval()
+    dataset = split_images("val")
+    loader = DataLoader(dataset, batch_size=datamodule.batch_size, num_workers=datamodule.num_workers)  # type: ignore[attr-defined]
+    probabilities = []
+    with torch.inference_mode():
+        for images, _ in loader:
+            probabilities.append(net(to_float(images.to(device))).float().softmax(dim=-1).cpu())
+    names = model.class_names
+    rows = [
+        [path, names[label], names[int(p.argmax())], *(f"{v:.6f}" for v in p.tolist())]
+        for (path, label), p in zip(dataset.samples, torch.cat(probabilities))
+    ]
+    path = write_csv(Path(out_dir) / OOF_CSV, [oof_header(names), *rows])
+    log.info("Out-of-fold predictions of the best checkpoint on the %d held-out images: %s", len(rows), path)
+    return path
