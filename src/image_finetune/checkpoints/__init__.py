@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from image_finetune.core.errors import UserError
+from image_finetune.core.moved import current
 
 #: ``checkpoints/last.ckpt``: the state to resume from (``ckpt_path=last``), written by ``checkpoints.io.LastCheckpoint``.
 LAST = "last.ckpt"
@@ -75,11 +76,19 @@ def read_checkpoint(path: str | os.PathLike, *, key: str = "ckpt_path", mmap: bo
 
 
 def run_config(checkpoint: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
-    """The resolved config a checkpoint was trained with (``{}`` for checkpoints from elsewhere); untrusted data."""
+    """The resolved config a checkpoint was trained with (``{}`` for checkpoints from elsewhere); untrusted data.
+    A ``_target_`` that has moved since (``core.moved``) reads as where its code lives now."""
     if not isinstance(checkpoint, Mapping):
         checkpoint = read_checkpoint(checkpoint, mmap=True)
     stored = checkpoint.get("run_config") or {}
-    return dict(stored) if isinstance(stored, Mapping) else {}
+    return _moved(dict(stored)) if isinstance(stored, Mapping) else {}
+
+
+def _moved(node: Any) -> Any:
+    """``node`` with every ``_target_`` that moved renamed to where its code lives now."""
+    if isinstance(node, Mapping):
+        return {k: current(v) if k == "_target_" and isinstance(v, str) else _moved(v) for k, v in node.items()}
+    return [_moved(v) for v in node] if isinstance(node, list) else node
 
 
 def resume_epoch(checkpoint: str | os.PathLike | Mapping[str, Any]) -> int:

@@ -32,7 +32,6 @@ from image_finetune.checkpoints import read_checkpoint, resume_epoch, run_config
 from image_finetune.core.atomic import atomic_write_text
 from image_finetune.core.config_checks import gpu_available
 from image_finetune.core.errors import ConfigError, UserError
-from image_finetune.core.moved import current
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +123,7 @@ def check_resume(cfg: DictConfig, ckpt_path: str) -> ResumeCheck:
     checkpoint = read_checkpoint(ckpt_path, mmap=True)
     allow = allow_changes(cfg)
     current = _task_config(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False))
-    stored = _moved(_task_config(run_config(checkpoint)))
+    stored = _task_config(run_config(checkpoint))  # moved targets read as they are named now
     if not stored and ALL not in allow:
         raise ConfigError(
             f"ckpt_path={ckpt_path} holds no run config (it was not written by this project's train.py), so this "
@@ -276,13 +275,6 @@ def resume_changes(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 def _task_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k != "hydra"}
-
-
-def _moved(node: Any) -> Any:
-    """``node`` with every ``_target_`` that moved (``core.moved``) renamed to where its code lives now."""
-    if isinstance(node, Mapping):
-        return {k: current(v) if k == "_target_" and isinstance(v, str) else _moved(v) for k, v in node.items()}
-    return [_moved(v) for v in node] if isinstance(node, list) else node
 
 
 def _matches(key: str, patterns: Iterable[str]) -> bool:
