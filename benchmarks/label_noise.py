@@ -125,7 +125,7 @@ def main() -> None:
         return a is not None and a == b and a[1] == "True"
 
     recall = {kind: sum(found(p) for p in pairs if p["kind"] == kind) / args.copies for kind in KINDS}
-    test_acc = json.loads((args.work / "train" / "metrics.json").read_text()).get("test/acc")
+    test_acc = json.loads((args.work / "train" / "metrics.json").read_text())["test"]["acc"]
     results = {
         "images": sum(1 for p in root.rglob("*") if p.is_file()),
         "swapped": len(swapped),
