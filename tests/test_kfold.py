@@ -215,3 +215,20 @@ def test_repeats_are_summarised_per_setting(tmp_path):
     assert md.startswith(f"# 4 jobs in {tmp_path} (repeats over seed)\n")
     first, second = md.split("## model.optimizer.lr=0.1")[1].split("## model.optimizer.lr=0.2")
     assert "| test/acc | 0.6000 | 0.1414 | 2 |" in first and "| test/acc | 0.8500 | 0.0707 | 2 |" in second
+
+
+def test_find_issues_uses_the_sweeps_out_of_fold_predictions(sweep, compose_cfg, tmp_path):
+    """``find_issues.py ckpt_path=<sweep dir>/0/...`` finds the sweep's oof_predictions.csv above the run dir: the train
+    + val pool gets those probabilities, the test split (no fold predicted it) the cross-validated ones."""
+    from image_finetune.inference.data_issues import find_issues
+
+    sweep_dir, _ = sweep
+    ckpt = sweep_dir / "0" / "checkpoints" / "last.ckpt"
+    manifest = json.loads((sweep_dir / "0" / "data_split.json").read_text())
+    pool = sum(len(manifest["splits"][split]) for split in ("train", "val"))
+    cfg = compose_cfg(f"ckpt_path={ckpt}", "folds=2", config_name="find_issues", output_dir=tmp_path / "issues")
+    saved = find_issues(cfg)
+    assert saved["pred_probs"] == (
+        f"out-of-fold probabilities from {sweep_dir / 'oof_predictions.csv'} for {pool} images; 2-fold stratified "
+        f"logistic regression on the checkpoint's embeddings for the other {len(manifest['splits']['test'])}"
+    )

@@ -16,7 +16,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchmetrics.functional.classification import (
     multiclass_accuracy,
@@ -26,14 +26,13 @@ from torchmetrics.functional.classification import (
     multiclass_recall,
 )
 
-from image_finetune.checkpoints import check_stored_targets, resolve_ckpt_path, run_config
+from image_finetune.checkpoints import resolve_ckpt_path
 from image_finetune.core.atomic import atomic_path
 from image_finetune.core.cli import instantiate_group, save_json, write_csv
 from image_finetune.core.console import silence_lightning_noise
 from image_finetune.core.errors import ConfigError, DataError, UserError
 from image_finetune.core.plots import confusion_matrix_figure
 from image_finetune.core.results import scalar_metrics
-from image_finetune.data.base import ClassificationDataModule
 from image_finetune.data.contract import ClassificationData
 from image_finetune.data.files import ImageFileDataset
 from image_finetune.data.preprocessing import Preprocessing
@@ -42,41 +41,11 @@ from image_finetune.inference.interpretation import log_interpretation, options,
 from image_finetune.inference.tta import TTA
 from image_finetune.models.classifier import ImageClassifier
 from image_finetune.recipe.metrics import macro_f1
-from image_finetune.training.wiring import build_model_and_data
+from image_finetune.training.wiring import build_model_and_data, data_config
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("test", "val", "all")
-
-
-def data_config(cfg: DictConfig, ckpt_path: str) -> DictConfig:
-    """The ``data`` group from the command line if given, else the one stored in the checkpoint.
-
-    A stored config is untrusted data: it may only name one of the project's data modules (``check_stored_targets``),
-    and it writes nothing where the checkpoint says (no scan report; the scan cache goes to this run's
-    ``paths.cache_dir``). Either way images are read from the original files, never from the resized training cache,
-    so eval.py's numbers are exactly what predict.py and the exported models compute.
-    """
-    if cfg.get("data") is not None:
-        data = OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=True))  # a copy: cfg stays as the user gave it
-        if data.get("test_fraction") == "auto":
-            data.test_fraction = 0  # a folder named for evaluation is held out whole (its test/ folder, if any, counts)
-    else:
-        stored = run_config(ckpt_path).get("data")
-        if not stored:
-            raise UserError(f"{ckpt_path} holds no run config: name the data, e.g. data=imagefolder data.root=DIR")
-        stored.pop("augment", None)  # training augmentation (augment=...): evaluation never uses it
-        check_stored_targets(stored, source=f"{ckpt_path}: data", root_type=ClassificationDataModule)
-        for key, value in (("report_path", None), ("cache_dir", cfg.paths.get("cache_dir"))):
-            if key in stored:
-                stored[key] = value
-        data = OmegaConf.create(stored)
-    if "cache" in data:
-        data.cache = None
-    if "decode" in data:
-        data.decode = "cpu"  # decoded as predict.py and the exports decode; a GPU-trained checkpoint evaluates anywhere
-    data.pop("augment", None)
-    return data
 
 
 class Relabelled(Dataset):

@@ -67,11 +67,15 @@ class ClassifierNet(nn.Module):
         self.upsample_to = upsample_to
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's pooled features (what the head sees): the embeddings ``find_issues.py`` compares images by."""
         if self.upsample_to is not None and images.shape[-2:] != (self.upsample_to, self.upsample_to):
             images = F.interpolate(
                 images, size=(self.upsample_to, self.upsample_to), mode="bilinear", align_corners=False
             )
-        return self.head(self.backbone((images - self.mean) / self.std))
+        return self.backbone((images - self.mean) / self.std)
 
 
 def batch_mixing(

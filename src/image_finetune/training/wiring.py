@@ -1,4 +1,4 @@
-"""One wiring of model and data for every entry that needs both: ``train``, ``eval`` and ``lr_find``.
+"""One wiring of model and data for every entry that needs both: ``train``, ``eval``, ``lr_find`` and ``find_issues``.
 
 The model comes first, because its backbone owns the preprocessing (input size, crop, mean/std, interpolation) that
 the data module applies; the data module may still override the size (``data.image_size``). The data module must keep
@@ -9,9 +9,11 @@ the contract in ``data.contract`` (``ClassificationData``), which is all its cal
 from __future__ import annotations
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from image_finetune.core.errors import ConfigError
+from image_finetune.checkpoints import check_stored_targets, run_config
+from image_finetune.core.errors import ConfigError, UserError
+from image_finetune.data.base import ClassificationDataModule
 from image_finetune.data.contract import ClassificationData
 from image_finetune.models.classifier import ImageClassifier
 
@@ -42,3 +44,33 @@ def build_data(data: DictConfig, classifier: ImageClassifier) -> ClassificationD
             "image_finetune.data.ClassificationDataModule, or wrap your datasets in image_finetune.recipe.datasets.DatasetDataModule"
         )
     return datamodule
+
+
+def data_config(cfg: DictConfig, ckpt_path: str) -> DictConfig:
+    """The ``data`` group from the command line if given, else the one stored in the checkpoint.
+
+    A stored config is untrusted data: it may only name one of the project's data modules (``check_stored_targets``),
+    and it writes nothing where the checkpoint says (no scan report; the scan cache goes to this run's
+    ``paths.cache_dir``). Either way images are read from the original files, never from the resized training cache,
+    so eval.py's numbers are exactly what predict.py and the exported models compute (find_issues.py reads it too).
+    """
+    if cfg.get("data") is not None:
+        data = OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=True))  # a copy: cfg stays as the user gave it
+        if data.get("test_fraction") == "auto":
+            data.test_fraction = 0  # a folder named for evaluation is held out whole (its test/ folder, if any, counts)
+    else:
+        stored = run_config(ckpt_path).get("data")
+        if not stored:
+            raise UserError(f"{ckpt_path} holds no run config: name the data, e.g. data=imagefolder data.root=DIR")
+        stored.pop("augment", None)  # training augmentation (augment=...): evaluation never uses it
+        check_stored_targets(stored, source=f"{ckpt_path}: data", root_type=ClassificationDataModule)
+        for key, value in (("report_path", None), ("cache_dir", cfg.paths.get("cache_dir"))):
+            if key in stored:
+                stored[key] = value
+        data = OmegaConf.create(stored)
+    if "cache" in data:
+        data.cache = None
+    if "decode" in data:
+        data.decode = "cpu"  # decoded as predict.py and the exports decode; a GPU-trained checkpoint evaluates anywhere
+    data.pop("augment", None)
+    return data
