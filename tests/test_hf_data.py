@@ -17,6 +17,7 @@ from pathlib import Path
 import datasets
 import pytest
 from hf_parquet import CORRUPT_ROW, DIGIT_NAMES, write_digits_parquet
+from test_entry_matrix import Data, Trained, test_lr_find_py_sweeps_on_the_data_module
 
 from image_finetune.core.errors import ConfigError, UserError
 from image_finetune.data import HFDataModule
@@ -54,6 +55,19 @@ class Runs:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     return Runs(tmp_path_factory.mktemp("hf"))
+
+
+#: lr_find.py builds the data module (eval.py is run above; predict.py and export.py read only the checkpoint)
+pytest.mark.slow(test_lr_find_py_sweeps_on_the_data_module)
+
+
+@pytest.fixture(scope="module")
+def trained(runs: Runs) -> Trained:
+    """The shared run, as test_entry_matrix.py's tests read one."""
+    assert runs.train.returncode == 0, runs.train.stderr[-3000:]
+    env = {**os.environ, "HF_HOME": str(runs.hf_home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    data = Data(["data=hf", f"data.path={runs.data}", "data.image_size=32"], [], env, list(DIGIT_NAMES))
+    return Trained(data, runs.run_dir.parent, runs.run_dir / "checkpoints" / "last.ckpt")
 
 
 def test_training_on_parquet_files_reports_the_bad_row_and_goes_on(runs: Runs):
