@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from shared_runs import once_per_session
 from support import CIFAR_CLASSES, CIFAR_STANDIN, FakeFlowers102, make_fake_cifar, make_image_folder
 
 pytestmark = pytest.mark.slow  # 20 subprocesses, each mostly importing torch and Lightning (~10 s of CPU)
@@ -70,19 +71,22 @@ def script_env(*paths: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(pythonpath), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def data_for(name: str, root: Path, request: pytest.FixtureRequest) -> Data:
+def data_for(name: str, root: Path, request: pytest.FixtureRequest, write: bool = True) -> Data:
+    """The data module ``name`` with its files under ``root``, written there if ``write``."""
     if name == "imagefolder":
-        images = make_image_folder(root / "images")  # 3 classes x 12: test_fraction=auto holds a test split out
+        # 3 classes x 12: test_fraction=auto holds a test split out
+        images = make_image_folder(root / "images") if write else root / "images"
         args = ["data=imagefolder", f"data.root={images}", "data.image_size=32"]
         return Data(args, [], script_env(), ["class_0", "class_1", "class_2"])
     if name == "digits":
         args = ["data=digits", f"paths.data_dir={request.getfixturevalue('digits_data_dir')}"]
         return Data(args, [], script_env(), [str(digit) for digit in range(10)])
     if name == "cifar10":
-        standin = root / "standin"
-        standin.mkdir()
-        (standin / "sitecustomize.py").write_text(CIFAR_STANDIN)
-        cifar = make_fake_cifar(root / "cifar")
+        standin, cifar = root / "standin", root / "cifar"
+        if write:
+            standin.mkdir()
+            (standin / "sitecustomize.py").write_text(CIFAR_STANDIN)
+            make_fake_cifar(cifar)
         # the experiment as shipped (device pad-crop + flip, upsampling in the network), at a CPU test's size
         args = ["experiment=cifar10", f"data.data_dir={cifar}", "data.val_size=20", "data.batch_size=16",
                 "model.backbone.name=resnet18", "model.upsample_to=48", "channels_last=false"]  # fmt: skip
@@ -98,15 +102,22 @@ def data_for(name: str, root: Path, request: pytest.FixtureRequest) -> Data:
 
 @pytest.fixture(scope="module", params=MODULES)
 def trained(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Trained:
-    """``python train.py`` once per data module; every script below runs on its checkpoint."""
-    root = tmp_path_factory.mktemp(f"matrix-{request.param}")
-    data = data_for(request.param, root, request)
-    run("train.py", *data.args, *COMMON, *TRAIN, f"hydra.run.dir={root / 'train'}", env=data.env)
-    return Trained(data, root, root / "train" / "checkpoints" / "last.ckpt")
+    """``python train.py`` once per data module (and session: both workers share it); every script below runs on its
+    checkpoint and writes under its own folder."""
+
+    def build(root: Path) -> None:
+        data = data_for(request.param, root, request)
+        run("train.py", *data.args, *COMMON, *TRAIN, f"hydra.run.dir={root / 'train'}", env=data.env)
+
+    root = once_per_session(tmp_path_factory, f"matrix-{request.param}", build)
+    out = tmp_path_factory.mktemp(f"matrix-{request.param}")
+    return Trained(
+        data_for(request.param, root, request, write=False), out, root / "train" / "checkpoints" / "last.ckpt"
+    )
 
 
 def test_train_py_leaves_a_checkpoint_and_test_metrics(trained):
-    metrics = json.loads((trained.root / "train" / "metrics.json").read_text())
+    metrics = json.loads((trained.checkpoint.parents[1] / "metrics.json").read_text())
     assert trained.checkpoint.is_file()
     assert 0.0 <= metrics["test"]["acc"] <= 1.0, metrics
 

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from shared_runs import once_per_session
 from support import FAST, make_image_folder
 
 from image_finetune.checkpoints import read_checkpoint
@@ -43,14 +44,16 @@ def run_script(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def run_a(tmp_path_factory: pytest.TempPathFactory, digits_data_dir: Path) -> Path:
     """A's last.ckpt: digits (10 classes), one short epoch with the whole network training (finetune=full)."""
-    run_dir = tmp_path_factory.mktemp("init_from") / "A"
-    result = run_script(
-        "train.py", "experiment=digits", *TINY, f"paths.data_dir={digits_data_dir}", f"hydra.run.dir={run_dir}",
-        "finetune=full", "seed=7", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
-        "trainer.limit_val_batches=1", "test=false",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir / "checkpoints" / "last.ckpt"
+
+    def build(root: Path) -> None:  # once per session: both xdist workers share it (shared_runs.py)
+        result = run_script(
+            "train.py", "experiment=digits", *TINY, f"paths.data_dir={digits_data_dir}", f"hydra.run.dir={root / 'A'}",
+            "finetune=full", "seed=7", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=1", "test=false",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    return once_per_session(tmp_path_factory, "init_from", build) / "A" / "checkpoints" / "last.ckpt"
 
 
 def net_state(ckpt: Path) -> dict[str, torch.Tensor]:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from shared_runs import once_per_session
 from support import make_image_folder
 from test_resume import assert_bitwise_equal, train_command, weights
 
@@ -79,17 +82,22 @@ def seconds(duration: str) -> int:
 def runs(tmp_path_factory: pytest.TempPathFactory, hub_dir: Path) -> dict[str, Any]:
     """`train.py` (4 epochs, 1 frozen, a data loader worker): uninterrupted; Ctrl-C'd after epoch 2's second batch,
     then resumed with `ckpt_path=last`; and Ctrl-C'd there twice, the second time while `last.ckpt` is being saved."""
-    root = tmp_path_factory.mktemp("interrupts")
-    images = make_image_folder(root / "images", per_class=12)
-    env = {**os.environ, "TORCH_HOME": str(hub_dir), "PYTHONPATH": str(REPO / "src")}
-    done = {name: run(command, env) for name, command in {
-        "full": train_command(root / "full", images),
-        "stopped": ctrl_c(train_command(root / "stopped", images), IN_EPOCH_2),
-        "twice": ctrl_c(train_command(root / "twice", images), IN_EPOCH_2, WHILE_SAVING),
-    }.items()}  # fmt: skip
-    done["stopped_last"] = read_checkpoint(root / "stopped" / "checkpoints" / "last.ckpt", mmap=True)
-    done["resumed"] = run(train_command(root / "stopped", images, "ckpt_path=last"), env)
-    return {"root": root, **done}
+
+    def build(root: Path) -> None:  # once per session: both xdist workers share it (shared_runs.py)
+        images = make_image_folder(root / "images", per_class=12)
+        env = {**os.environ, "TORCH_HOME": str(hub_dir), "PYTHONPATH": str(REPO / "src")}
+        done = {name: run(command, env) for name, command in {
+            "full": train_command(root / "full", images),
+            "stopped": ctrl_c(train_command(root / "stopped", images), IN_EPOCH_2),
+            "twice": ctrl_c(train_command(root / "twice", images), IN_EPOCH_2, WHILE_SAVING),
+        }.items()}  # fmt: skip
+        shutil.copy(root / "stopped" / "checkpoints" / "last.ckpt", root / "stopped_last.ckpt")  # as Ctrl-C left it
+        done["resumed"] = run(train_command(root / "stopped", images, "ckpt_path=last"), env)
+        (root / "runs.pickle").write_bytes(pickle.dumps(done))
+
+    root = once_per_session(tmp_path_factory, "interrupts", build)
+    done = pickle.loads((root / "runs.pickle").read_bytes())
+    return {"root": root, "stopped_last": read_checkpoint(root / "stopped_last.ckpt", mmap=True), **done}
 
 
 @pytest.mark.slow

@@ -1,10 +1,12 @@
 """One tiny model, trained once per test session and shared by the eval, predict and export tests.
 
-Test modules use it with ``pytest_plugins = ["trained"]``: registered once, so the model is trained once.
+Test modules use it with ``pytest_plugins = ["trained"]``: registered once, and trained by whichever pytest-xdist worker
+asks first (``shared_runs.once_per_session``), so the model is trained once per session, not once per worker.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from omegaconf import DictConfig
+from shared_runs import once_per_session
 from support import FAST, make_image_folder
 
 from image_finetune.inference.classifier import Classifier
@@ -43,12 +46,16 @@ def trained(
     run per test module would cost more than every test that uses it.
     """
     if not _CACHE:
-        root = tmp_path_factory.mktemp("trained")
-        images = make_image_folder(root / "images", classes=3, per_class=16)
-        cfg = compose_cfg(
-            "data=imagefolder", f"data.root={images}", "data.test_fraction=0.25", "trainer.max_epochs=2", "logger=csv", *FAST,
-            output_dir=root / "run",
-        )  # fmt: skip
-        metrics = train(cfg)
-        _CACHE.append(TrainedModel(Path(metrics["best_checkpoint"]), images, metrics))
+
+        def build(root: Path) -> None:
+            images = make_image_folder(root / "images", classes=3, per_class=16)
+            cfg = compose_cfg(
+                "data=imagefolder", f"data.root={images}", "data.test_fraction=0.25", "trainer.max_epochs=2",
+                "logger=csv", *FAST, output_dir=root / "run",
+            )  # fmt: skip
+            (root / "train_metrics.json").write_text(json.dumps(train(cfg)))
+
+        root = once_per_session(tmp_path_factory, "trained", build)
+        metrics = json.loads((root / "train_metrics.json").read_text())
+        _CACHE.append(TrainedModel(Path(metrics["best_checkpoint"]), root / "images", metrics))
     return _CACHE[0]
