@@ -5,6 +5,9 @@ class, in label order, from the data module's ``class_counts()``) and uses the m
 ``loss(logits, targets)``, where ``targets`` are class indices, or class probabilities (rows summing to one) after
 mixup/cutmix. The loss is the training objective only: val/test report plain cross-entropy, so runs with different
 losses stay comparable (and ``eval.py`` reports the same number from a checkpoint).
+
+Multi-label data (README "Multi-label") trains with ``bce``: ``class_counts`` are then the training images holding
+each label, the engine also passes ``num_images``, targets are multi-hot floats, and val/test report plain BCE.
 """
 
 from __future__ import annotations
@@ -69,3 +72,40 @@ def focal(class_counts: Sequence[int], gamma: float = 2.0, weights: str | Sequen
     else:
         tensor = torch.tensor([float(w) for w in weights])
     return FocalLoss(gamma, tensor)
+
+
+class MultiLabelBCE(nn.Module):
+    """Binary cross-entropy on logits per label (multi-label: targets are multi-hot, or mixed by mixup/cutmix).
+
+    ``pos_weight`` is a non-persistent buffer (as ``FocalLoss.weights``): checkpoints hold only the network.
+    """
+
+    def __init__(self, pos_weight: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.register_buffer("pos_weight", pos_weight, persistent=False)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), pos_weight=self.pos_weight)
+
+
+def bce(
+    class_counts: Sequence[int], num_images: int | None = None, pos_weight: str | Sequence[float] | None = None
+) -> nn.Module:
+    """Multi-label loss (``loss=bce``): ``class_counts`` are the training images holding each label, ``num_images``
+    the training split's size (the engine passes it for multi-label data). ``pos_weight``: null, ``balanced``
+    (negatives / positives per label, 1 for a label without positives) or one number per label."""
+    if pos_weight == "balanced":
+        if num_images is None:
+            raise ConfigError("model.loss.pos_weight=balanced needs multi-label data (the training split's size)")
+        positives = torch.as_tensor(list(class_counts), dtype=torch.float32)
+        tensor = torch.where(positives > 0, (num_images - positives) / positives.clamp(min=1), torch.ones_like(positives))
+    elif pos_weight is None:
+        tensor = None
+    elif isinstance(pos_weight, str) or len(pos_weight) != len(class_counts):
+        raise ConfigError(
+            f"model.loss.pos_weight={pos_weight!r} must be null, balanced, or a list of {len(class_counts)} numbers "
+            "(one per label, in label order)"
+        )
+    else:
+        tensor = torch.tensor([float(w) for w in pos_weight])
+    return MultiLabelBCE(tensor)
