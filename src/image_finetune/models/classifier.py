@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -268,7 +269,7 @@ class ImageClassifier(L.LightningModule):
     def make_loss(self, class_counts: Sequence[int], num_images: int | None = None) -> None:
         """The training loss, from the training split's images per class (``setup`` calls it at the first fit); for
         multi-label data the images holding each label, and ``num_images`` (``loss=bce``'s balanced pos_weight)."""
-        extra = {"num_images": num_images} if self.multilabel else {}
+        extra = {"num_images": num_images} if self.multilabel and _takes(self.loss_factory, "num_images") else {}
         self.criterion = self.loss_factory(class_counts=list(class_counts), **extra)
         if self.multilabel != isinstance(self.criterion, MultiLabelBCE):
             raise ConfigError(
@@ -567,6 +568,14 @@ class ImageClassifier(L.LightningModule):
             check_weights_fit(
                 self, checkpoint["state_dict"], source=f"the checkpoint ({theirs})", expected=f"this model ({ours})"
             )
+
+
+def _takes(function: Callable[..., Any], argument: str) -> bool:
+    """Whether ``function`` (a loss partial) takes ``argument``; a signature Python cannot read counts as no."""
+    try:
+        return argument in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _plain_threshold(value: float | Sequence[float] | None) -> float | list[float] | None:
