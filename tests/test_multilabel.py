@@ -89,7 +89,9 @@ def test_train_infers_multilabel_and_reports_map_with_a_stored_threshold(trained
     full, root, metrics = trained["full"], trained["root"], trained["metrics"]
     output = full.stdout + full.stderr
     assert f"data.task=auto: multi-label ({trained['table']} row 2 holds 2 labels:" in output
-    assert f"{trained['table']}: left out 2 row(s) whose image is missing or unusable (row 7: images/gone.png: " in output
+    assert (
+        f"{trained['table']}: left out 2 row(s) whose image is missing or unusable (row 7: images/gone.png: " in output
+    )
     for scores in (metrics["best"]["val"], metrics["test"]):
         assert {"map", "f1_micro", "f1_macro", "acc", "loss"} <= set(scores), scores
     assert 0 < metrics["test"]["map"] <= 1
@@ -196,7 +198,7 @@ def test_multilabel_targets_are_multi_hot_and_an_empty_cell_has_no_labels(tmp_pa
     blank = str(tmp_path / "images" / "blank.png")
     assert data.targets[blank].tolist() == [0.0] * 5
     for index, (path, _) in enumerate(data.splits["train"]):
-        image, target = data.datasets["train"][index]
+        _, target = data.datasets["train"][index]
         assert target.dtype == torch.float32 and torch.equal(target, data.targets[path]) and target.sum() <= 2
     counts = data.class_counts()
     assert len(counts) == 5 and sum(counts) >= len(data.splits["train"])
@@ -221,8 +223,16 @@ def test_bce_balanced_pos_weight_is_negatives_over_positives():
 
 def test_cross_entropy_on_multilabel_data_is_one_line(trained, tmp_path):
     result = run_in_session(
-        [sys.executable, "train.py", "data=csv", f"data.file={trained['table']}", "data.image_size=32", *COMMON,
-         "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}"],  # fmt: skip
+        [
+            sys.executable,
+            "train.py",
+            "data=csv",
+            f"data.file={trained['table']}",
+            "data.image_size=32",
+            *COMMON,
+            "trainer.max_epochs=1",
+            f"hydra.run.dir={tmp_path}",
+        ],
         trained["env"],
     )
     assert result.returncode == 2, result.stderr[-3000:]
@@ -230,4 +240,3 @@ def test_cross_entropy_on_multilabel_data_is_one_line(trained, tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         "error: the data is multi-label (several labels per image): train with loss=bce"
     )
-

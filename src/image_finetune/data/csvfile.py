@@ -30,8 +30,8 @@ import torch
 from torch.utils.data import Dataset
 
 from image_finetune.core.errors import ConfigError, DataError
-from image_finetune.data.imagefolder import ImageFolderDataModule, LabelledFiles
 from image_finetune.data.files import ImageFileDataset
+from image_finetune.data.imagefolder import ImageFolderDataModule, LabelledFiles
 from image_finetune.data.scan import IMAGE_EXTENSIONS, FolderScan, scan_image_files, walk_files
 
 log = logging.getLogger(__name__)
@@ -312,7 +312,9 @@ class CsvDataModule(ImageFolderDataModule):
         rows = self.rows()
         if self.task == "multilabel":
             labels, strata = self._strata(rows)
-            scan = scan_image_files(self.root, [(r.path, strata[r.path]) for r in rows], cache_dir=self.cache_dir / "scan")
+            scan = scan_image_files(
+                self.root, [(r.path, strata[r.path]) for r in rows], cache_dir=self.cache_dir / "scan"
+            )
             index = {label: i for i, label in enumerate(labels)}  # the scan's classes are the strata: relabel
             samples = [(path, index[scan.classes[stratum]]) for path, stratum in scan.samples]
             scan = replace(scan, classes=labels, samples=samples, rows={r.path: r.row for r in rows})

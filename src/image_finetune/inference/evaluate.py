@@ -22,11 +22,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchmetrics.functional.classification import (
     multiclass_accuracy,
-    multilabel_average_precision,
     multiclass_confusion_matrix,
     multiclass_f1_score,
     multiclass_precision,
     multiclass_recall,
+    multilabel_average_precision,
 )
 
 from image_finetune.checkpoints import check_stored_targets, resolve_ckpt_path, run_config
@@ -251,10 +251,7 @@ def write_multilabel_report(
     write_csv(out_dir / "per_label.csv", [["label", *columns], *cells])
     chosen = label_sets(probs, class_names, threshold)
     truth = [" ".join(class_names[i] for i, on in enumerate(row) if on) for row in labels.tolist()]
-    rows = [
-        [i, t, " ".join(c), *(f"{p:.6f}" for p in row)]
-        for i, t, c, row in zip(ids, truth, chosen, probs.tolist())
-    ]
+    rows = [[i, t, " ".join(c), *(f"{p:.6f}" for p in row)] for i, t, c, row in zip(ids, truth, chosen, probs.tolist())]
     header = ["path", "target", "predicted", *(f"probability_{name}" for name in class_names)]
     write_csv(out_dir / "predictions.csv", [header, *rows])
     return table

@@ -216,7 +216,8 @@ def load_onnx(path: str, threads: int | None = None) -> LoadedModel:
 
     def probabilities(images: torch.Tensor) -> torch.Tensor:
         logits = session.run([output_name], {input_name: to_float(images).numpy()})[0]
-        return torch.from_numpy(np.asarray(logits, dtype=np.float32)).softmax(dim=-1)
+        scores = torch.from_numpy(np.asarray(logits, dtype=np.float32))
+        return scores.sigmoid() if meta.get("task") == "multilabel" else scores.softmax(dim=-1)
 
     return LoadedModel(list(meta["class_names"]), Preprocessing.from_dict(meta["preprocessing"]), probabilities)
 

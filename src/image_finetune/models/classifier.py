@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -269,14 +268,24 @@ class ImageClassifier(L.LightningModule):
     def make_loss(self, class_counts: Sequence[int], num_images: int | None = None) -> None:
         """The training loss, from the training split's images per class (``setup`` calls it at the first fit); for
         multi-label data the images holding each label, and ``num_images`` (``loss=bce``'s balanced pos_weight)."""
-        extra = {"num_images": num_images} if self.multilabel and _takes(self.loss_factory, "num_images") else {}
-        self.criterion = self.loss_factory(class_counts=list(class_counts), **extra)
+        multilabel_loss = ConfigError("the data is multi-label (several labels per image): train with loss=bce")
+        if not self.multilabel:
+            self.criterion = self.loss_factory(class_counts=list(class_counts))
+        else:
+            try:
+                self.criterion = self.loss_factory(class_counts=list(class_counts), num_images=num_images)
+            except TypeError as e:  # a single-label loss (cross_entropy, focal) takes no num_images
+                if "num_images" not in str(e):
+                    raise
+                raise multilabel_loss from None
         if self.multilabel != isinstance(self.criterion, MultiLabelBCE):
-            raise ConfigError(
-                "the data is multi-label (several labels per image): train with loss=bce"
+            raise (
+                multilabel_loss
                 if self.multilabel
-                else "loss=bce is for multi-label data (data=csv with several labels per row): use loss=cross_entropy "
-                "or loss=focal, or set data.task=multilabel"
+                else ConfigError(
+                    "loss=bce is for multi-label data (data=csv with several labels per row): use "
+                    "loss=cross_entropy or loss=focal, or set data.task=multilabel"
+                )
             )
 
     def disable_scheduler(self) -> None:
@@ -568,14 +577,6 @@ class ImageClassifier(L.LightningModule):
             check_weights_fit(
                 self, checkpoint["state_dict"], source=f"the checkpoint ({theirs})", expected=f"this model ({ours})"
             )
-
-
-def _takes(function: Callable[..., Any], argument: str) -> bool:
-    """Whether ``function`` (a loss partial) takes ``argument``; a signature Python cannot read counts as no."""
-    try:
-        return argument in inspect.signature(function).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _plain_threshold(value: float | Sequence[float] | None) -> float | list[float] | None:

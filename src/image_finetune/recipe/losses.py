@@ -98,7 +98,9 @@ def bce(
         if num_images is None:
             raise ConfigError("model.loss.pos_weight=balanced needs multi-label data (the training split's size)")
         positives = torch.as_tensor(list(class_counts), dtype=torch.float32)
-        tensor = torch.where(positives > 0, (num_images - positives) / positives.clamp(min=1), torch.ones_like(positives))
+        tensor = torch.where(
+            positives > 0, (num_images - positives) / positives.clamp(min=1), torch.ones_like(positives)
+        )
     elif pos_weight is None:
         tensor = None
     elif isinstance(pos_weight, str) or len(pos_weight) != len(class_counts):
