@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,8 @@ from image_finetune.core.errors import ConfigError
 from image_finetune.data import CsvDataModule
 from image_finetune.data.csvfile import parse_label
 from image_finetune.inference.classifier import Classifier
-from image_finetune.recipe.losses import bce
+from image_finetune.models.classifier import ImageClassifier
+from image_finetune.recipe.losses import bce, cross_entropy
 from image_finetune.recipe.metrics import THRESHOLD_GRID, best_threshold
 
 LABELS = ["0", "1", "2", "3", "4"]
@@ -63,26 +65,24 @@ def write_pairs(root: Path) -> Path:
     return table
 
 
+def train_command(table: Path, run_dir: Path, *extra: str) -> list[str]:
+    """``train.py`` on the multi-label table: 2 frozen epochs of 32 px, random init, on the CPU."""
+    return [sys.executable, "train.py", "data=csv", f"data.file={table}", "data.image_size=32", "loss=bce",
+            "data.test_fraction=0.2", "data.batch_size=16", *COMMON, "finetune=linear_probe", "trainer.max_epochs=2",
+            f"hydra.run.dir={run_dir}", *extra]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    """One ``train.py data=csv loss=bce`` run (2 frozen epochs), uninterrupted; the same run Ctrl-C'd in epoch 2 and
-    resumed with ``ckpt_path=last``."""
+    """The shared ``train.py data=csv loss=bce`` run every entry-script test reads."""
     root = tmp_path_factory.mktemp("multilabel")
     table = write_pairs(root)
     env = script_env()
-
-    def train(run_dir: Path, *extra: str) -> list[str]:
-        return [sys.executable, "train.py", "data=csv", f"data.file={table}", "data.image_size=32", "loss=bce",
-                "data.test_fraction=0.2", "data.batch_size=16", *COMMON, "finetune=linear_probe",
-                "trainer.max_epochs=2", f"hydra.run.dir={run_dir}", *extra]  # fmt: skip
-
-    full = run_in_session(train(root / "train"), env)
-    stopped = run_in_session(ctrl_c(train(root / "stopped"), IN_EPOCH_2), env)
-    resumed = run_in_session(train(root / "stopped", "ckpt_path=last"), env)
+    full = run_in_session(train_command(table, root / "train"), env)
     assert full.returncode == 0 and "Traceback" not in full.stderr, full.stderr[-3000:]
     metrics = json.loads((root / "train" / "metrics.json").read_text())
-    return {"root": root, "table": table, "env": env, "full": full, "stopped": stopped, "resumed": resumed,
-            "metrics": metrics, "best": Path(metrics["test"]["checkpoint"])}  # fmt: skip
+    return {"root": root, "table": table, "env": env, "full": full, "metrics": metrics,
+            "best": Path(metrics["test"]["checkpoint"])}  # fmt: skip
 
 
 def test_train_infers_multilabel_and_reports_map_with_a_stored_threshold(trained):
@@ -154,7 +154,10 @@ def test_export_onnx_json_has_task_and_threshold_and_agrees_with_the_checkpoint(
 
 @pytest.mark.slow
 def test_a_multilabel_run_ctrl_cd_mid_epoch_resumes_to_the_uninterrupted_weights(trained):
-    root, stopped, resumed = trained["root"], trained["stopped"], trained["resumed"]
+    """The shared run again, Ctrl-C'd after epoch 2's second batch, then resumed with ``ckpt_path=last``."""
+    root, table, env = trained["root"], trained["table"], trained["env"]
+    stopped = run_in_session(ctrl_c(train_command(table, root / "stopped"), IN_EPOCH_2), env)
+    resumed = run_in_session(train_command(table, root / "stopped", "ckpt_path=last"), env)
     assert stopped.returncode == 130, stopped.stderr[-3000:]
     assert stopped.stderr.splitlines()[-1] == LINE.format(when="during training", run_dir=root / "stopped")
     assert resumed.returncode == 0 and "Traceback" not in resumed.stderr, resumed.stderr[-3000:]
@@ -221,22 +224,14 @@ def test_bce_balanced_pos_weight_is_negatives_over_positives():
         bce([2, 8, 0], num_images=10, pos_weight=[1.0])
 
 
-def test_cross_entropy_on_multilabel_data_is_one_line(trained, tmp_path):
-    result = run_in_session(
-        [
-            sys.executable,
-            "train.py",
-            "data=csv",
-            f"data.file={trained['table']}",
-            "data.image_size=32",
-            *COMMON,
-            "trainer.max_epochs=1",
-            f"hydra.run.dir={tmp_path}",
-        ],
-        trained["env"],
-    )
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == (
-        "error: the data is multi-label (several labels per image): train with loss=bce"
-    )
+def test_a_single_label_loss_on_multilabel_data_is_one_line():
+    model = ImageClassifier({"name": "resnet18", "weights": None}, class_names=LABELS, task="multilabel")
+    model.loss_factory = partial(cross_entropy, label_smoothing=0.1)
+    with pytest.raises(
+        ConfigError, match=r"^the data is multi-label \(several labels per image\): train with loss=bce$"
+    ):
+        model.make_loss([3] * 5, num_images=10)
+    single = ImageClassifier({"name": "resnet18", "weights": None}, class_names=LABELS)
+    single.loss_factory = bce
+    with pytest.raises(ConfigError, match=r"^loss=bce is for multi-label data"):
+        single.make_loss([3] * 5)
