@@ -399,6 +399,12 @@ class CsvDataModule(ImageFolderDataModule):
             self._with_targets(dataset)
         return dataset
 
+    def split_counts(self, items: list[tuple[str, int]]) -> dict[str, int]:
+        if self.task != "multilabel":
+            return super().split_counts(items)
+        totals = torch.stack([self.targets[path] for path, _ in items]).sum(0).long().tolist() if items else []
+        return dict(zip(self.class_names, totals or [0] * len(self.class_names)))
+
     def class_counts(self) -> list[int]:
         """The training split's images per class; multi-label: the training images holding each label."""
         if self.task != "multilabel":
