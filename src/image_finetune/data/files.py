@@ -62,7 +62,7 @@ class ImageFileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int | torch.Tensor]:
         index, seed = key if isinstance(key, tuple) else (key, None)
         loaded, label, path = self.load(index)
         # A loader that returns a tensor has made its own layout (``data.decode=gpu``: JPEG bytes); arrays become CHW.
