@@ -167,7 +167,16 @@ def test_the_csv_config_has_the_image_folder_options_and_defaults():
     """Everything after the table is the image-folder path, so its options must not drift apart."""
     folder = OmegaConf.load(REPO / "configs" / "data" / "imagefolder.yaml")
     table = OmegaConf.load(REPO / "configs" / "data" / "csv.yaml")
-    csv_only = {"_target_", "file", "image_dir", "path_column", "label_column", "split_column"}
+    csv_only = {
+        "_target_",
+        "file",
+        "image_dir",
+        "path_column",
+        "label_column",
+        "split_column",
+        "task",
+        "label_separator",
+    }
     shared = [key for key in table if key not in csv_only]
     assert shared == [key for key in folder if key not in {"_target_", "root"}]
     assert OmegaConf.masked_copy(table, shared) == OmegaConf.masked_copy(folder, shared)

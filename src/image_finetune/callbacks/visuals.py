@@ -76,7 +76,10 @@ class TrainImageGrid(L.Callback):
         self._done = True
         images, targets = batch[0][: self.max_images], batch[1][: self.max_images]
         names = class_names(trainer, pl_module)
-        captions = [names[t] if t < len(names) else str(t) for t in targets.tolist()]
+        if targets.ndim == 2:  # multi-hot (multi-label data): every label the image holds
+            captions = [" ".join(names[i] for i, on in enumerate(row) if on) or "(none)" for row in targets.tolist()]
+        else:
+            captions = [names[t] if t < len(names) else str(t) for t in targets.tolist()]
         _add_image(trainer, TRAIN_IMAGES_TAG, image_grid(images, captions, columns=self.columns, cell=self.cell))
 
 
@@ -92,7 +95,10 @@ class _ValidationAccumulator(L.Callback):
     """
 
     needs_tensorboard = True
+    single_label_only = False
+    """True: the picture means nothing for multi-label data (one class per image), which then skips it."""
     _state: dict[str, torch.Tensor] | None = None
+    _multilabel = False
 
     def _active(self, trainer: L.Trainer) -> bool:
         return not trainer.sanity_checking and (not self.needs_tensorboard or bool(image_loggers(trainer)))
@@ -102,6 +108,9 @@ class _ValidationAccumulator(L.Callback):
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._state = None
+        self._multilabel = bool(getattr(pl_module, "multilabel", False))
+        if self._multilabel and self.single_label_only:
+            return
         num_classes = self._num_classes(trainer, pl_module)
         if self._active(trainer) and num_classes >= 2:
             self._state = self._init_state(num_classes, pl_module.device)
@@ -139,7 +148,10 @@ class _ValidationAccumulator(L.Callback):
 
 class ConfusionMatrixImage(_ValidationAccumulator):
     """Each validation epoch, the confusion matrix (summed over ranks) as an image. Above ``max_classes`` classes
-    the picture is unreadable and is skipped (``PerClassAccuracy`` still reports each class)."""
+    the picture is unreadable and is skipped (``PerClassAccuracy`` still reports each class). Multi-label data has
+    none (the model logs ``val/ap/<label>`` instead)."""
+
+    single_label_only = True
 
     def __init__(self, max_classes: int = 50) -> None:
         self.max_classes = max_classes
@@ -181,10 +193,11 @@ class PerClassAccuracy(_ValidationAccumulator):
 
     Logged straight to every logger (CSV included), not through ``self.log``: they stay out of ``callback_metrics``,
     the progress bar and ``metrics.json``. Only the first ``max_classes`` classes get a scalar, so a 1000-class run
-    does not write 1000 curves.
+    does not write 1000 curves. Multi-label data gets ``val/ap/<label>`` from the model instead.
     """
 
     needs_tensorboard = False
+    single_label_only = True
 
     def __init__(self, max_classes: int = 100) -> None:
         self.max_classes = max_classes
@@ -223,6 +236,9 @@ class MisclassifiedGrid(_ValidationAccumulator):
     """Each validation epoch, the ``max_images`` most confidently wrong validation images, with true label, predicted
     label and confidence. Each rank keeps only its own top ``max_images`` (fixed-size buffers on the device, updated
     with a ``topk`` per batch); at epoch end every rank joins one all-gather and rank 0 draws the overall top.
+
+    Multi-label data: the images with the most confident wrong label (a false positive's probability, or a false
+    negative's 1 - probability, at the model's decision threshold), captioned with their false positives and negatives.
     """
 
     def __init__(self, max_images: int = 16, columns: int = 8, cell: int = 128) -> None:
@@ -230,12 +246,17 @@ class MisclassifiedGrid(_ValidationAccumulator):
 
     def _init_state(self, num_classes: int, device: torch.device) -> dict[str, torch.Tensor]:
         k = self.max_images
+        shape = (k, num_classes) if self._multilabel else (k,)  # multi-label: multi-hot targets and predictions
         # score = confidence of a wrong prediction; -1 marks an empty slot. Images arrive with the first batch.
         return {
             "score": torch.full((k,), -1.0, device=device),
-            "target": torch.zeros(k, dtype=torch.long, device=device),
-            "pred": torch.zeros(k, dtype=torch.long, device=device),
+            "target": torch.zeros(shape, dtype=torch.long, device=device),
+            "pred": torch.zeros(shape, dtype=torch.long, device=device),
         }
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_epoch_start(trainer, pl_module)
+        self._threshold = getattr(pl_module, "decision_threshold", 0.5)
 
     def _update(self, images: torch.Tensor, targets: torch.Tensor, logits: torch.Tensor) -> None:
         state = self._state
@@ -243,8 +264,16 @@ class MisclassifiedGrid(_ValidationAccumulator):
         k = self.max_images
         if "images" not in state:
             state["images"] = torch.zeros((k, 3, *images.shape[-2:]), dtype=torch.uint8, device=images.device)
-        confidence, preds = logits.float().softmax(dim=-1).max(dim=-1)
-        score = torch.where(preds != targets, confidence, torch.full_like(confidence, -1.0))
+        if self._multilabel:
+            probs = logits.float().sigmoid()
+            preds = (probs >= torch.as_tensor(self._threshold, device=probs.device)).long()
+            targets = (targets >= 0.5).long()
+            wrong = preds != targets
+            confidence = torch.where(preds.bool(), probs, 1 - probs)
+            score = torch.where(wrong, confidence, torch.full_like(confidence, -1.0)).max(dim=-1).values
+        else:
+            confidence, preds = logits.float().softmax(dim=-1).max(dim=-1)
+            score = torch.where(preds != targets, confidence, torch.full_like(confidence, -1.0))
         top = score.topk(min(k, len(score))).indices  # select on the device: no boolean indexing, no host sync
         rgb = images[top].expand(-1, 3, -1, -1) if images.shape[1] == 1 else images[top, :3]
         candidates = {
@@ -273,12 +302,19 @@ class MisclassifiedGrid(_ValidationAccumulator):
             _add_image(trainer, MISCLASSIFIED_TAG, message_image(message))
             return
         names = class_names(trainer, pl_module)
-        captions = [
-            f"true: {names[t]}\npred: {names[p]} ({s:.0%})"
-            for t, p, s in zip(
-                state["target"][order].tolist(), state["pred"][order].tolist(), state["score"][order].tolist()
-            )
-        ]
+        rows = zip(state["target"][order].tolist(), state["pred"][order].tolist(), state["score"][order].tolist())
+        if self._multilabel:
+
+            def listed(indices: list[int]) -> str:
+                return " ".join(names[i] for i in indices) or "-"
+
+            captions = [
+                f"FP: {listed([i for i, (a, b) in enumerate(zip(t, p)) if b and not a])}\n"
+                f"FN: {listed([i for i, (a, b) in enumerate(zip(t, p)) if a and not b])} ({s:.0%})"
+                for t, p, s in rows
+            ]
+        else:
+            captions = [f"true: {names[t]}\npred: {names[p]} ({s:.0%})" for t, p, s in rows]
         colours = [WRONG_COLOUR] * len(captions)
         grid = image_grid(
             state["images"][order], captions, columns=self.columns, cell=self.cell, caption_colours=colours

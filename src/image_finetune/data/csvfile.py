@@ -5,6 +5,13 @@ path: the scan that leaves out missing and broken files with a reason, the decod
 stratified split (or the table's split column), ``data_split.json`` and exact resume. What is here: reading the table,
 finding each row's file under ``data.image_dir`` (Kaggle's ``id,label`` tables name files without their extension),
 and naming the row of every file left out.
+
+Multi-label (``data.task``): a label cell holding several labels (``data.label_separator``, a space by default) makes
+the task multi-label (``auto``: any such row; ``multilabel``: always). The classes are then the labels, each image's
+target is a multi-hot vector (an empty cell: an image with no labels), and the split is stratified by each row's
+rarest label (the label held by the fewest rows of the table; ties by name; a row without labels counts as the
+commonest label), the image-folder split's per-class rule applied to that one label. ``data_split.json`` records
+that label per file, so a resume checks it as it checks a single label.
 """
 
 from __future__ import annotations
@@ -13,18 +20,24 @@ import csv
 import logging
 import math
 import os
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch.utils.data import Dataset
+
 from image_finetune.core.errors import ConfigError, DataError
+from image_finetune.data.files import ImageFileDataset
 from image_finetune.data.imagefolder import ImageFolderDataModule, LabelledFiles
 from image_finetune.data.scan import IMAGE_EXTENSIONS, FolderScan, scan_image_files, walk_files
 
 log = logging.getLogger(__name__)
 
 SPLIT_VALUES = ("train", "val", "test")
+TASKS = ("auto", "multiclass", "multilabel")
 MAX_ROWS_LISTED = 5  # left-out rows named in the warning; data_report.tsv lists every one
 Cells = dict[str, str]  # option name (path_column, label_column, split_column) -> the cell's text
 
@@ -37,16 +50,31 @@ class LabelRow:
     """How the user finds the row: its line in the file (the header is row 1), or a DataFrame's index label."""
     path: str
     """The absolute path of its image (normalised, under data.image_dir)."""
-    label: str
+    labels: tuple[str, ...]
+    """The labels in its cell: one for single-label data, any number (none included) for multi-label data."""
     split: str | None
 
+    @property
+    def label(self) -> str:
+        """The class of a single-label row."""
+        return self.labels[0]
 
-def parse_label(cell: str, where: str, column: str) -> str:
-    """The class name in a label cell. Every cell is read here, so a cell holding several labels is one change."""
-    label = cell.strip()
-    if not label:
+
+def parse_label(cell: str, where: str, column: str, separator: str | None = None) -> list[str]:
+    """The labels in a label cell, in order, each once: split at ``separator`` (``data.label_separator``); one
+    label when ``separator`` is None. Every cell is read here. An empty cell is an empty list (a multi-label image
+    without labels; single-label data refuses it, see ``require_label``)."""
+    text = cell.strip()
+    if separator is None:
+        return [text] if text else []
+    labels = (part.strip() for part in (text.split(separator) if separator.strip() else text.split()))
+    return list(dict.fromkeys(label for label in labels if label))
+
+
+def require_label(labels: list[str], where: str, column: str) -> None:
+    """Single-label data: a row without a class is an error naming the row."""
+    if not labels:
         raise DataError(f"{where}: the {column!r} column is empty; write the image's class there or drop the row")
-    return label
 
 
 def read_csv_rows(file: Path, columns: Mapping[str, str]) -> list[tuple[str, Cells]]:
@@ -172,6 +200,8 @@ class CsvDataModule(ImageFolderDataModule):
         path_column: str = "path",
         label_column: str = "label",
         split_column: str | None = None,
+        task: str = "auto",
+        label_separator: str = " ",
         **options: Any,
     ) -> None:
         if (file is None) == (frame is None):
@@ -186,6 +216,16 @@ class CsvDataModule(ImageFolderDataModule):
                     "CsvDataModule(frame=...) needs image_dir=: the folder the frame's paths are relative to"
                 )
             image_dir = self.file.parent
+        if task not in TASKS:
+            raise ConfigError(
+                f"data.task={task!r}: use auto (multi-label when a label cell holds several labels), multiclass or "
+                "multilabel"
+            )
+        if not label_separator:
+            raise ConfigError("data.label_separator is empty: set the text between labels in a cell, e.g. ' ' or ';'")
+        self.task_option, self.label_separator = task, label_separator
+        self.task = "multilabel" if task == "multilabel" else "multiclass"  # auto: decided when the table is read
+        self.targets: dict[str, torch.Tensor] = {}  # multi-label: path -> multi-hot target
         self.frame = frame
         self.table = str(self.file) if self.file is not None else "the data frame"
         self.columns = {"path_column": path_column, "label_column": label_column}
@@ -208,7 +248,8 @@ class CsvDataModule(ImageFolderDataModule):
 
     # ---- the table as labelled files ---------------------------------------------------------------------------------
     def rows(self) -> list[LabelRow]:
-        """The table's rows, each resolved to its file; one-line errors for what no row-skipping can fix."""
+        """The table's rows, each resolved to its file; one-line errors for what no row-skipping can fix. Decides
+        ``task`` (``data.task=auto``: multi-label when a cell holds several labels) and says which."""
         table = (
             read_csv_rows(self.file, self.columns) if self.file is not None else frame_rows(self.frame, self.columns)
         )
@@ -224,9 +265,37 @@ class CsvDataModule(ImageFolderDataModule):
                     "each image once"
                 )
             first[path] = row
-            label = parse_label(cells["label_column"], where, self.columns["label_column"])
-            rows.append(LabelRow(row, path, label, self._split(cells.get("split_column"), where)))
+            separator = None if self.task_option == "multiclass" else self.label_separator
+            labels = parse_label(cells["label_column"], where, self.columns["label_column"], separator)
+            rows.append(LabelRow(row, path, tuple(labels), self._split(cells.get("split_column"), where)))
+        several = next((r for r in rows if len(r.labels) > 1), None)
+        if self.task_option == "auto":
+            self.task = "multilabel" if several is not None else "multiclass"
+            if several is not None:
+                log.info(
+                    "data.task=auto: multi-label (%s row %s holds %d labels: %s); set data.task=multiclass if the "
+                    "separator %r is part of class names",
+                    self.table, several.row, len(several.labels), " ".join(several.labels), self.label_separator,
+                )  # fmt: skip
+            else:
+                log.info("data.task=auto: single-label (every row holds one label)")
+        if self.task == "multiclass":
+            for r in rows:
+                require_label(list(r.labels), f"{self.table} row {r.row}", self.columns["label_column"])
+        elif self.decode == "gpu":
+            raise ConfigError("data.decode=gpu reads single-label batches: use data.decode=cpu with multi-label data")
         return rows
+
+    def _strata(self, rows: list[LabelRow]) -> tuple[list[str], dict[str, str]]:
+        """Multi-label: the labels (sorted), and each row's label for the stratified split: its rarest (the fewest
+        rows of the table hold it; ties by name), the commonest label for a row without labels."""
+        counts = Counter(label for r in rows for label in r.labels)
+        if not counts:
+            raise DataError(f"{self.table}: no row has a label; write each image's labels in the label column")
+        by_rarity = sorted(counts, key=lambda label: (counts[label], label))
+        rank = {label: i for i, label in enumerate(by_rarity)}
+        strata = {r.path: min(r.labels, key=rank.__getitem__) if r.labels else by_rarity[-1] for r in rows}
+        return sorted(counts), strata
 
     def _split(self, cell: str | None, where: str) -> str | None:
         if cell is None:
@@ -241,8 +310,18 @@ class CsvDataModule(ImageFolderDataModule):
     def _labelled_files(self) -> LabelledFiles:
         self._check_root()
         rows = self.rows()
-        scan = scan_image_files(self.root, [(r.path, r.label) for r in rows], cache_dir=self.cache_dir / "scan")
-        scan = replace(scan, rows={r.path: r.row for r in rows})
+        if self.task == "multilabel":
+            labels, strata = self._strata(rows)
+            scan = scan_image_files(
+                self.root, [(r.path, strata[r.path]) for r in rows], cache_dir=self.cache_dir / "scan"
+            )
+            index = {label: i for i, label in enumerate(labels)}  # the scan's classes are the strata: relabel
+            samples = [(path, index[scan.classes[stratum]]) for path, stratum in scan.samples]
+            scan = replace(scan, classes=labels, samples=samples, rows={r.path: r.row for r in rows})
+            self.targets = {r.path: multi_hot([index[label] for label in r.labels], len(labels)) for r in rows}
+        else:
+            scan = scan_image_files(self.root, [(r.path, r.label) for r in rows], cache_dir=self.cache_dir / "scan")
+            scan = replace(scan, rows={r.path: r.row for r in rows})
         self._check_every_class_kept(rows, scan)
         if self.trainer is None or self.trainer.is_global_zero:
             self._warn_left_out(rows, scan)
@@ -251,7 +330,7 @@ class CsvDataModule(ImageFolderDataModule):
         split_of = {r.path: r.split for r in rows}
         splits = {name: [s for s in scan.samples if split_of[s[0]] == name] for name in SPLIT_VALUES}
         column = self.columns["split_column"]
-        trained = {label for _, label in splits["train"]}
+        trained = {label for sample in splits["train"] for label in self._sample_labels(sample)}
         untrained = [name for i, name in enumerate(scan.classes) if i not in trained]
         if untrained:
             raise DataError(
@@ -266,13 +345,23 @@ class CsvDataModule(ImageFolderDataModule):
         given = {name: samples for name, samples in splits.items() if samples}
         return LabelledFiles(scan.classes, {"all": scan}, given, f"the train rows of {self.table}")
 
+    def _sample_labels(self, sample: tuple[str, int]) -> list[int]:
+        """The labels of a kept file, as indices: its class, or (multi-label) every label it holds."""
+        if self.task == "multilabel":
+            return self.targets[sample[0]].nonzero().flatten().tolist()
+        return [sample[1]]
+
     def _check_every_class_kept(self, rows: Iterable[LabelRow], scan: FolderScan) -> None:
         """A class whose every row was left out is an error, not a class the model silently lacks."""
         reasons = dict(scan.skipped)
+        kept = {path for path, _ in scan.samples}
+        held = {label for r in rows if r.path in kept for label in r.labels}
         for r in rows:
-            if r.label not in scan.classes:
+            missing = [label for label in r.labels if label not in held]
+            if missing:
+                label = missing[0]
                 raise DataError(
-                    f"{self.table}: every row of class {r.label!r} was left out (e.g. row {r.row}: "
+                    f"{self.table}: every row of class {label!r} was left out (e.g. row {r.row}: "
                     f"{os.path.relpath(r.path, self.root)}: {reasons.get(r.path, 'left out')}); replace those files "
                     "or drop the class's rows"
                 )
@@ -290,3 +379,41 @@ class CsvDataModule(ImageFolderDataModule):
             "%s: left out %d row(s) whose image is missing or unusable (%s%s)%s",
             self.table, len(left), listed, more, where,
         )  # fmt: skip
+
+    # ---- multi-label targets -------------------------------------------------------------------------------------
+    def _build_datasets(self, verbose: bool) -> None:
+        super()._build_datasets(verbose)
+        if self.task == "multilabel":
+            for dataset in self.datasets.values():
+                self._with_targets(dataset)
+
+    def _with_targets(self, dataset: Dataset) -> Dataset:
+        """Multi-label: the dataset's items carry each file's multi-hot target instead of its stratum."""
+        if isinstance(dataset, ImageFileDataset):
+            dataset.targets = self.targets
+        return dataset
+
+    def all_images(self) -> ImageFileDataset:
+        dataset = super().all_images()
+        if self.task == "multilabel":
+            self._with_targets(dataset)
+        return dataset
+
+    def split_counts(self, items: list[tuple[str, int]]) -> dict[str, int]:
+        if self.task != "multilabel":
+            return super().split_counts(items)
+        totals = torch.stack([self.targets[path] for path, _ in items]).sum(0).long().tolist() if items else []
+        return dict(zip(self.class_names, totals or [0] * len(self.class_names)))
+
+    def class_counts(self) -> list[int]:
+        """The training split's images per class; multi-label: the training images holding each label."""
+        if self.task != "multilabel":
+            return super().class_counts()
+        return torch.stack([self.targets[path] for path, _ in self.splits["train"]]).sum(0).long().tolist()
+
+
+def multi_hot(indices: list[int], num_labels: int) -> torch.Tensor:
+    """The float target of an image holding the labels ``indices``."""
+    target = torch.zeros(num_labels)
+    target[indices] = 1.0
+    return target

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -56,18 +56,20 @@ class ImageFileDataset(Dataset):
         self.loader = loader
         self.failures: list[tuple[str, str]] = []
         self._failed: set[str] = set()
+        self.targets: Mapping[str, torch.Tensor] | None = None
+        """Multi-label data (``data=csv``): path -> multi-hot target, returned instead of the sample's label."""
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int | torch.Tensor]:
         index, seed = key if isinstance(key, tuple) else (key, None)
-        loaded, label, _ = self.load(index)
+        loaded, label, path = self.load(index)
         # A loader that returns a tensor has made its own layout (``data.decode=gpu``: JPEG bytes); arrays become CHW.
         image = loaded if isinstance(loaded, torch.Tensor) else to_uint8_tensor(loaded, channels_last=True)
         if self.transform is not None:
             image = self._transform(image, seed)
-        return image.contiguous(), label
+        return image.contiguous(), (label if self.targets is None else self.targets[path])
 
     def load(self, index: int) -> tuple[np.ndarray | Image.Image | torch.Tensor, int, str]:
         """What the loader makes of sample ``index`` (or of the next one that loads), its label and its path."""

@@ -260,8 +260,7 @@ class ImageFolderDataModule(ClassificationDataModule):
             for scan in scans.values():
                 log.info("%s: %s", scan.root, summarize(scan, self.report_path))
             for split, items in self.splits.items():
-                counts = Counter(label for _, label in items)
-                log.info("%s", split_summary(split, {name: counts[i] for i, name in enumerate(self.class_names)}))
+                log.info("%s", split_summary(split, self.split_counts(items), len(items)))
         self._build_datasets(verbose=rank_zero)
 
     def _build_datasets(self, verbose: bool) -> None:
@@ -330,6 +329,11 @@ class ImageFolderDataModule(ClassificationDataModule):
                 )
         return cache if large else None
 
+    def split_counts(self, items: Samples) -> dict[str, int]:
+        """Images per class of a split, for its log line (``data=csv`` multi-label: images holding each label)."""
+        counts = Counter(label for _, label in items)
+        return {name: counts[i] for i, name in enumerate(self.class_names)}
+
     # ---- what eval reads (data.contract.ClassificationData) -------------------------------------------------------
     @property
     def source(self) -> str:
@@ -352,10 +356,11 @@ class ImageFolderDataModule(ClassificationDataModule):
         return ImageFileDataset(samples, self.preprocessing.transform, ImageLoader(min_size=self.preprocessing.resize))
 
 
-def split_summary(split: str, counts: Mapping[str, int]) -> str:
+def split_summary(split: str, counts: Mapping[str, int], total: int | None = None) -> str:
     """One log line for a split: every class's count up to MAX_CLASSES_LISTED classes, else the range, the median
-    and the smallest classes (the full counts are in data_split.json)."""
-    total = sum(counts.values())
+    and the smallest classes (the full counts are in data_split.json). ``total``: the images, where they are not the
+    sum of the counts (multi-label images count once per label they hold)."""
+    total = sum(counts.values()) if total is None else total
     if len(counts) <= MAX_CLASSES_LISTED:
         return f"{split}: {total:,} images, per class {dict(sorted(counts.items()))}"
     sizes = sorted(counts.values())

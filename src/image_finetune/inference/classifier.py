@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,8 @@ class Prediction:
     labels: tuple[str, ...]
     probabilities: tuple[float, ...]
     source: str | None = None  # the path, when the image was given as one
+    label_set: tuple[str, ...] | None = None
+    """Multi-label: the labels whose probability is at least the checkpoint's decision threshold (None: single-label)."""
 
     @property
     def label(self) -> str:
@@ -84,6 +86,14 @@ def top_k_predictions(
         Prediction(tuple(class_names[i] for i in idx.tolist()), tuple(v.tolist()), source)
         for v, idx, source in zip(values, indices, sources)
     ]
+
+
+def label_sets(
+    probabilities: torch.Tensor, class_names: Sequence[str], threshold: float | Sequence[float]
+) -> list[tuple[str, ...]]:
+    """Multi-label: each row's labels with probability >= ``threshold`` (one value, or one per label), in label order."""
+    over = probabilities >= torch.as_tensor(threshold, dtype=probabilities.dtype)
+    return [tuple(class_names[i] for i, on in enumerate(row) if on) for row in over.tolist()]
 
 
 def prediction_header(k: int) -> list[str]:
@@ -112,9 +122,12 @@ class Classifier:
         head: Mapping[str, Any] | None = None,
         device: str | torch.device = "auto",
         tta: str | None = None,
+        task: str = "multiclass",
+        threshold: float | Sequence[float] | None = None,
     ) -> None:
         """``backbone``/``head``: the builder configs that rebuild ``net`` (default: torchvision ``architecture``
-        with the dropout + linear head)."""
+        with the dropout + linear head). ``task="multilabel"``: sigmoid per label, and ``threshold`` (one value or one
+        per label, default 0.5) decides each prediction's ``label_set``."""
         self.device = resolve_device(device)
         self.net = net.to(self.device).eval()
         self.class_names = list(class_names)
@@ -123,6 +136,8 @@ class Classifier:
         self.backbone = dict(backbone or {"name": architecture})
         self.head = dict(head or {"_target_": LINEAR})
         self.tta = TTA.parse(tta, preprocessing.size, preprocessing.crop_ratio)
+        self.task = task
+        self.threshold = (0.5 if threshold is None else threshold) if self.multilabel else None
         # What the images are loaded as: the plain preprocessing, or the larger square five_crop cuts its views from.
         self.input_preprocessing = preprocessing
         if self.tta is not None and self.tta.input_size != preprocessing.size:
@@ -169,6 +184,8 @@ class Classifier:
             head=head,
             device=device,
             tta=tta,
+            task=model.hparams.get("task") or "multiclass",
+            threshold=model.decision_threshold if model.multilabel else None,
         )
 
     @classmethod
@@ -207,35 +224,55 @@ class Classifier:
             backbone=config,
             head=head.config,
             device=device,
+            task=meta.get("task", "multiclass"),
+            threshold=meta.get("threshold"),
         )
 
     def preprocess(self, image: ImageInput) -> torch.Tensor:
         """float32 CHW in [0, 1], as the network (and an exported model) takes it."""
         return self.preprocessing(image)
 
+    @property
+    def multilabel(self) -> bool:
+        return self.task == "multilabel"
+
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """Softmax over the classes for an NCHW batch (uint8, or float in [0, 1]); float32, on the CPU.
+        """Softmax over the classes (multi-label: sigmoid per label) for an NCHW batch (uint8, or float in [0, 1]);
+        float32, on the CPU.
 
         With ``tta`` the batch is what ``input_preprocessing`` loads, and the result the mean over its views.
         """
         images = to_float(images.to(self.device, non_blocking=True))
         if self.tta is not None:
-            return self.tta.probabilities(self.net, images).cpu()
-        return self.net(images).float().softmax(dim=-1).cpu()
+            return self.tta.probabilities(self.net, images, self.multilabel).cpu()
+        logits = self.net(images).float()
+        return (logits.sigmoid() if self.multilabel else logits.softmax(dim=-1)).cpu()
 
     def predict(
         self, images: ImageInput | Sequence[ImageInput], top_k: int = 5, batch_size: int = 32
     ) -> list[Prediction]:
-        """Classify paths and/or PIL images (one or a list) in batches; an unreadable file raises ``DataError``."""
+        """Classify paths and/or PIL images (one or a list) in batches; an unreadable file raises ``DataError``.
+        Multi-label: each ``Prediction`` also has its ``label_set``."""
         items = [images] if isinstance(images, (str, os.PathLike, Image.Image)) else list(images)
         predictions: list[Prediction] = []
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
             batch = torch.stack([self._load(item) for item in chunk])
             sources = [None if isinstance(item, Image.Image) else str(item) for item in chunk]
-            predictions.extend(top_k_predictions(self.probabilities(batch), self.class_names, top_k, sources))
+            predictions.extend(self.predictions(self.probabilities(batch), top_k, sources))
         return predictions
+
+    def predictions(
+        self, probabilities: torch.Tensor, top_k: int, sources: Sequence[str | None] | None = None
+    ) -> list[Prediction]:
+        """``top_k_predictions`` of a probability matrix, with each multi-label ``label_set``."""
+        predictions = top_k_predictions(probabilities, self.class_names, top_k, sources)
+        if not self.multilabel:
+            return predictions
+        assert self.threshold is not None
+        sets = label_sets(probabilities, self.class_names, self.threshold)
+        return [replace(p, label_set=chosen) for p, chosen in zip(predictions, sets)]
 
     def _load(self, item: ImageInput) -> torch.Tensor:
         try:
@@ -258,6 +295,8 @@ class Classifier:
             "class_names": self.class_names,
             "preprocessing": self.preprocessing.as_dict(),
             "upsample_to": getattr(self.net, "upsample_to", None),
+            # multi-label only (single-label JSONs stay as they were): sigmoid per label, labels at >= threshold
+            **({"task": self.task, "threshold": self.threshold} if self.multilabel else {}),
         }
 
 

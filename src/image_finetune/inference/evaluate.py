@@ -2,7 +2,9 @@
 
 Besides the ``test/...`` metrics of training (same code, same numbers), it writes per-class precision/recall/F1, the
 confusion matrix (CSV and PNG), every image's top-k prediction and the interpretation (``interpretation``: most
-confused pairs, top losses, calibration), all from one pass over the data.
+confused pairs, top losses, calibration), all from one pass over the data. A multi-label checkpoint writes
+``per_label.csv`` (precision, recall, F1 at its threshold, AP) and each image's true and predicted label sets with every
+label's probability instead (no confusion matrix or interpretation: they assume one class per image).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torchmetrics.functional.classification import (
     multiclass_f1_score,
     multiclass_precision,
     multiclass_recall,
+    multilabel_average_precision,
 )
 
 from image_finetune.checkpoints import resolve_ckpt_path
@@ -36,11 +39,17 @@ from image_finetune.core.results import scalar_metrics
 from image_finetune.data.contract import ClassificationData
 from image_finetune.data.files import ImageFileDataset
 from image_finetune.data.preprocessing import Preprocessing
-from image_finetune.inference.classifier import prediction_cells, prediction_header, to_float, top_k_predictions
+from image_finetune.inference.classifier import (
+    label_sets,
+    prediction_cells,
+    prediction_header,
+    to_float,
+    top_k_predictions,
+)
 from image_finetune.inference.interpretation import log_interpretation, options, write_interpretation
 from image_finetune.inference.tta import TTA
 from image_finetune.models.classifier import ImageClassifier
-from image_finetune.recipe.metrics import macro_f1
+from image_finetune.recipe.metrics import at_threshold, macro_f1
 from image_finetune.training.wiring import build_model_and_data, data_config
 
 log = logging.getLogger(__name__)
@@ -71,6 +80,11 @@ def match_classes(dataset: Dataset, data_classes: Sequence[str], model_classes: 
     data_classes, model_classes = list(data_classes), list(model_classes)
     if data_classes == model_classes:
         return dataset
+    if isinstance(dataset, ImageFileDataset) and dataset.targets is not None:  # multi-hot: the same labels, in order
+        raise DataError(
+            f"{source} has the labels {data_classes}, the checkpoint {model_classes}: multi-label data is evaluated "
+            "with the checkpoint's labels, in its order"
+        )
     unknown = [name for name in data_classes if name not in model_classes]
     if unknown:
         raise DataError(
@@ -178,6 +192,40 @@ def write_report(
     return table
 
 
+def write_multilabel_report(
+    out_dir: Path,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    ids: Sequence[str],
+    class_names: Sequence[str],
+    threshold: float | Sequence[float],
+) -> dict[str, dict[str, float]]:
+    """Multi-label: ``per_label.csv`` (precision, recall, F1 at ``threshold``, AP, support) and ``predictions.csv``
+    (each image's true and predicted label sets and every label's probability); returns the per-label table."""
+    probs, labels = logits.float().sigmoid(), (targets >= 0.5).long()
+    predicted, actual = probs >= torch.as_tensor(threshold), labels.bool()
+    tp = (predicted & actual).sum(0).double()
+    fp, fn = predicted.sum(0) - tp, actual.sum(0) - tp
+    ap = multilabel_average_precision(probs, labels, len(class_names), average=None, thresholds=None)
+    columns = ("precision", "recall", "f1", "ap", "support")
+    values = {
+        "precision": tp / (tp + fp).clamp_min(1),
+        "recall": tp / (tp + fn).clamp_min(1),
+        "f1": 2 * tp / (2 * tp + fp + fn).clamp_min(1),
+        "ap": ap.nan_to_num(0.0),  # a label without positives has no AP: 0, with support 0
+        "support": tp + fn,
+    }
+    table = {name: {c: values[c][i].item() for c in columns} for i, name in enumerate(class_names)}
+    cells = ([name, *(f"{row[c]:.6f}" for c in columns[:4]), int(row["support"])] for name, row in table.items())
+    write_csv(out_dir / "per_label.csv", [["label", *columns], *cells])
+    chosen = label_sets(probs, class_names, threshold)
+    truth = [" ".join(class_names[i] for i, on in enumerate(row) if on) for row in labels.tolist()]
+    rows = [[i, t, " ".join(c), *(f"{p:.6f}" for p in row)] for i, t, c, row in zip(ids, truth, chosen, probs.tolist())]
+    header = ["path", "target", "predicted", *(f"probability_{name}" for name in class_names)]
+    write_csv(out_dir / "predictions.csv", [header, *rows])
+    return table
+
+
 def macro_classes_note(per_class: dict[str, dict[str, float]], source: str, split: str) -> str:
     """``"2 of 3 present"`` for metrics.json; warns naming the classes with no images, which macro F1 leaves out
     (``models.metrics.macro_over_present``: an absent class has no F1 to average, whatever the model predicted)."""
@@ -208,7 +256,9 @@ def tta_dataset(dataset: Dataset, tta: TTA, preprocessing: Preprocessing) -> Dat
     if tta.input_size == tta.size or not isinstance(dataset, ImageFileDataset):
         return dataset
     square = preprocessing.override(size=tta.input_size, crop_ratio=1.0)
-    return ImageFileDataset(dataset.samples, square.transform, dataset.loader)
+    resized = ImageFileDataset(dataset.samples, square.transform, dataset.loader)
+    resized.targets = dataset.targets
+    return resized
 
 
 def tta_metrics(
@@ -226,10 +276,20 @@ def tta_metrics(
     probabilities, targets = [], []
     with torch.inference_mode(), trainer.precision_plugin.forward_context():
         for images, labels in loader:
-            probabilities.append(tta.probabilities(model, to_float(images.to(device))).cpu())
+            probabilities.append(tta.probabilities(model, to_float(images.to(device)), model.multilabel).cpu())
             targets.append(torch.as_tensor(labels))
     probs, target = torch.cat(probabilities), torch.cat(targets)
     n = len(model.class_names)
+    if model.multilabel:  # the mean sigmoid per label, scored as ImageClassifier's multi-label metrics
+        labels = (target >= 0.5).long()
+        threshold = torch.as_tensor(model.decision_threshold)
+        multilabel = {
+            "tta/test/map": multilabel_average_precision(probs, labels, n, average="macro", thresholds=None),
+            **{f"tta/test/{name}": at_threshold(probs, labels, threshold, average)
+               for name, average in (("f1_micro", "micro"), ("f1_macro", "macro"), ("acc", "exact"))},
+            "tta/test/loss": F.binary_cross_entropy(probs.clamp(1e-7, 1 - 1e-7), target.float()),
+        }  # fmt: skip
+        return {key: value.item() for key, value in multilabel.items()}
     metrics = {
         "tta/test/acc": multiclass_accuracy(probs, target, n, average="micro"),
         "tta/test/f1": macro_f1(probs, target, n),
@@ -292,6 +352,21 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         metrics.update(with_tta)
     out_dir = Path(cfg.paths.output_dir)
     ids = sample_ids(datamodule.datasets["test"])[: len(targets)]  # limit_test_batches may stop early
+    if model.multilabel:
+        per_label = write_multilabel_report(out_dir, logits, targets, ids, model.class_names, model.decision_threshold)
+        summary = {
+            **metrics,
+            "tta": tta.mode if tta else None,
+            "checkpoint": ckpt_path,
+            "split": split,
+            "num_samples": len(targets),
+            "task": "multilabel",
+            "threshold": model.decision_threshold,
+            "per_label": per_label,
+        }
+        save_json(summary, out_dir / "metrics.json")
+        log.info("evaluated %d images (%s split, multi-label); report in %s", len(targets), split, out_dir)
+        return metrics
     per_class = write_report(out_dir, logits, targets, ids, model.class_names, cfg.get("top_k", 5))
     interpretation = write_interpretation(
         out_dir, logits.double().softmax(dim=-1), targets, ids, model.class_names,

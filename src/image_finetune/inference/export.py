@@ -3,7 +3,8 @@
 Every format takes ``images``, float32 RGB in [0, 1], NCHW (any batch size, ``crop`` x ``crop`` pixels) and returns
 ``logits``; the mean/std normalisation is inside the network. The JSON (``<file>.json``) holds the architecture, the
 class names and the preprocessing (``Preprocessing.as_dict``: the same definition predict.py uses), so serving code
-needs nothing else. After writing, the file is loaded back and checked against the checkpoint's network.
+needs nothing else; a multi-label model's also ``task: multilabel`` and its decision ``threshold`` (sigmoid per label,
+labels at or over it). After writing, the file is loaded back and checked against the checkpoint's network.
 """
 
 from __future__ import annotations
@@ -140,7 +141,8 @@ def verify_export(path: str | os.PathLike, classifier: Classifier, tolerance: fl
     size = classifier.preprocessing.size
     images = torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(1))
     expected = classifier.probabilities(images)
-    got = torch.from_numpy(load_exported(path)(images.numpy())).softmax(dim=-1)
+    logits = torch.from_numpy(load_exported(path)(images.numpy()))
+    got = logits.sigmoid() if classifier.multilabel else logits.softmax(dim=-1)
     diff = (got - expected).abs().max().item()
     if not diff <= tolerance:
         raise RuntimeError(

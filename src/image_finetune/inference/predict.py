@@ -1,6 +1,7 @@
 """``predict(cfg)``: classify an image, a folder (recursively) or a list of paths into a CSV, without the training data.
 
 A file that cannot be read gets a row with its reason (the folder scan's vocabulary) instead of ending the run.
+A multi-label checkpoint writes each image's predicted label set and every label's probability instead of the top k.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from image_finetune.inference.classifier import (
     Preprocessing,
     prediction_cells,
     prediction_header,
-    top_k_predictions,
 )
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,8 @@ def classify_files(
         task = bar.add_task("classifying", total=len(dataset))
         for indices, images, failed in loader:
             if images is not None:
-                predictions = top_k_predictions(classifier.probabilities(images), classifier.class_names, top_k)
+                k = len(classifier.class_names) if classifier.multilabel else top_k  # multi-label: every label
+                predictions = classifier.predictions(classifier.probabilities(images), k)
                 for j, prediction in zip(indices, predictions):
                     rows[todo[j]] = Row(rows[todo[j]].path, prediction=prediction)
             for j, reason in failed:
@@ -140,6 +141,20 @@ def write_predictions(rows: Sequence[Row], path: str | os.PathLike, k: int) -> P
     """``path, label_1, probability_1, ..., label_k, probability_k, reason``."""
     table = [["path", *prediction_header(k), "reason"]]
     table += [[row.path, *prediction_cells(row.prediction, k), row.reason or ""] for row in rows]
+    return write_csv(path, table)
+
+
+def write_label_sets(rows: Sequence[Row], path: str | os.PathLike, class_names: Sequence[str]) -> Path:
+    """Multi-label: ``path, labels`` (the predicted set, space-separated, as the training CSV writes them),
+    ``probability_<label>`` for every label, ``reason``."""
+    table = [["path", "labels", *(f"probability_{name}" for name in class_names), "reason"]]
+    for row in rows:
+        if row.prediction is None:
+            table.append([row.path, "", *([""] * len(class_names)), row.reason or ""])
+            continue
+        p = dict(zip(row.prediction.labels, row.prediction.probabilities))
+        chosen = " ".join(row.prediction.label_set or ())
+        table.append([row.path, chosen, *(f"{p[name]:.6f}" for name in class_names), ""])
     return write_csv(path, table)
 
 
@@ -174,7 +189,10 @@ def predict(cfg: DictConfig) -> Path:
         progress=cfg.get("progress", True),
     )
     with writing(output, "output"):  # a disk that filled up meanwhile
-        out = write_predictions(rows, output, min(cfg.top_k, len(classifier.class_names)))
+        if classifier.multilabel:
+            out = write_label_sets(rows, output, classifier.class_names)
+        else:
+            out = write_predictions(rows, output, min(cfg.top_k, len(classifier.class_names)))
     failed = sum(row.prediction is None for row in rows)
     log.info("classified %d of %d files on %s -> %s", len(rows) - failed, len(rows), classifier.device, out)
     if failed:

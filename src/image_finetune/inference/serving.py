@@ -43,7 +43,7 @@ from image_finetune.checkpoints import resolve_ckpt_path
 from image_finetune.core.errors import ConfigError, UserError
 from image_finetune.data.preprocessing import Preprocessing
 from image_finetune.data.scan import TOO_LARGE, failure_reason, over_pixel_limit, reason_kind
-from image_finetune.inference.classifier import Classifier, read_sidecar, to_float, top_k_predictions
+from image_finetune.inference.classifier import Classifier, label_sets, read_sidecar, to_float, top_k_predictions
 
 try:  # an optional dependency (the ``serve`` extra)
     import litserve as ls
@@ -189,6 +189,8 @@ class LoadedModel:
     class_names: list[str]
     preprocessing: Preprocessing
     probabilities: Callable[[torch.Tensor], torch.Tensor]
+    threshold: float | list[float] | None = None
+    """Multi-label: the decision threshold(s) stored with the model (the answer's ``label_set``); None: single-label."""
 
 
 def load_torch(path: str, device: str, cfg: dict[str, Any]) -> LoadedModel:
@@ -196,7 +198,8 @@ def load_torch(path: str, device: str, cfg: dict[str, Any]) -> LoadedModel:
     classifier = Classifier.from_checkpoint(
         path, device, image_size=cfg.get("image_size"), crop_ratio=cfg.get("crop_ratio"), tta=cfg.get("tta")
     )
-    return LoadedModel(classifier.class_names, classifier.input_preprocessing, classifier.probabilities)
+    threshold = classifier.threshold if classifier.multilabel else None
+    return LoadedModel(classifier.class_names, classifier.input_preprocessing, classifier.probabilities, threshold)
 
 
 def load_onnx(path: str, threads: int | None = None) -> LoadedModel:
@@ -216,9 +219,13 @@ def load_onnx(path: str, threads: int | None = None) -> LoadedModel:
 
     def probabilities(images: torch.Tensor) -> torch.Tensor:
         logits = session.run([output_name], {input_name: to_float(images).numpy()})[0]
-        return torch.from_numpy(np.asarray(logits, dtype=np.float32)).softmax(dim=-1)
+        scores = torch.from_numpy(np.asarray(logits, dtype=np.float32))
+        return scores.sigmoid() if meta.get("task") == "multilabel" else scores.softmax(dim=-1)
 
-    return LoadedModel(list(meta["class_names"]), Preprocessing.from_dict(meta["preprocessing"]), probabilities)
+    threshold = meta.get("threshold") if meta.get("task") == "multilabel" else None
+    return LoadedModel(
+        list(meta["class_names"]), Preprocessing.from_dict(meta["preprocessing"]), probabilities, threshold
+    )
 
 
 class ClassifierAPI(ls.LitAPI):
@@ -264,6 +271,10 @@ class ClassifierAPI(ls.LitAPI):
             probabilities = self.model.probabilities(torch.stack([items[i] for i in good]))
             for i, p in zip(good, top_k_predictions(probabilities, self.model.class_names, self.top_k)):
                 results[i] = {"labels": list(p.labels), "probabilities": list(p.probabilities)}
+            if self.model.threshold is not None:  # multi-label: every label over its threshold, in label order
+                sets = label_sets(probabilities, self.model.class_names, self.model.threshold)
+                for i, chosen in zip(good, sets):
+                    results[i]["label_set"] = list(chosen)
         return results if isinstance(x, list) else results[0]
 
     def unbatch(self, output: list[Any]) -> list[Any]:

@@ -57,12 +57,16 @@ class TTA:
         ]
         return [view for crop in crops for view in (crop, crop.flip(-1))]
 
-    def probabilities(self, forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
-        """Mean softmax over the views (float32), one view at a time so memory stays that of the plain batch."""
+    def probabilities(
+        self, forward: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, multilabel: bool = False
+    ) -> torch.Tensor:
+        """Mean softmax over the views (float32), one view at a time so memory stays that of the plain batch;
+        ``multilabel``: the mean sigmoid per label."""
         total = None
         views = self.views(images)
         for view in views:
-            p = forward(view.contiguous()).float().softmax(dim=-1)
+            logits = forward(view.contiguous()).float()
+            p = logits.sigmoid() if multilabel else logits.softmax(dim=-1)
             total = p if total is None else total + p
         assert total is not None
         return total / len(views)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.functional.classification import multilabel_average_precision
 from torchvision.transforms import v2
 
 from image_finetune.checkpoints import read_checkpoint
@@ -24,8 +25,8 @@ from image_finetune.models.norms import is_norm_layer
 from image_finetune.models.rebuild import build_backbone_from_config, rebuild_backbone, rebuild_head
 from image_finetune.models.stages import stage_names, stage_of, torchvision_stages
 from image_finetune.recipe.heads import Head, linear_head
-from image_finetune.recipe.losses import cross_entropy
-from image_finetune.recipe.metrics import classification_metrics
+from image_finetune.recipe.losses import MultiLabelBCE, cross_entropy
+from image_finetune.recipe.metrics import TASKS, AtThreshold, best_threshold, classification_metrics
 from image_finetune.training.schedule import stage_lr_ratios
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(train|val|test)/")
 
 SPLITS = ("train", "val", "test")
+THRESHOLD_RULES = ("global", "per_label")
 
 
 class ClassifierNet(nn.Module):
@@ -145,8 +147,19 @@ class ImageClassifier(L.LightningModule):
         channels_last: bool = False,
         preprocessing: Preprocessing | Mapping[str, Any] | None = None,
         init_from: str | None = None,
+        task: str | None = None,
+        threshold: str | None = None,
+        decision_threshold: float | Sequence[float] | None = None,
     ) -> None:
         super().__init__()
+        threshold = threshold or "global"  # null in the config: one threshold for every label
+        if task is not None and task not in TASKS:
+            raise ConfigError(f"task={task!r}: use multiclass or multilabel (training takes it from the data)")
+        if threshold not in THRESHOLD_RULES:
+            raise ConfigError(
+                f"model.threshold={threshold!r}: use global (one decision threshold for every label, chosen on the "
+                "validation split for the best micro F1) or per_label (each label's own best F1)"
+            )
         stage_lr_ratios(1, backbone_lr_ratio, lr_spread)  # a bad value fails here, with the key's name
         # Hydra instantiates model.backbone's _target_; a plain mapping (tests, old configs) goes through the allow-list
         self._backbone = backbone if isinstance(backbone, Backbone) else build_backbone_from_config(backbone)
@@ -179,6 +192,12 @@ class ImageClassifier(L.LightningModule):
                 "pretrained": self._backbone.pretrained,
                 # the finished run this one started from (model.init_from; provenance only, never read back)
                 "init_from": None if init_from is None else str(init_from),
+                # multiclass | multilabel: from the data (data.task), None until the data module is known
+                "task": task,
+                # multi-label: how the decision threshold is chosen (model.threshold), and the chosen value(s), set
+                # on the validation split at the end of every validation epoch so each checkpoint holds its own
+                "threshold": threshold,
+                "decision_threshold": _plain_threshold(decision_threshold),
             }
         )
         self.optimizer_factory = optimizer
@@ -203,14 +222,34 @@ class ImageClassifier(L.LightningModule):
         b = self._backbone
         head = self._head.make(b.num_features, num_classes, self.hparams.dropout)
         self.net = ClassifierNet(b.module, head, b.mean, b.std, self.hparams.upsample_to)
+        # multi-hot targets are mixed linearly as they are (torchvision's MixUp/CutMix take 2-D float targets)
         self.mixing = batch_mixing(num_classes, **self.hparams.mixup)
-        self.metrics = nn.ModuleDict({f"{split}_metrics": self.metrics_factory(num_classes, split) for split in SPLITS})
+        task = {"task": "multilabel"} if self.multilabel else {}  # the default single-label call stays as it was
+        self.metrics = nn.ModuleDict(
+            {f"{split}_metrics": self.metrics_factory(num_classes, split, **task) for split in SPLITS}
+        )
+        self._val_scores: list[tuple[torch.Tensor, torch.Tensor]] = []
         # nan_strategy="disable": the NaN check reads a flag back from the GPU every step; a NaN loss shows as NaN.
         self.losses = nn.ModuleDict({f"{split}_loss": MeanMetric(nan_strategy="disable") for split in SPLITS})
 
     @property
     def class_names(self) -> list[str]:
         return list(self.hparams.class_names or [])
+
+    @property
+    def multilabel(self) -> bool:
+        """Whether the data is multi-label (``data.task``): sigmoid per label, BCE, a decision threshold."""
+        return self.hparams.get("task") == "multilabel"
+
+    @property
+    def decision_threshold(self) -> float | list[float]:
+        """Multi-label: the threshold(s) over which a label is predicted (0.5 until a validation epoch chose one)."""
+        value = self.hparams.get("decision_threshold")
+        return 0.5 if value is None else value
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Sigmoid per label (multi-label) or softmax over the classes, in float32."""
+        return logits.float().sigmoid() if self.multilabel else logits.float().softmax(dim=-1)
 
     @property
     def backbone(self) -> Backbone:
@@ -231,9 +270,28 @@ class ImageClassifier(L.LightningModule):
         """The freeze state of the next fit (``finetune.fit_phase`` calls it per phase); applied in ``setup``."""
         self._trainable_stages = stages
 
-    def make_loss(self, class_counts: Sequence[int]) -> None:
-        """The training loss, from the training split's images per class (``setup`` calls it at the first fit)."""
-        self.criterion = self.loss_factory(class_counts=list(class_counts))
+    def make_loss(self, class_counts: Sequence[int], num_images: int | None = None) -> None:
+        """The training loss, from the training split's images per class (``setup`` calls it at the first fit); for
+        multi-label data the images holding each label, and ``num_images`` (``loss=bce``'s balanced pos_weight)."""
+        multilabel_loss = ConfigError("the data is multi-label (several labels per image): train with loss=bce")
+        if not self.multilabel:
+            self.criterion = self.loss_factory(class_counts=list(class_counts))
+        else:
+            try:
+                self.criterion = self.loss_factory(class_counts=list(class_counts), num_images=num_images)
+            except TypeError as e:  # a single-label loss (cross_entropy, focal) takes no num_images
+                if "num_images" not in str(e):
+                    raise
+                raise multilabel_loss from None
+        if self.multilabel != isinstance(self.criterion, MultiLabelBCE):
+            raise (
+                multilabel_loss
+                if self.multilabel
+                else ConfigError(
+                    "loss=bce is for multi-label data (data=csv with several labels per row): use "
+                    "loss=cross_entropy or loss=focal, or set data.task=multilabel"
+                )
+            )
 
     def disable_scheduler(self) -> None:
         """Train with no LR scheduler from the next fit on (the LR finder's sweeps set the LRs themselves)."""
@@ -244,10 +302,13 @@ class ImageClassifier(L.LightningModule):
         copy the model in their ``setup`` (``EMAWeights``) call it, as ``setup`` does, so the copy has the head."""
         if self.net is not None:
             return
-        names = list(getattr(getattr(self.trainer, "datamodule", None), "class_names", None) or [])
+        datamodule = getattr(self.trainer, "datamodule", None)
+        names = list(getattr(datamodule, "class_names", None) or [])
         if not names:
             raise ConfigError("model.class_names is not set and the data module exposes no class_names")
         self.hparams["class_names"] = names
+        if self.hparams.get("task") is None:
+            self.hparams["task"] = getattr(datamodule, "task", "multiclass")  # data modules before multi-label: one
         self._build_head(len(names))
 
     def setup(self, stage: str) -> None:
@@ -265,7 +326,8 @@ class ImageClassifier(L.LightningModule):
         assert self.net is not None
         if stage == "fit" and self.criterion is None:
             counts = datamodule.class_counts() if isinstance(datamodule, ClassificationData) else None
-            self.make_loss(counts or [0] * len(self.class_names))
+            num_images = len(datamodule.datasets["train"]) if self.multilabel and counts else None
+            self.make_loss(counts or [0] * len(self.class_names), num_images)
         if self.hparams.channels_last:
             self.net.to(memory_format=torch.channels_last)
         self._apply_freeze()
@@ -326,6 +388,8 @@ class ImageClassifier(L.LightningModule):
         """Loss and metric updates for any split; returns what callbacks need (loss, logits) from ``outputs``."""
         images, targets = batch
         logits = self(images)
+        if self.multilabel:
+            return self._multilabel_step(logits, targets, split)
         # targets: class indices, or class probabilities after mixup/cutmix (training only). The configured loss
         # (label smoothing, focal, ...) is the training objective; val/test report plain cross-entropy, so runs with
         # different losses stay comparable and eval.py reports the same number from the checkpoint alone.
@@ -344,6 +408,41 @@ class ImageClassifier(L.LightningModule):
             self.log("train/loss_step", loss, on_step=True, on_epoch=False, batch_size=targets.shape[0])
         return {"loss": loss, "logits": logits.detach()}
 
+    def _multilabel_step(self, logits: torch.Tensor, targets: torch.Tensor, split: str) -> dict[str, torch.Tensor]:
+        """``_shared_step`` for multi-hot targets: the configured loss (``bce``) trains, val/test report plain BCE; a
+        mixed target counts its labels over one half for the train metrics. Val keeps its probabilities for the
+        threshold chosen at the epoch's end (``_choose_threshold``)."""
+        targets = targets.float()
+        if split == "train":
+            assert self.criterion is not None, "setup('fit') makes the loss"
+            loss = self.criterion(logits, targets)
+        else:
+            loss = F.binary_cross_entropy_with_logits(logits.float(), targets)
+        labels = (targets >= 0.5).long()
+        self.metrics[f"{split}_metrics"].update(logits.detach(), labels)
+        self.losses[f"{split}_loss"].update(loss.detach(), weight=targets.shape[0])
+        if split == "val":
+            self._val_scores.append((logits.detach().float().sigmoid(), labels))
+        if split == "train":
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False, batch_size=targets.shape[0])
+        return {"loss": loss, "logits": logits.detach()}
+
+    def _choose_threshold(self) -> None:
+        """Multi-label, at the end of a validation epoch: the decision threshold(s) with the best F1 on that epoch's
+        validation images (``model.threshold``: one global value for micro F1, or per label), stored in the hparams,
+        so the checkpoint saved after this validation holds the threshold chosen for its weights."""
+        scores, self._val_scores = self._val_scores, []
+        if not scores or self.trainer.sanity_checking:
+            return
+        probs = torch.cat([p for p, _ in scores])
+        labels = torch.cat([t for _, t in scores])
+        if self.trainer.world_size > 1:  # every rank's images (the sampler gives each rank the same count)
+            probs, labels = (self.all_gather(x).flatten(0, 1) for x in (probs, labels))
+        chosen = best_threshold(probs, labels, per_label=self.hparams.threshold == "per_label")
+        self.hparams["decision_threshold"] = chosen
+        for logger in self.loggers:  # per-label AP: scalars out of callback_metrics (as PerClassAccuracy's)
+            logger.log_metrics(per_label_ap(probs, labels, self.class_names), step=self.global_step)
+
     def _log_epoch_metrics(self, split: str) -> None:
         """Compute (synchronised across ranks) and log one split's epoch metrics, then reset them.
 
@@ -354,6 +453,13 @@ class ImageClassifier(L.LightningModule):
         metrics, loss = self.metrics[f"{split}_metrics"], self.losses[f"{split}_loss"]
         if loss.update_count == 0:  # e.g. limit_val_batches=0
             return
+        if self.multilabel:
+            if split == "val":
+                self._choose_threshold()
+            threshold = torch.as_tensor(self.decision_threshold, device=self.device)
+            for metric in metrics.values():
+                if isinstance(metric, AtThreshold):
+                    metric.threshold = threshold
         values = {**metrics.compute(), f"{split}/loss": loss.compute()}
         self.log_dict(values, prog_bar=split != "test")
         metrics.reset()
@@ -381,7 +487,7 @@ class ImageClassifier(L.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self(images).softmax(dim=-1)
+        return self.probabilities(self(images))
 
     # ---- optimisation ---------------------------------------------------------------------------------------------
     def param_groups(self, lr: float | None = None, backbone_lr_ratio: float | None = None) -> list[dict[str, Any]]:
@@ -452,6 +558,9 @@ class ImageClassifier(L.LightningModule):
             dropout=hparams.get("dropout", 0.0),
             upsample_to=hparams.get("upsample_to"),
             channels_last=hparams.get("channels_last", False),
+            task=hparams.get("task") or "multiclass",
+            threshold=hparams.get("threshold", "global"),
+            decision_threshold=hparams.get("decision_threshold"),
         )
         model.hparams["pretrained"] = hparams.get("pretrained")
         model.hparams["init_from"] = hparams.get("init_from")  # provenance as trained; the file is not read
@@ -464,12 +573,29 @@ class ImageClassifier(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resuming or testing a checkpoint of another architecture or class count: say what differs, not 100 tensors."""
+        if self.multilabel:  # testing or resuming a checkpoint: its own threshold, chosen for its weights
+            stored = (checkpoint.get("hyper_parameters") or {}).get("decision_threshold")
+            self.hparams["decision_threshold"] = _plain_threshold(stored)
         if self.net is not None and self.strict_loading:
             theirs = _describe(checkpoint.get("hyper_parameters") or {})
             ours = _describe(self.hparams)
             check_weights_fit(
                 self, checkpoint["state_dict"], source=f"the checkpoint ({theirs})", expected=f"this model ({ours})"
             )
+
+
+def _plain_threshold(value: float | Sequence[float] | None) -> float | list[float] | None:
+    """A threshold as a checkpoint stores it (``weights_only`` loads plain floats and lists)."""
+    if value is None or isinstance(value, (int, float)):
+        return None if value is None else float(value)
+    return [float(v) for v in value]
+
+
+def per_label_ap(probs: torch.Tensor, labels: torch.Tensor, names: Sequence[str]) -> dict[str, float]:
+    """``val/ap/<label>``: each label's average precision (labels without positives left out)."""
+    values = multilabel_average_precision(probs, labels, len(names), average=None, thresholds=None)
+    present = labels.bool().any(0).tolist()
+    return {f"val/ap/{name.replace('/', '_')}": v for name, v, has in zip(names, values.tolist(), present) if has}
 
 
 def _describe(hparams: Mapping[str, Any]) -> str:

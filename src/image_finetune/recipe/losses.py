@@ -5,6 +5,9 @@ class, in label order, from the data module's ``class_counts()``) and uses the m
 ``loss(logits, targets)``, where ``targets`` are class indices, or class probabilities (rows summing to one) after
 mixup/cutmix. The loss is the training objective only: val/test report plain cross-entropy, so runs with different
 losses stay comparable (and ``eval.py`` reports the same number from a checkpoint).
+
+Multi-label data (README "Multi-label") trains with ``bce``: ``class_counts`` are then the training images holding
+each label, the engine also passes ``num_images``, targets are multi-hot floats, and val/test report plain BCE.
 """
 
 from __future__ import annotations
@@ -89,3 +92,52 @@ def focal(
     if gamma < 0:
         raise ConfigError(f"model.loss.gamma={gamma} must be >= 0 (0 = cross-entropy)")
     return FocalLoss(gamma, class_weights(weights, class_counts), label_smoothing)
+
+
+class MultiLabelBCE(nn.Module):
+    """Binary cross-entropy on logits per label (multi-label: targets are multi-hot, or mixed by mixup/cutmix).
+
+    ``pos_weight`` is a non-persistent buffer (as ``FocalLoss.weights``): checkpoints hold only the network.
+    """
+
+    def __init__(self, pos_weight: torch.Tensor | None = None, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.label_smoothing = label_smoothing
+        self.register_buffer("pos_weight", pos_weight, persistent=False)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        targets = targets.float()
+        if self.label_smoothing:  # each label's 0/1 target towards 1/2
+            targets = targets * (1 - self.label_smoothing) + self.label_smoothing / 2
+        return F.binary_cross_entropy_with_logits(logits.float(), targets, pos_weight=self.pos_weight)
+
+
+def bce(
+    class_counts: Sequence[int],
+    num_images: int | None = None,
+    pos_weight: str | Sequence[float] | None = None,
+    label_smoothing: float = 0.0,
+) -> nn.Module:
+    """Multi-label loss (``loss=bce``): ``class_counts`` are the training images holding each label, ``num_images``
+    the training split's size (the engine passes it for multi-label data). ``pos_weight``: null, ``balanced``
+    (negatives / positives per label, 1 for a label without positives) or one number per label; ``label_smoothing``
+    moves each 0/1 target towards 1/2 (every loss takes it: ``debug=overfit`` turns it off)."""
+    if not 0 <= label_smoothing < 1:
+        raise ConfigError(f"model.loss.label_smoothing={label_smoothing} must be in [0, 1)")
+    if pos_weight == "balanced":
+        if num_images is None:
+            raise ConfigError("model.loss.pos_weight=balanced needs multi-label data (the training split's size)")
+        positives = torch.as_tensor(list(class_counts), dtype=torch.float32)
+        tensor = torch.where(
+            positives > 0, (num_images - positives) / positives.clamp(min=1), torch.ones_like(positives)
+        )
+    elif pos_weight is None:
+        tensor = None
+    elif isinstance(pos_weight, str) or len(pos_weight) != len(class_counts):
+        raise ConfigError(
+            f"model.loss.pos_weight={pos_weight!r} must be null, balanced, or a list of {len(class_counts)} numbers "
+            "(one per label, in label order)"
+        )
+    else:
+        tensor = torch.tensor([float(w) for w in pos_weight])
+    return MultiLabelBCE(tensor, label_smoothing)
