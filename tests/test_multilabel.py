@@ -112,8 +112,22 @@ def test_eval_reproduces_the_test_map_and_writes_per_label_metrics(trained, tmp_
     with open(tmp_path / "per_label.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [row["label"] for row in rows] == LABELS
-    assert set(rows[0]) == {"label", "precision", "recall", "f1", "ap", "support"}
+    assert set(rows[0]) == {"label", "precision", "recall", "f1", "ap", "support", "false_positives", "false_negatives"}
     assert sum(int(row["support"]) for row in rows) > 0
+    with open(tmp_path / "predictions.csv", newline="") as f:  # false positives/negatives recounted per image
+        images = [(set(row["target"].split()), set(row["predicted"].split())) for row in csv.DictReader(f)]
+    for row in rows:
+        name = row["label"]
+        assert int(row["false_positives"]) == sum(name in p and name not in t for t, p in images)
+        assert int(row["false_negatives"]) == sum(name in t and name not in p for t, p in images)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    for row in rows:
+        for kind in ("false_positives", "false_negatives"):
+            (logged,) = events.Scalars(f"test/{kind}/{row['label']}")
+            assert logged.value == int(row[kind])
 
 
 def test_predict_writes_probabilities_and_the_label_set_over_the_threshold(trained, tmp_path):

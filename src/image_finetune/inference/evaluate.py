@@ -49,6 +49,7 @@ from image_finetune.inference.classifier import (
 from image_finetune.inference.interpretation import log_interpretation, options, write_interpretation
 from image_finetune.inference.tta import TTA
 from image_finetune.models.classifier import ImageClassifier
+from image_finetune.ops.loggers import log_step
 from image_finetune.recipe.metrics import at_threshold, macro_f1
 from image_finetune.training.wiring import build_model_and_data, data_config
 
@@ -200,23 +201,29 @@ def write_multilabel_report(
     class_names: Sequence[str],
     threshold: float | Sequence[float],
 ) -> dict[str, dict[str, float]]:
-    """Multi-label: ``per_label.csv`` (precision, recall, F1 at ``threshold``, AP, support) and ``predictions.csv``
+    """Multi-label: ``per_label.csv`` (precision, recall, F1 at ``threshold``, AP, support, and the false positives and
+    false negatives per label: fastai's interpretation for label sets) and ``predictions.csv``
     (each image's true and predicted label sets and every label's probability); returns the per-label table."""
     probs, labels = logits.float().sigmoid(), (targets >= 0.5).long()
     predicted, actual = probs >= torch.as_tensor(threshold), labels.bool()
     tp = (predicted & actual).sum(0).double()
     fp, fn = predicted.sum(0) - tp, actual.sum(0) - tp
     ap = multilabel_average_precision(probs, labels, len(class_names), average=None, thresholds=None)
-    columns = ("precision", "recall", "f1", "ap", "support")
+    columns = ("precision", "recall", "f1", "ap", "support", "false_positives", "false_negatives")
     values = {
         "precision": tp / (tp + fp).clamp_min(1),
         "recall": tp / (tp + fn).clamp_min(1),
         "f1": 2 * tp / (2 * tp + fp + fn).clamp_min(1),
         "ap": ap.nan_to_num(0.0),  # a label without positives has no AP: 0, with support 0
         "support": tp + fn,
+        "false_positives": fp,
+        "false_negatives": fn,
     }
     table = {name: {c: values[c][i].item() for c in columns} for i, name in enumerate(class_names)}
-    cells = ([name, *(f"{row[c]:.6f}" for c in columns[:4]), int(row["support"])] for name, row in table.items())
+    cells = (
+        [name, *(f"{row[c]:.6f}" for c in columns[:4]), *(int(row[c]) for c in columns[4:])]
+        for name, row in table.items()
+    )
     write_csv(out_dir / "per_label.csv", [["label", *columns], *cells])
     chosen = label_sets(probs, class_names, threshold)
     truth = [" ".join(class_names[i] for i, on in enumerate(row) if on) for row in labels.tolist()]
@@ -354,6 +361,14 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     ids = sample_ids(datamodule.datasets["test"])[: len(targets)]  # limit_test_batches may stop early
     if model.multilabel:
         per_label = write_multilabel_report(out_dir, logits, targets, ids, model.class_names, model.decision_threshold)
+        errors = {
+            f"{split}/{kind}/{name}": row[kind]
+            for name, row in per_label.items()
+            for kind in ("false_positives", "false_negatives")
+        }
+        for logger in trainer.loggers:  # the same counts in TensorBoard (and any other logger)
+            logger.log_metrics(errors, step=log_step(trainer))
+            logger.finalize("success")
         summary = {
             **metrics,
             "tta": tta.mode if tta else None,
