@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,8 @@ def wandb_records(path: Path) -> list:
             pos += block - pos % block
             continue
         length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        if pos + 7 + length > len(data):  # a record wandb-core is still writing: the file's live tail, not a record
+            break
         pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
@@ -40,6 +43,17 @@ def wandb_records(path: Path) -> list:
         elif kind == 0 and length == 0:
             break
     return records
+
+
+def finished_wandb_records(path: Path, deadline_s: float = 120) -> list:
+    """The records of a run file once its ``exit`` record is on disk: wandb-core (a separate process) may still be
+    writing the file's tail when ``wandb.finish()`` returns, so a read right away can see half a record."""
+    end = time.monotonic() + deadline_s
+    while True:
+        records = wandb_records(path)
+        if (records and records[-1].WhichOneof("record_type") == "exit") or time.monotonic() > end:
+            return records
+        time.sleep(0.2)
 
 
 def wandb_history(records: list) -> list[dict[str, object]]:
@@ -79,9 +93,11 @@ def test_wandb_and_mlflow_get_metrics_config_and_images_and_a_resumed_run_contin
     assert len(offline) == 2
     files = [next(d.glob("run-*.wandb")) for d in offline]
     assert files[0].name == files[1].name
-    history = [row for f in files for row in wandb_history(wandb_records(f))]
+    records = {f: finished_wandb_records(f) for f in files}
+    assert all(r[-1].WhichOneof("record_type") == "exit" for r in records.values()), "W&B never finished its files"
+    history = [row for f in files for row in wandb_history(records[f])]
     assert [row["epoch"] for row in history if "val/acc" in row] == [0, 1]
-    config = [r for f in files for r in wandb_records(f) if r.WhichOneof("record_type") == "config"]
+    config = [r for f in files for r in records[f] if r.WhichOneof("record_type") == "config"]
     assert any(item.key == "model" and "resnet18" in item.value_json for r in config for item in r.config.update)
     images = {
         p.parent.name + "/" + p.name.split("_")[0]
