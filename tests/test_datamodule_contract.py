@@ -156,6 +156,8 @@ CALLERS = [
     "training/wiring.py",
     "inference/predict.py",
     "inference/export.py",
+    "training/out_of_fold.py",
+    "inference/data_issues.py",
 ]
 ASKING = {"getattr", "hasattr", "isinstance"}
 CONCRETE = {"ImageFolderDataModule", "DigitsDataModule", "CIFAR10DataModule", "DatasetDataModule"}

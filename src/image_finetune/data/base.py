@@ -287,6 +287,10 @@ class ClassificationDataModule(L.LightningDataModule):
         folders, whose splits are one pool of files, have one)."""
         return None
 
+    def held_out_fold(self) -> Dataset | None:
+        """k-fold's held-out images from their files (out-of-fold predictions); None: no k-fold over files here."""
+        return None
+
     @property
     def source(self) -> str:
         """How one-line messages name this data (an image folder names its ``data.root``)."""

@@ -47,3 +47,8 @@ class ClassificationData(Protocol):
     def all_images(self) -> Dataset | None:
         """Every image the data holds, at the eval transform (``eval.py split=all``); None where that means nothing."""
         ...
+
+    def held_out_fold(self) -> Dataset | None:
+        """k-fold (``data.folds``): the held-out fold's images read from their files at the eval transform, with
+        ``samples`` as ``(path, label)`` (the out-of-fold predictions); None when not k-fold or there are no files."""
+        ...

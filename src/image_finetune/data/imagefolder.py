@@ -350,6 +350,10 @@ class ImageFolderDataModule(ClassificationDataModule):
         """Every image of every split, sorted by path, read from the original files at the eval transform."""
         return self.split_images(*self.splits)
 
+    def held_out_fold(self) -> ImageFileDataset | None:
+        """With ``data.folds``, the validation split is the held-out fold: its images, from their files."""
+        return self.split_images("val") if self.fold_record() is not None else None
+
     def split_images(self, *splits: str) -> ImageFileDataset:
         """The images of ``splits``, sorted by path, read from the original files at the eval transform."""
         samples = sorted(sample for split in splits for sample in self.splits[split])

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from image_finetune.core.cli import write_csv
 from image_finetune.data.contract import ClassificationData
-from image_finetune.inference.classifier import to_float
+from image_finetune.inference.classifier import label_sets, to_float
 from image_finetune.models.classifier import ImageClassifier
 from image_finetune.ops.multirun import OOF_CSV
 
@@ -35,24 +35,30 @@ def write_oof_predictions(
     """``<out_dir>/oof_predictions.csv``: the probabilities ``ckpt_path`` (the best checkpoint; ``model`` as it is when
     there is none) gives each image of the held-out fold. None, writing nothing, when the run is no k-fold run of
     data split into files (only image folders know each image's file)."""
-    fold_record = getattr(datamodule, "fold_record", None)
-    split_images = getattr(datamodule, "split_images", None)
-    if fold_record is None or split_images is None or fold_record() is None:
+    dataset = datamodule.held_out_fold()
+    if dataset is None:
         return None
     net = ImageClassifier.from_checkpoint(ckpt_path).net if ckpt_path else model.net
     assert net is not None  # a trained model has its head
     device = model.device
     net = net.to(device).eval()
-    dataset = split_images("val")
     loader = DataLoader(dataset, batch_size=datamodule.batch_size, num_workers=datamodule.num_workers)  # type: ignore[attr-defined]
-    probabilities = []
+    probabilities, targets = [], []
     with torch.inference_mode():
-        for images, _ in loader:
-            probabilities.append(net(to_float(images.to(device))).float().softmax(dim=-1).cpu())
-    names = model.class_names
+        for images, target in loader:
+            logits = net(to_float(images.to(device))).float()
+            probabilities.append((logits.sigmoid() if model.multilabel else logits.softmax(dim=-1)).cpu())
+            targets.append(target)
+    names, probs = model.class_names, torch.cat(probabilities)
+    if model.multilabel:  # label sets: the true ones, and those over the checkpoint's decision threshold
+        truth = [" ".join(n for n, on in zip(names, row) if on >= 0.5) for row in torch.cat(targets).tolist()]
+        predicted = [" ".join(chosen) for chosen in label_sets(probs, names, model.decision_threshold)]
+    else:
+        truth = [names[int(t)] for t in torch.cat(targets).tolist()]
+        predicted = [names[int(p.argmax())] for p in probs]
     rows = [
-        [path, names[label], names[int(p.argmax())], *(f"{v:.6f}" for v in p.tolist())]
-        for (path, label), p in zip(dataset.samples, torch.cat(probabilities))
+        [path, t, c, *(f"{v:.6f}" for v in p.tolist())]
+        for (path, _), t, c, p in zip(dataset.samples, truth, predicted, probs)
     ]
     path = write_csv(Path(out_dir) / OOF_CSV, [oof_header(names), *rows])
     log.info("Out-of-fold predictions of the best checkpoint on the %d held-out images: %s", len(rows), path)
