@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from image_finetune.core.plots import WRONG_COLOUR, confusion_matrix_figure, image_grid, message_image, render_figure
+from image_finetune.data.contract import ClassificationData
 from image_finetune.ops.loggers import image_loggers, log_image, log_step, tensorboard_logger
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,9 @@ PER_CLASS_ACCURACY_PREFIX = "val/acc_per_class/"
 
 # ---- helpers shared by the callbacks ----------------------------------------------------------------------------
 def class_names(trainer: L.Trainer, pl_module: L.LightningModule, num_classes: int | None = None) -> list[str]:
-    names = list(getattr(pl_module, "class_names", None) or getattr(trainer.datamodule, "class_names", None) or [])
+    """The model's class names, else the data module's (through the data contract), else the label indices."""
+    datamodule = trainer.datamodule if isinstance(trainer.datamodule, ClassificationData) else None
+    names = list(getattr(pl_module, "class_names", None) or (datamodule.class_names if datamodule else None) or [])
     if num_classes is not None and len(names) != num_classes:
         names = [str(i) for i in range(num_classes)]
     return names

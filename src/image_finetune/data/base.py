@@ -154,6 +154,9 @@ class ClassificationDataModule(L.LightningDataModule):
     - Optionally override ``source`` (how messages name the data) and ``all_images`` (``eval.py split=all``).
     """
 
+    task: str = "multiclass"
+    """One int label per image; a multi-label module sets ``"multilabel"`` (``data/csvfile.py``)."""
+
     def __init__(
         self,
         batch_size: int = 64,

@@ -31,6 +31,9 @@ class ClassificationData(Protocol):
     num_workers: int
     source: str
     """How one-line messages name this data, e.g. ``data.root='/data/pets'``."""
+    task: str
+    """``multiclass`` (one int label per image) or ``multilabel`` (a multi-hot float vector): the model's loss,
+    metrics and decision rule follow it. Known after ``setup`` where the data decides it (``data.task=auto``)."""
 
     def prepare_data(self) -> None: ...
 

@@ -302,14 +302,22 @@ class ImageClassifier(L.LightningModule):
         copy the model in their ``setup`` (``EMAWeights``) call it, as ``setup`` does, so the copy has the head."""
         if self.net is not None:
             return
-        datamodule = getattr(self.trainer, "datamodule", None)
-        names = list(getattr(datamodule, "class_names", None) or [])
+        datamodule = self._data()
+        names = list(datamodule.class_names) if datamodule is not None else []
         if not names:
-            raise ConfigError("model.class_names is not set and the data module exposes no class_names")
+            raise ConfigError(
+                "model.class_names is not set and the model is fit without a data module that names the classes "
+                "(one keeping data.contract.ClassificationData)"
+            )
         self.hparams["class_names"] = names
         if self.hparams.get("task") is None:
-            self.hparams["task"] = getattr(datamodule, "task", "multiclass")  # data modules before multi-label: one
+            self.hparams["task"] = datamodule.task
         self._build_head(len(names))
+
+    def _data(self) -> ClassificationData | None:
+        """The trainer's data module when it keeps the data contract; None when fit on bare dataloaders."""
+        datamodule = self.trainer.datamodule
+        return datamodule if isinstance(datamodule, ClassificationData) else None
 
     def setup(self, stage: str) -> None:
         """Size the head from the data (once), then prepare this fit: the loss, freeze state, memory format, compile.
@@ -317,16 +325,16 @@ class ImageClassifier(L.LightningModule):
         Runs at the start of every ``fit``, before Lightning moves the model or wraps it in DDP; see ``finetune.py``
         for why each fine-tuning phase is its own ``fit``.
         """
-        datamodule = getattr(self.trainer, "datamodule", None)
+        datamodule = self._data()
         self.configure_model()
         if not self.hparams.get("preprocessing"):
             # The data module's (the backbone's at data.image_size): what eval, predict and exports must repeat.
-            data_prep = Preprocessing.coerce(getattr(datamodule, "preprocessing", None))
+            data_prep = Preprocessing.coerce(datamodule.preprocessing) if datamodule is not None else None
             self.hparams["preprocessing"] = (data_prep or self._backbone.preprocessing).as_dict()
         assert self.net is not None
         if stage == "fit" and self.criterion is None:
-            counts = datamodule.class_counts() if isinstance(datamodule, ClassificationData) else None
-            num_images = len(datamodule.datasets["train"]) if self.multilabel and counts else None
+            counts = datamodule.class_counts() if datamodule is not None else None
+            num_images = len(datamodule.datasets["train"]) if datamodule is not None and self.multilabel else None
             self.make_loss(counts or [0] * len(self.class_names), num_images)
         if self.hparams.channels_last:
             self.net.to(memory_format=torch.channels_last)
