@@ -402,8 +402,9 @@ class CsvDataModule(ImageFolderDataModule):
             dataset.targets = self.targets
         return dataset
 
-    def all_images(self) -> ImageFileDataset:
-        dataset = super().all_images()
+    def split_images(self, *splits: str) -> ImageFileDataset:
+        """Multi-label: with each file's target, for every reader (``all_images``, ``held_out_fold``: out-of-fold)."""
+        dataset = super().split_images(*splits)
         if self.task == "multilabel":
             self._with_targets(dataset)
         return dataset

@@ -14,6 +14,7 @@ come in, at least one row of each label in every subset, and a one-line error na
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Collection, Hashable, Mapping, Sequence
 from typing import TypeVar
@@ -23,6 +24,7 @@ import numpy as np
 from image_finetune.core.errors import DataError
 from image_finetune.data.imagefolder import SPLIT_DIRS, Samples, split_sizes
 
+log = logging.getLogger(__name__)
 K = TypeVar("K", bound=Hashable)
 
 
@@ -70,7 +72,7 @@ def _fill_gaps(y: np.ndarray, subset: np.ndarray, k: int) -> None:
     gap (the rare case no such pair exists is left as it is)."""
     count = np.stack([y[subset == j].sum(0) for j in range(k)])  # subset x label
     spare = y.sum(0) < k  # labels too rare to be everywhere: never a gap, never kept
-    for label, gap in sorted(zip(*np.nonzero((count == 0) & ~spare)), key=lambda pair: (pair[1], pair[0])):
+    for gap, label in zip(*np.nonzero((count == 0) & ~spare)):  # by subset, then label
         if count[gap, label]:
             continue  # an earlier swap filled it
         for i in np.flatnonzero(y[:, label] & (subset != gap)):
@@ -120,6 +122,7 @@ def multilabel_split(
     out: dict[str, Samples] = {name: [] for name in subsets}
     for sample in samples:
         out[subsets[of[sample[0]]]].append(sample)
+    _warn_gaps(out, labels, classes)
     return {name: sorted(items) for name, items in out.items()}
 
 
@@ -138,7 +141,31 @@ def multilabel_fold(
         )
     of = iterative_stratification({path: labels[path] for path, _ in samples}, [1.0] * folds, seed)
     ordered = sorted(samples)
-    return [s for s in ordered if of[s[0]] != fold], [s for s in ordered if of[s[0]] == fold]
+    train, held_out = [s for s in ordered if of[s[0]] != fold], [s for s in ordered if of[s[0]] == fold]
+    _warn_gaps({f"held-out fold {fold}": held_out}, labels, classes, needed=folds, pool=ordered)
+    return train, held_out
+
+
+def _warn_gaps(
+    parts: Mapping[str, Samples],
+    labels: Mapping[str, Collection[int]],
+    classes: Sequence[str],
+    needed: int | None = None,
+    pool: Samples | None = None,
+) -> None:
+    """One warning when a label held by >= ``needed`` rows of ``pool`` (default: as many as ``parts``, of them all) is
+    in none of a part's rows: rare, where its rows also hold other labels so that no split puts each everywhere."""
+    total = _label_counts(pool if pool is not None else [s for part in parts.values() for s in part], labels)
+    for name, part in parts.items():
+        missing = sorted(set(total) - set(_label_counts(part, labels)))
+        missing = [label for label in missing if total[label] >= (needed or len(parts))]
+        if missing:
+            log.warning(
+                "label %r (held by %d images) is in none of the %s images: its images share other labels in a way "
+                "the split could not put every label in every part; its metrics there are missing. Add images of it",
+                classes[missing[0]], total[missing[0]], name,
+            )  # fmt: skip
+            return
 
 
 def _label_counts(samples: Samples, labels: Mapping[str, Collection[int]]) -> Counter[int]:
