@@ -8,10 +8,10 @@ and naming the row of every file left out.
 
 Multi-label (``data.task``): a label cell holding several labels (``data.label_separator``, a space by default) makes
 the task multi-label (``auto``: any such row; ``multilabel``: always). The classes are then the labels, each image's
-target is a multi-hot vector (an empty cell: an image with no labels), and the split is stratified by each row's
-rarest label (the label held by the fewest rows of the table; ties by name; a row without labels counts as the
-commonest label), the image-folder split's per-class rule applied to that one label. ``data_split.json`` records
-that label per file, so a resume checks it as it checks a single label.
+target is a multi-hot vector (an empty cell: an image with no labels), and the hold-out split and the k-fold folds
+stratify by every label a row holds (iterative stratification, ``multilabel_split.py``). ``data_split.json`` records
+one label per file, the row's rarest (the label held by the fewest rows of the table; ties by name; a row without
+labels counts as the commonest label), so a resume checks it as it checks a single label.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import os
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,8 @@ from torch.utils.data import Dataset
 
 from image_finetune.core.errors import ConfigError, DataError
 from image_finetune.data.files import ImageFileDataset
-from image_finetune.data.imagefolder import ImageFolderDataModule, LabelledFiles
+from image_finetune.data.imagefolder import ImageFolderDataModule, LabelledFiles, SplitRule
+from image_finetune.data.multilabel_split import multilabel_split
 from image_finetune.data.scan import IMAGE_EXTENSIONS, FolderScan, scan_image_files, walk_files
 
 log = logging.getLogger(__name__)
@@ -287,8 +289,8 @@ class CsvDataModule(ImageFolderDataModule):
         return rows
 
     def _strata(self, rows: list[LabelRow]) -> tuple[list[str], dict[str, str]]:
-        """Multi-label: the labels (sorted), and each row's label for the stratified split: its rarest (the fewest
-        rows of the table hold it; ties by name), the commonest label for a row without labels."""
+        """Multi-label: the labels (sorted), and each row's one label as ``data_split.json`` records it: its rarest
+        (the fewest rows of the table hold it; ties by name), the commonest label for a row without labels."""
         counts = Counter(label for r in rows for label in r.labels)
         if not counts:
             raise DataError(f"{self.table}: no row has a label; write each image's labels in the label column")
@@ -345,6 +347,13 @@ class CsvDataModule(ImageFolderDataModule):
         given = {name: samples for name, samples in splits.items() if samples}
         return LabelledFiles(scan.classes, {"all": scan}, given, f"the train rows of {self.table}")
 
+    def _split_rule(self) -> SplitRule:
+        """Multi-label: split and fold by every label a row holds (iterative stratification)."""
+        if self.task != "multilabel":
+            return super()._split_rule()
+        labels = {path: target.nonzero().flatten().tolist() for path, target in self.targets.items()}
+        return partial(multilabel_split, labels=labels)
+
     def _sample_labels(self, sample: tuple[str, int]) -> list[int]:
         """The labels of a kept file, as indices: its class, or (multi-label) every label it holds."""
         if self.task == "multilabel":
@@ -393,8 +402,9 @@ class CsvDataModule(ImageFolderDataModule):
             dataset.targets = self.targets
         return dataset
 
-    def all_images(self) -> ImageFileDataset:
-        dataset = super().all_images()
+    def split_images(self, *splits: str) -> ImageFileDataset:
+        """Multi-label: with each file's target, for every reader (``all_images``, ``held_out_fold``: out-of-fold)."""
+        dataset = super().split_images(*splits)
         if self.task == "multilabel":
             self._with_targets(dataset)
         return dataset

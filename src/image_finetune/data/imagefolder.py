@@ -20,7 +20,7 @@ import statistics
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol
 
 import torch
 
@@ -62,6 +62,20 @@ AUTO_TEST_MIN_IMAGES = 10
 TestFraction = float | Literal["auto"]
 # The per-class counts of a split are logged in full up to this many classes; beyond, summarised (split_summary).
 MAX_CLASSES_LISTED = 20
+
+
+class SplitRule(Protocol):
+    """How a pool is split (``stratified_split``'s signature); ``data=csv`` multi-label data brings its own."""
+
+    def __call__(
+        self,
+        samples: Samples,
+        fractions: list[float],
+        names: list[str],
+        classes: list[str],
+        seed: int,
+        folds: tuple[int, int] | None = None,
+    ) -> dict[str, Samples]: ...
 
 
 class LabelledFiles(NamedTuple):
@@ -207,14 +221,19 @@ class ImageFolderDataModule(ClassificationDataModule):
         if given is None:
             pool = [sample for scan in scans.values() for sample in scan.samples]
             fractions = [self.val_fraction, resolve_test_fraction(self.test_fraction, pool, classes, where)]
-            splits = stratified_split(pool, fractions, ["val", "test"], classes, self.seed, folds)
+            splits = self._split_rule()(pool, fractions, ["val", "test"], classes, self.seed, folds)
         else:
             if folds is not None and "val" in given:
                 raise self._nothing_to_fold(f"{self.source} gives a validation split of its own")
             splits = hold_out_missing_splits(
-                dict(given), classes, self.val_fraction, self.test_fraction, self.seed, where, folds
+                dict(given), classes, self.val_fraction, self.test_fraction, self.seed, where, folds, self._split_rule()
             )
         return classes, splits, scans
+
+    def _split_rule(self) -> SplitRule:
+        """How the pool is split and folded: by class (``stratified_split``); ``data=csv`` multi-label data splits by
+        every label a row holds (``multilabel_split.py``)."""
+        return stratified_split
 
     def _nothing_to_fold(self, why: str) -> ConfigError:
         return ConfigError(
@@ -417,16 +436,18 @@ def hold_out_missing_splits(
     seed: int,
     where: str,
     folds: tuple[int, int] | None = None,
+    rule: SplitRule | None = None,
 ) -> dict[str, Samples]:
-    """``splits`` with what ``train`` must give up held out of it (``stratified_split``): val when there is no val
-    split, test (``resolve_test_fraction``) when there is no test split. ``where`` names the train pool in messages."""
+    """``splits`` with what ``train`` must give up held out of it (by ``rule``, default ``stratified_split``): val
+    when there is no val split, test (``resolve_test_fraction``) when there is no test split. ``where`` names the
+    train pool in messages."""
     names = [name for name in ("val", "test") if name not in splits]
     fractions = [
         val_fraction if name == "val" else resolve_test_fraction(test_fraction, splits["train"], classes, where)
         for name in names
     ]
     if any(fraction > 0 for fraction in fractions) or (folds is not None and "val" in names):
-        splits = {**splits, **stratified_split(splits["train"], fractions, names, classes, seed, folds)}
+        splits = {**splits, **(rule or stratified_split)(splits["train"], fractions, names, classes, seed, folds)}
     return splits
 
 
