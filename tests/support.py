@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import pickle
+from collections import Counter
 from pathlib import Path
 from typing import ClassVar
 
@@ -36,6 +38,32 @@ def make_image_folder(root: Path, classes: int = 3, per_class: int = 12, size: i
             suffix = ".png" if i % 2 else ".jpg"
             Image.fromarray(pixels).save(folder / f"img_{i:03d}{suffix}")
     return root
+
+
+def write_digits(folder: Path, per_class: int, classes: int = 3) -> list[tuple[str, str]]:
+    """sklearn's handwritten digits 0..classes-1 (0-2) as one flat folder of PNG and JPEG files; (file name, digit) of each."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
+    folder.mkdir(parents=True)
+    written: list[tuple[str, str]] = []
+    seen: Counter[int] = Counter()
+    for index, (image, digit) in enumerate(zip(pixels, digits.target)):
+        if digit >= classes or seen[digit] >= per_class:
+            continue
+        seen[digit] += 1
+        name = f"d{index:04d}{'.png' if len(written) % 2 else '.jpg'}"
+        Image.fromarray(image, mode="L").save(folder / name)
+        written.append((name, str(digit)))
+    return written
+
+
+def write_table(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    """A CSV file of ``header`` and ``rows`` (``data=csv``'s tables)."""
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    return path
 
 
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

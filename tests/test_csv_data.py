@@ -1,10 +1,6 @@
 """``data=csv``: labels in a CSV file (or a DataFrame) train through the image-folder machinery, rows whose file is
-missing or broken are named by their row and left out, a Ctrl-C'd run resumes bitwise, every entry script runs on the
-checkpoint, and a bad table is one line naming the file and the column.
-
-The entry scripts that read a data module are checked by test_entry_matrix.py's own tests (eval, export, lr_find),
-imported below and run on this module's ``trained`` fixture: one shared training run instead of a sixth row in the
-matrix (predict.py reads files, not a data module; the matrix runs it).
+missing or broken are named by their row and left out, a Ctrl-C'd run resumes bitwise, and a bad table is one line
+naming the file and the column. Every entry script on a csv checkpoint: test_entry_matrix.py's csv row.
 """
 
 from __future__ import annotations
@@ -12,7 +8,6 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -20,16 +15,8 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 from PIL import Image
-from sklearn.datasets import load_digits
-from test_entry_matrix import (
-    COMMON,
-    Data,
-    Trained,
-    script_env,
-    test_eval_py_tests_the_checkpoint_with_test_time_augmentation,
-    test_export_py_writes_onnx_and_its_json,
-    test_lr_find_py_sweeps_on_the_data_module,
-)
+from support import write_digits, write_table
+from test_entry_matrix import COMMON, Data, Trained, script_env
 from test_interrupts import IN_EPOCH_2, LINE, ctrl_c, run
 from test_resume import assert_bitwise_equal, weights
 
@@ -38,37 +25,6 @@ from image_finetune.data import CsvDataModule
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["0", "1", "2"]
-#: Each a subprocess on the shared run below (the matrix's tests, so the csv data keeps the matrix's promises).
-ENTRY_SCRIPTS = [
-    test_eval_py_tests_the_checkpoint_with_test_time_augmentation,
-    test_export_py_writes_onnx_and_its_json,
-    test_lr_find_py_sweeps_on_the_data_module,
-]
-for _test in ENTRY_SCRIPTS:
-    pytest.mark.slow(_test)
-
-
-def write_digits(folder: Path, per_class: int) -> list[tuple[str, str]]:
-    """sklearn's handwritten digits 0-2 as one flat folder of PNG and JPEG files; (file name, digit) of each."""
-    digits = load_digits()
-    pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
-    folder.mkdir(parents=True)
-    written: list[tuple[str, str]] = []
-    seen: Counter[int] = Counter()
-    for index, (image, digit) in enumerate(zip(pixels, digits.target)):
-        if digit >= len(CLASSES) or seen[digit] >= per_class:
-            continue
-        seen[digit] += 1
-        name = f"d{index:04d}{'.png' if len(written) % 2 else '.jpg'}"
-        Image.fromarray(image, mode="L").save(folder / name)
-        written.append((name, str(digit)))
-    return written
-
-
-def write_table(path: Path, header: list[str], rows: list[list[str]]) -> Path:
-    with open(path, "w", newline="") as f:
-        csv.writer(f).writerows([header, *rows])
-    return path
 
 
 def module(file: Path | None = None, **options: object) -> CsvDataModule:

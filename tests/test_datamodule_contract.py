@@ -4,10 +4,13 @@ preprocessing from ``wiring.build_model_and_data`` (lr_find's too), and no calle
 from __future__ import annotations
 
 import ast
+import re
+from collections import Counter
 from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 import torchvision
 from hf_parquet import write_digits_parquet
 from hydra.utils import get_class
@@ -91,13 +94,24 @@ def test_every_shipped_data_module_keeps_the_contract(name, request, monkeypatch
     for split in ("train", "val", "test", "all"):
         assert datamodule.has_split(split) == (split in datamodule.datasets)
     assert isinstance(datamodule.batch_size, int) and isinstance(datamodule.num_workers, int)
-    everything = datamodule.all_images()
-    if name in ("imagefolder", "digits", "hf", "csv"):  # one pool of files (rows): split=all means something
+    # every image at the eval transform (eval.py split=all, find_issues.py), each named by image_names
+    everything, names = datamodule.all_images(), datamodule.image_names()
+    assert len(everything) == len(names) == sum(len(d) for d in datamodule.datasets.values())
+    assert Counter(name.split for name in names) == {split: len(d) for split, d in datamodule.datasets.items()}
+    assert len({name.id for name in names}) == len(names)
+    for i in (0, len(names) - 1):  # the eval view: one size (the data's eval size), the label the name gives
+        image, label = everything[i]
+        assert image.dtype == torch.uint8 and int(label) == names[i].label
+    if name in ("imagefolder", "digits", "csv"):  # files: named by path
+        assert all(name.is_file and Path(name.id).is_file() for name in names)
+    else:  # rows and arrays: <split>/<index>
+        assert not any(name.is_file for name in names)
+        assert all(re.fullmatch(r"(train|val|test)/\d+", name.id) for name in names), names[:3]
+    if name in ("imagefolder", "digits", "hf", "csv"):  # one pool of files (rows)
         prefix = {"hf": "data.path=", "csv": "data.file="}.get(name, "data.root=")
         assert datamodule.source.startswith(prefix)
-        assert len(everything) == sum(len(d) for d in datamodule.datasets.values())
     else:
-        assert everything is None and datamodule.source == "the data"
+        assert datamodule.source == "the data"
 
 
 class NotADataModule(L.LightningDataModule):
@@ -172,9 +186,24 @@ def test_no_caller_probes_the_data_module(module):
     # the one question allowed: whether it keeps the contract (a model may be fit on bare dataloaders)
     allowed = {"isinstance(datamodule, ClassificationData)", "isinstance(trainer.datamodule, ClassificationData)"}
     probes = []
-    for node in ast.walk(ast.parse((PACKAGE / module).read_text())):
+    tree = ast.parse((PACKAGE / module).read_text())
+    # what a data module hands out, asked what it has (find_issues used to read ``samples`` of each split's dataset to
+    # name images and their splits; ``image_names`` says that): loop variables over its datasets, its all_images()
+    handed = {
+        target.id
+        for node in ast.walk(tree)
+        if isinstance(node, ast.For | ast.comprehension) and "datamodule.datasets" in ast.unparse(node.iter)
+        for target in ast.walk(node.target)
+        if isinstance(target, ast.Name)
+    }
+    for node in ast.walk(tree):
         asks = isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ASKING and node.args
-        if asks and ast.unparse(node.args[0]).endswith("datamodule") and ast.unparse(node) not in allowed:
+        subject = ast.unparse(node.args[0]) if asks else ""
+        if (
+            asks
+            and ast.unparse(node) not in allowed
+            and (subject.endswith("datamodule") or subject in handed or "datamodule." in subject)
+        ):
             probes.append(ast.unparse(node))
         if isinstance(node, ast.Attribute) and node.attr == "loader" and "datasets" in ast.unparse(node.value):
             probes.append(ast.unparse(node))

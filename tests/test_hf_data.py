@@ -1,13 +1,12 @@
-"""``data=hf``: a Hugging Face dataset from local parquet files trains, reports its bad row and evaluates, offline.
+"""``data=hf``: a Hugging Face dataset from local parquet files trains and reports its bad row, offline.
 
-One training run (module-scoped) serves the script tests; the column, ClassLabel, split and extra handling is tested
+One training run (module-scoped) serves the script test (every entry script on a hf checkpoint: test_entry_matrix.py); the column, ClassLabel, split and extra handling is tested
 on the data module directly.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import os
 import subprocess
 import sys
@@ -17,7 +16,6 @@ from pathlib import Path
 import datasets
 import pytest
 from hf_parquet import CORRUPT_ROW, DIGIT_NAMES, write_digits_parquet
-from test_entry_matrix import Data, Trained, test_lr_find_py_sweeps_on_the_data_module
 
 from image_finetune.core.errors import ConfigError, UserError
 from image_finetune.data import HFDataModule
@@ -34,40 +32,21 @@ def run_script(*args: str, hf_home: Path) -> subprocess.CompletedProcess[str]:
 
 
 class Runs:
-    """The parquet folder, one training run on it and one eval of its checkpoint."""
+    """The parquet folder and one training run on it (every entry script on a hf checkpoint: test_entry_matrix.py)."""
 
     def __init__(self, root: Path) -> None:
         self.data = write_digits_parquet(root / "parquet", TRAIN_ROWS, TEST_ROWS)
-        self.hf_home, self.run_dir, self.eval_dir = root / "hf_home", root / "train", root / "eval"
+        self.hf_home, self.run_dir = root / "hf_home", root / "train"
         self.train = run_script(
             "train.py", "data=hf", f"data.path={self.data}", *TINY, f"paths.data_dir={root / 'data'}",
             f"hydra.run.dir={self.run_dir}", "trainer.max_epochs=1", "finetune=full", "trainer.limit_train_batches=2",
             "trainer.limit_val_batches=1", "test=false", hf_home=self.hf_home,
         )  # fmt: skip
-        self.eval = None
-        if self.train.returncode == 0:
-            self.eval = run_script(
-                "eval.py", f"ckpt_path={self.run_dir / 'checkpoints' / 'last.ckpt'}", "trainer=cpu",
-                f"hydra.run.dir={self.eval_dir}", f"paths.data_dir={root / 'data'}", hf_home=self.hf_home,
-            )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     return Runs(tmp_path_factory.mktemp("hf"))
-
-
-#: lr_find.py builds the data module (eval.py is run above; predict.py and export.py read only the checkpoint)
-pytest.mark.slow(test_lr_find_py_sweeps_on_the_data_module)
-
-
-@pytest.fixture(scope="module")
-def trained(runs: Runs) -> Trained:
-    """The shared run, as test_entry_matrix.py's tests read one."""
-    assert runs.train.returncode == 0, runs.train.stderr[-3000:]
-    env = {**os.environ, "HF_HOME": str(runs.hf_home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    data = Data(["data=hf", f"data.path={runs.data}", "data.image_size=32"], [], env, list(DIGIT_NAMES))
-    return Trained(data, runs.run_dir.parent, runs.run_dir / "checkpoints" / "last.ckpt")
 
 
 def test_training_on_parquet_files_reports_the_bad_row_and_goes_on(runs: Runs):
@@ -83,18 +62,6 @@ def test_training_on_parquet_files_reports_the_bad_row_and_goes_on(runs: Runs):
         rows = list(csv.reader(f, delimiter="\t"))
     assert rows == [["split", "path", "reason"], ["train", f"train/{CORRUPT_ROW}", "not an image"]]
     assert (runs.run_dir / "checkpoints" / "last.ckpt").is_file()
-
-
-def test_eval_runs_on_the_checkpoint_with_the_datasets_test_split(runs: Runs):
-    assert runs.eval is not None, "training failed"
-    assert runs.eval.returncode == 0, runs.eval.stderr[-3000:]
-    assert "Traceback" not in runs.eval.stderr
-    metrics = json.loads((runs.eval_dir / "metrics.json").read_text())
-    assert metrics["split"] == "test" and metrics["num_samples"] == TEST_ROWS
-    with open(runs.eval_dir / "predictions.csv", newline="") as f:
-        predictions = list(csv.DictReader(f))
-    assert [row["path"] for row in predictions] == [f"test/{i}" for i in range(TEST_ROWS)]
-    assert {row["target"] for row in predictions} <= set(DIGIT_NAMES)
 
 
 # ---- the data module, in process ----------------------------------------------------------------------------------

@@ -14,9 +14,10 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from image_finetune.data.contract import ImageName
 from image_finetune.data.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,8 @@ class ClassificationDataModule(L.LightningDataModule):
       network's input: start from the model's (``wiring.build_model_and_data`` passes it to the constructor as
       ``preprocessing=``) and override its size if the data needs to. The model stores it in checkpoints;
       eval/predict/exports repeat it, and eval's test-time augmentation reads its size and crop ratio.
-    - Optionally override ``source`` (how messages name the data) and ``all_images`` (``eval.py split=all``).
+    - Optionally override ``source`` (how messages name the data), and ``eval_views`` (each split at the eval transform:
+      ``all_images`` and ``image_names``, i.e. ``eval.py split=all`` and ``find_issues.py``, are built on it).
     """
 
     task: str = "multiclass"
@@ -285,10 +287,26 @@ class ClassificationDataModule(L.LightningDataModule):
         train = self.datasets["train"]
         return [int(train[(i, 0)][1]) for i in range(len(train))]  # type: ignore[arg-type]
 
-    def all_images(self) -> Dataset | None:
-        """Every image at the eval transform, for ``eval.py split=all``; None: this data has no such set (only image
-        folders, whose splits are one pool of files, have one)."""
+    def eval_views(self) -> dict[str, Dataset] | None:
+        """Each split's images at the eval transform (the training split unaugmented), in ``datasets`` order; what
+        ``all_images`` and ``image_names`` are built on. None: no eval view of the training split here (the default:
+        only the data module knows how its training images look unaugmented)."""
         return None
+
+    def all_images(self) -> Dataset | None:
+        """Every image at the eval transform (``eval.py split=all``, ``find_issues.py``): the ``eval_views`` one
+        after the other."""
+        views = self.eval_views()
+        return None if views is None else ConcatDataset(list(views.values()))
+
+    def image_names(self) -> list[ImageName]:
+        """Each item of ``all_images``: ``<split>/<index>``, no file. The labels are read from the items (decoding
+        each image): override it where they are known."""
+        return [
+            ImageName(split, f"{split}/{i}", int(view[i][1]), False)
+            for split, view in (self.eval_views() or {}).items()
+            for i in range(len(view))  # type: ignore[arg-type]
+        ]
 
     def held_out_fold(self) -> Dataset | None:
         """k-fold's held-out images from their files (out-of-fold predictions); None: no k-fold over files here."""

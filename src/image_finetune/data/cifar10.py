@@ -21,6 +21,7 @@ from torchvision.datasets import CIFAR10
 from image_finetune.core.config_checks import check_folds
 from image_finetune.core.errors import ConfigError
 from image_finetune.data.base import ClassificationDataModule, EpochSampler
+from image_finetune.data.contract import ImageName
 from image_finetune.data.folds import fold_indices
 from image_finetune.data.preprocessing import Preprocessing
 from image_finetune.data.transforms import Augmentation
@@ -171,6 +172,7 @@ class CIFAR10DataModule(ClassificationDataModule):
         self.data_dir = Path(data_dir).expanduser()
         self.image_size, self.val_size, self.download = image_size, val_size, download
         self._on_device: dict[tuple[str, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.origins: dict[str, tuple[str, torch.Tensor]] = {}
         augment = augment or Augmentation()
         if augment.ops or augment.crop_scale is not None:
             raise ConfigError(
@@ -205,6 +207,22 @@ class CIFAR10DataModule(ClassificationDataModule):
             "val": TensorImageDataset(images[val], labels[val]),
             "test": TensorImageDataset(*_as_tensors(test_set)),
         }
+        # where each split's images are in CIFAR-10's own sets: what image_names calls them (train/<i>, test/<i>)
+        self.origins = {"train": ("train", train), "val": ("train", val), "test": ("test", torch.arange(len(test_set)))}
+
+    # ---- every image, named (eval.py split=all, find_issues.py) ---------------------------------------------------
+    def eval_views(self) -> dict[str, Dataset]:
+        """The splits as they are: CIFAR-10's images are served whole at 32 px (training only augments on the device)."""
+        return {split: self.datasets[split] for split in self.origins}
+
+    def image_names(self) -> list[ImageName]:
+        """``<set>/<index>`` in CIFAR-10's own training or test set (``torchvision.datasets.CIFAR10(train=...)[index]``),
+        whichever split of this run the image is in."""
+        return [
+            ImageName(split, f"{kind}/{i}", label, False)
+            for split, (kind, index) in self.origins.items()
+            for i, label in zip(index.tolist(), self.datasets[split].labels.tolist())  # type: ignore[attr-defined]
+        ]
 
     # ---- resident loaders: the splits live on the training device (see ``ResidentBatches``) ----------------------
     def train_labels(self) -> list[int]:

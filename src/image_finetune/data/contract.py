@@ -8,11 +8,25 @@ refuses one that does not keep it, with one line.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from torch.utils.data import Dataset
 
 from image_finetune.data.preprocessing import Preprocessing
+
+
+class ImageName(NamedTuple):
+    """What reports call one item of ``all_images()``: its split, its id and its label."""
+
+    split: str
+    """The split of this run it is in (``train``, ``val``, ``test``)."""
+    id: str
+    """Its file path, or ``<split>/<index>`` for an image without a file (CIFAR-10's arrays, a dataset's items, a
+    Hugging Face row), the split there being where the data keeps it (CIFAR-10's ``train/123`` may be in ``val``)."""
+    label: int
+    """Its class index (multi-label data: the class it is stratified by, its commonest label)."""
+    is_file: bool
+    """Whether ``id`` is a file (``near_duplicates.csv`` compares file bytes, else the image's pixels)."""
 
 
 @runtime_checkable
@@ -48,7 +62,12 @@ class ClassificationData(Protocol):
         ...
 
     def all_images(self) -> Dataset | None:
-        """Every image the data holds, at the eval transform (``eval.py split=all``); None where that means nothing."""
+        """Every image the data holds, at the eval transform (``eval.py split=all``, ``find_issues.py``); every shipped
+        data module has it, None only for a module of your own that has no eval view of its training split."""
+        ...
+
+    def image_names(self) -> list[ImageName]:
+        """Each item of ``all_images()``, in its order: split, id (path or ``<split>/<index>``) and label."""
         ...
 
     def held_out_fold(self) -> Dataset | None:

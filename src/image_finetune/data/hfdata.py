@@ -23,6 +23,7 @@ import numpy as np
 
 from image_finetune.core.errors import ConfigError, DataError, UserError
 from image_finetune.data.base import ClassificationDataModule
+from image_finetune.data.contract import ImageName
 from image_finetune.data.decode import decode_rgb
 from image_finetune.data.files import ImageFileDataset
 from image_finetune.data.imagefolder import (
@@ -31,6 +32,7 @@ from image_finetune.data.imagefolder import (
     balanced_weights,
     check_fractions,
     hold_out_missing_splits,
+    sorted_samples,
     split_summary,
 )
 from image_finetune.data.preprocessing import Preprocessing
@@ -379,9 +381,14 @@ class HFDataModule(ClassificationDataModule):
 
     def all_images(self) -> ImageFileDataset:
         """Every usable row of every split used, at the eval transform (``eval.py split=all``)."""
-        samples = sorted(sample for items in self.splits.values() for sample in items)
+        samples = sorted_samples(self.splits.values())
         loader = RowImageLoader(self.tables, self.image_column, min_size=self.preprocessing.resize)
         return ImageFileDataset(samples, self.preprocessing.transform, loader)
+
+    def image_names(self) -> list[ImageName]:
+        """``all_images``' rows as ``<split>/<row>`` (the dataset's split: a held-out val row keeps its train/ name)."""
+        split_of = {key: split for split, items in self.splits.items() for key, _ in items}
+        return [ImageName(split_of[key], key, label, False) for key, label in sorted_samples(self.splits.values())]
 
 
 def load_local(datasets: Any, path: Path, cache_dir: str | None) -> Any:

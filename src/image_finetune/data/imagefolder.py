@@ -18,7 +18,7 @@ import os
 import random
 import statistics
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Protocol
 
@@ -28,6 +28,7 @@ from image_finetune.core.config_checks import check_folds
 from image_finetune.core.errors import ConfigError, DataError
 from image_finetune.data.base import ClassificationDataModule
 from image_finetune.data.cache import ResizedCache
+from image_finetune.data.contract import ImageName
 from image_finetune.data.decode import stored_short_side
 from image_finetune.data.device_decode import (
     DeviceCrops,
@@ -369,14 +370,24 @@ class ImageFolderDataModule(ClassificationDataModule):
         """Every image of every split, sorted by path, read from the original files at the eval transform."""
         return self.split_images(*self.splits)
 
+    def image_names(self) -> list[ImageName]:
+        """``all_images``' files by path, with their split and label."""
+        split_of = {path: split for split, items in self.splits.items() for path, _ in items}
+        return [ImageName(split_of[path], path, label, True) for path, label in sorted_samples(self.splits.values())]
+
     def held_out_fold(self) -> ImageFileDataset | None:
         """With ``data.folds``, the validation split is the held-out fold: its images, from their files."""
         return self.split_images("val") if self.fold_record() is not None else None
 
     def split_images(self, *splits: str) -> ImageFileDataset:
         """The images of ``splits``, sorted by path, read from the original files at the eval transform."""
-        samples = sorted(sample for split in splits for sample in self.splits[split])
+        samples = sorted_samples(self.splits[split] for split in splits)
         return ImageFileDataset(samples, self.preprocessing.transform, ImageLoader(min_size=self.preprocessing.resize))
+
+
+def sorted_samples(splits: Iterable[Samples]) -> Samples:
+    """The samples of ``splits`` as one list sorted by path (``all_images``' order)."""
+    return sorted(sample for items in splits for sample in items)
 
 
 def split_summary(split: str, counts: Mapping[str, int], total: int | None = None) -> str:

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from image_finetune.checkpoints import resolve_ckpt_path
 from image_finetune.core.atomic import atomic_path
@@ -46,7 +46,6 @@ from image_finetune.core.cli import save_json, write_csv
 from image_finetune.core.console import silence_lightning_noise
 from image_finetune.core.errors import ConfigError, DataError, UserError
 from image_finetune.core.plots import WRONG_COLOUR, image_grid
-from image_finetune.data.files import ImageFileDataset
 from image_finetune.inference.classifier import resolve_device, to_float
 from image_finetune.models.classifier import ClassifierNet
 from image_finetune.ops.multirun import OOF_CSV
@@ -64,12 +63,18 @@ INSTALL_HINT = "pip install 'image-finetune[issues]'"
 
 @dataclass(frozen=True)
 class Images:
-    """Every image of the data: its path, split and given label (an index into ``class_names``)."""
+    """Every image of the data: its path (``<split>/<index>`` for one without a file), split and given label (an
+    index into ``class_names``)."""
 
     paths: list[str]
     splits: list[str]
     labels: np.ndarray
     class_names: list[str]
+    files: list[bool] | None = None
+    """Whether each of ``paths`` is a file; None: all are."""
+
+    def is_file(self, i: int) -> bool:
+        return self.files is None or self.files[i]
 
 
 def require_cleanlab() -> None:
@@ -81,22 +86,20 @@ def require_cleanlab() -> None:
         raise UserError(f"find_issues.py needs cleanlab, which is not installed: {INSTALL_HINT}") from None
 
 
-def load_images(cfg: DictConfig, ckpt_path: str) -> tuple[ClassifierNet, Images, ImageFileDataset]:
-    """The checkpoint's network, the images with their splits and labels, and a dataset of them at the eval transform."""
+def load_images(cfg: DictConfig, ckpt_path: str) -> tuple[ClassifierNet, Images, Dataset]:
+    """The checkpoint's network, the images with their splits and labels, and a dataset of them at the eval transform
+    (the data module's ``all_images``, named by its ``image_names``)."""
     model, datamodule = build_model_and_data(data_config(cfg, ckpt_path), checkpoint=ckpt_path)
     datamodule.prepare_data()
     datamodule.setup("test")
     everything = datamodule.all_images()
-    if not isinstance(everything, ImageFileDataset):
+    if everything is None:
         raise ConfigError(
-            f"find_issues.py needs image files (data=imagefolder, data=digits, ...), not {type(datamodule).__name__}: "
-            "its results name the files to move or relabel"
+            f"find_issues.py needs every image of the data, which {type(datamodule).__name__}.all_images() does not "
+            "give (None): give the data module an eval_views() (data/base.py)"
         )
-    split_of = {
-        path: split for split, dataset in datamodule.datasets.items() for path, _ in getattr(dataset, "samples", [])
-    }
-    paths = [path for path, _ in everything.samples]
-    labels = np.array([label for _, label in everything.samples], dtype=np.int64)
+    names = datamodule.image_names()
+    labels = np.array([name.label for name in names], dtype=np.int64)
     counts = np.bincount(labels, minlength=len(datamodule.class_names))
     if (counts < 2).any():
         few = [name for name, n in zip(datamodule.class_names, counts) if n < 2]
@@ -104,14 +107,20 @@ def load_images(cfg: DictConfig, ckpt_path: str) -> tuple[ClassifierNet, Images,
             f"{datamodule.source}: classes {few} have fewer than 2 images; cross-validation needs 2 or more"
         )
     assert model.net is not None  # a checkpoint always rebuilds the head
-    images = Images(paths, [split_of.get(p, "?") for p in paths], labels, list(datamodule.class_names))
-    log.info("%s: %d images in %s", datamodule.source, len(paths), dict(Counter(images.splits)))
+    images = Images(
+        [name.id for name in names],
+        [name.split for name in names],
+        labels,
+        list(datamodule.class_names),
+        [name.is_file for name in names],
+    )
+    log.info("%s: %d images in %s", datamodule.source, len(names), dict(Counter(images.splits)))
     return model.net, images, everything
 
 
 @torch.inference_mode()
 def embed(
-    net: ClassifierNet, dataset: ImageFileDataset, batch_size: int, num_workers: int, device: torch.device
+    net: ClassifierNet, dataset: Dataset, batch_size: int, num_workers: int, device: torch.device
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each image's embedding, and the mean of its embedding and its mirror image's (a flipped copy gets the same)."""
     net = net.to(device).eval()
@@ -206,6 +215,13 @@ def file_digest(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def image_digest(images: Images, dataset: Dataset | None, i: int) -> str:
+    """Image ``i``'s file bytes hashed; for one without a file, its pixels as the data module gives them."""
+    if images.is_file(i) or dataset is None:
+        return file_digest(images.paths[i])
+    return hashlib.sha256(dataset[i][0].numpy().tobytes()).hexdigest()
+
+
 def write_label_issues(out_dir: Path, images: Images, issues: Any) -> list[int]:
     """``label_issues.csv``: the flagged images, lowest label quality first; returns their indices in that order."""
     flagged = issues[issues["is_label_issue"]].sort_values("label_score", kind="stable")
@@ -220,18 +236,22 @@ def write_label_issues(out_dir: Path, images: Images, issues: Any) -> list[int]:
     return [int(i) for i in flagged.index]
 
 
-def write_near_duplicates(out_dir: Path, images: Images, groups: list[list[int]]) -> list[list[int]]:
+def write_near_duplicates(
+    out_dir: Path, images: Images, groups: list[list[int]], dataset: Dataset | None = None
+) -> list[list[int]]:
     """``near_duplicates.csv``: one row per member; a group whose members lie in more than one split is a ``leak``
-    (listed first). ``identical``: the file's bytes equal another member's. Returns the leaking groups."""
+    (listed first). ``identical``: the file's bytes (an image without a file: its pixels, read from ``dataset``) equal
+    another member's. Returns the leaking groups."""
     leaks = [g for g in groups if len({images.splits[i] for i in g}) > 1]
     ordered = leaks + [g for g in groups if g not in leaks]
     rows = []
     for number, group in enumerate(ordered, start=1):
-        digests = Counter(file_digest(images.paths[i]) for i in group)
+        digest = {i: image_digest(images, dataset, i) for i in group}
+        digests = Counter(digest.values())
         leak = group in leaks
         for i in group:
             path = images.paths[i]
-            identical = digests[file_digest(path)] > 1
+            identical = digests[digest[i]] > 1
             rows.append([number, path, images.splits[i], images.class_names[images.labels[i]], leak, identical])
     write_csv(out_dir / "near_duplicates.csv", [["group", "path", "split", "label", "leak", "identical"], *rows])
     return leaks
@@ -248,7 +268,7 @@ def write_outliers(out_dir: Path, images: Images, issues: Any) -> int:
     return len(rows)
 
 
-def draw_suspects(path: Path, dataset: ImageFileDataset, images: Images, issues: Any, order: list[int]) -> Path:
+def draw_suspects(path: Path, dataset: Dataset, images: Images, issues: Any, order: list[int]) -> Path:
     """``label_issues.png``: the top suspects (as the network sees them), captioned ``given -> suggested``."""
     names = images.class_names
     pictures = torch.stack([dataset[i][0] for i in order]) if order else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
@@ -321,7 +341,7 @@ def find_issues(cfg: DictConfig) -> dict[str, Any]:
     label_issues = lab.get_issues("label")
     label_order = write_label_issues(out_dir, images, label_issues)
     groups = duplicate_groups(lab.get_info("near_duplicate")["near_duplicate_sets"])
-    leaks = write_near_duplicates(out_dir, images, groups)
+    leaks = write_near_duplicates(out_dir, images, groups, dataset)
     outliers = write_outliers(out_dir, images, lab.get_issues("outlier"))
     shown = label_order[: int(cfg.get("show", 32))]
     draw_suspects(out_dir / "label_issues.png", dataset, images, label_issues, shown)

@@ -98,9 +98,11 @@ def match_classes(dataset: Dataset, data_classes: Sequence[str], model_classes: 
 def select_split(datamodule: ClassificationData, split: str, data_from_command_line: bool) -> tuple[str, Dataset]:
     """The split to evaluate and its dataset (with the eval transform).
 
-    ``test`` falls back to every image (``all_images``) for data named on the command line (``data.root=DIR`` of class
-    folders, which then is the test set). The checkpoint's own data without a test split is an error, never a silent
-    switch to ``val``: the val split chose the checkpoint, so its numbers are not a test.
+    ``test`` falls back to every image (``all_images``) for data named on the command line that is one pool split by
+    fractions (``data.root=DIR`` of class folders, a CSV file, a Hugging Face dataset: it then is the test set whole).
+    A dataset's own train/val splits (CIFAR-10, ``data=flowers102``) are never a test set, nor is the checkpoint's own
+    data without a test split: that is an error, never a silent switch to ``val`` (the val split chose the checkpoint,
+    so its numbers are not a test).
     """
     if split not in SPLITS:
         raise ConfigError(f"split={split!r}: choose one of {list(SPLITS)}")
@@ -118,7 +120,8 @@ def select_split(datamodule: ClassificationData, split: str, data_from_command_l
         everything = datamodule.all_images()
         if everything is None:
             raise ConfigError(
-                f"split=all needs an image-folder data module (data=imagefolder), not {type(datamodule).__name__}"
+                f"split=all needs every image of the data, which {type(datamodule).__name__}.all_images() does not give "
+                "(None): give the data module an eval_views() (data/base.py), or evaluate split=test or split=val"
             )
         return split, everything
     if not datamodule.has_split(split):
@@ -327,7 +330,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
     assert ckpt_path is not None
     silence_lightning_noise()
-    data_from_command_line = cfg.get("data") is not None
+    # one pool of images named on the command line (split by data.test_fraction): a test set whole when it holds none out
+    data_from_command_line = cfg.get("data") is not None and "test_fraction" in cfg.data
     # The checkpoint's own preprocessing (stored values) reaches the data module, whatever the data config says or lacks.
     model, datamodule = build_model_and_data(data_config(cfg, ckpt_path), checkpoint=ckpt_path)
     datamodule.prepare_data()

@@ -115,3 +115,8 @@ class DatasetDataModule(ClassificationDataModule):
         self.datasets = {
             split: SeededDataset(dataset, on_train if split == "train" else None) for split, dataset in splits.items()
         }
+        self.given = splits
+
+    def eval_views(self) -> dict[str, Dataset]:
+        """Every split as the dataset itself sizes it, without ``augment`` (``eval.py split=all``, ``find_issues.py``)."""
+        return {split: SeededDataset(dataset) for split, dataset in self.given.items()}
