@@ -69,7 +69,8 @@ def main() -> None:
             row = {"seed": seed, "acc": float(learn.validate()[1])}
             if args.multilabel:
                 probs, targets = learn.get_preds()  # the validation rows; sigmoid applied by BCEWithLogitsLossFlat
-                row = {"seed": seed, "acc_multi": row["acc"], **multilabel_scores(probs.numpy(), targets.numpy())}
+                row = {"seed": seed, "acc_multi": row["acc"], "num_val": len(targets)}
+                row.update(multilabel_scores(probs.numpy(), targets.numpy()))
         print(json.dumps({**row, "seconds": time.perf_counter() - start}), flush=True)
 
 
@@ -78,14 +79,15 @@ def multilabel_loaders(root: str, size: int, batch_size: int):
     from pathlib import Path
 
     import pandas as pd
-    from fastai.vision.all import ColReader, DataBlock, FuncSplitter, ImageBlock, MultiCategoryBlock, Resize
+    from fastai.vision.all import ColReader, ColSplitter, DataBlock, ImageBlock, MultiCategoryBlock, Resize
 
     frame = pd.read_csv(Path(root) / "labels.csv", keep_default_na=False)
+    frame["is_valid"] = frame["split"] == "val"
     block = DataBlock(
         blocks=(ImageBlock, MultiCategoryBlock),
         get_x=ColReader("path", pref=Path(root)),
         get_y=ColReader("label", label_delim=" "),
-        splitter=FuncSplitter(lambda row: row["split"] == "val"),
+        splitter=ColSplitter("is_valid"),
         item_tfms=Resize(size),
     )
     return block.dataloaders(frame, bs=batch_size, num_workers=0)

@@ -197,7 +197,11 @@ def run_fastai(
             if line.startswith("{"):
                 row = json.loads(line)
                 score = row["map"] if task.multilabel else row["acc"]
-                extra = {k: row[k] for k in ("f1_micro", "f1_micro_at_0.5", "exact", "acc_multi") if k in row}
+                extra = {
+                    k: row[k]
+                    for k in ("f1_micro", "f1_micro_at_0.5", "exact", "acc_multi", "threshold", "num_val")
+                    if k in row
+                }
                 results.append(
                     Result(task.name, recipe.name, row["seed"], score, row["seconds"], keys[row["seed"]], extra)
                 )
