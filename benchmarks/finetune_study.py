@@ -38,7 +38,7 @@ from study_tasks import Task
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_FASTAI = Path("/work/venvs/fastai/bin/python")
-TASKS = ("digits-10shot", "digits-50shot", "photos-20shot", "digits-all")
+TASKS = ("digits-10shot", "digits-50shot", "photos-20shot", "digits-all", "photos-multilabel")
 
 
 @dataclass(frozen=True)
