@@ -8,7 +8,10 @@ ResNet-18 pretrained on related classes, and one larger task. Every template run
 ``train.py`` runs, with ``data=imagefolder`` and ``model.backbone.weights=<the task's .pth>``; the fastai peer runs
 ``benchmarks/fastai_peer.py`` in its own venv (``--fastai-python``) on the same folders, from the same weights, with the
 same epoch budget and image size. Accuracy is the final epoch's on the task's held-out ``val/`` folder (no checkpoint
-picked by it). Finished runs are kept in ``<work>/results.jsonl`` and reused when the same recipe (the fully composed
+picked by it). The multi-label task (``photos-multilabel``) runs with ``data=csv loss=bce`` on its ``labels.csv`` (its
+``split`` column: the same validation rows as the peer's) and is scored by the final epoch's macro mAP
+(``last/val/map``) in the table's cell, with micro F1 at the threshold the run chose on the validation split kept in
+each result's ``extra``. Finished runs are kept in ``<work>/results.jsonl`` and reused when the same recipe (the fully composed
 config) runs again, so the study can be extended or resumed; ``--fresh`` starts over.
 """
 
@@ -35,7 +38,7 @@ from study_tasks import Task
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_FASTAI = Path("/work/venvs/fastai/bin/python")
-TASKS = ("digits-10shot", "digits-50shot", "photos-20shot", "digits-all")
+TASKS = ("digits-10shot", "digits-50shot", "photos-20shot", "digits-all", "photos-multilabel")
 
 
 @dataclass(frozen=True)
@@ -132,8 +135,11 @@ def quiet_logs() -> None:
 
 # ---- running --------------------------------------------------------------------------------------------------------
 def template_overrides(task: Task, recipe: Recipe, seed: int, work: Path) -> list[str]:
+    # multi-label: the CSV's split column gives train and val; no test rows are held out of train (test=false anyway)
+    data = (["data=csv", f"data.file={task.labels_csv}", "data.split_column=split", "data.test_fraction=0", "loss=bce"]
+            if task.multilabel else ["data=imagefolder", f"data.root={task.root}"])  # fmt: skip
     return [
-        "data=imagefolder", f"data.root={task.root}", f"data.image_size={task.size}", "data.num_workers=0", "data.cache=null",
+        *data, f"data.image_size={task.size}", "data.num_workers=0", "data.cache=null",
         f"paths.cache_dir={work / 'cache'}", "model.backbone.name=resnet18", f"model.backbone.weights={task.weights}",
         "trainer=cpu", f"trainer.max_epochs={task.epochs}", f"seed={seed}", "test=false", *QUIET, *recipe.overrides,
     ]  # fmt: skip
@@ -142,7 +148,8 @@ def template_overrides(task: Task, recipe: Recipe, seed: int, work: Path) -> lis
 def run_template(
     task: Task, recipe: Recipe, seed: int, work: Path, done: dict[str, Result], run: bool = True
 ) -> Result | None:
-    """One ``train(cfg)`` run, as ``train.py`` would do it; the final epoch's val accuracy and the wall time."""
+    """One ``train(cfg)`` run, as ``train.py`` would do it; the final epoch's val accuracy (multi-label: macro mAP,
+    with micro F1 and exact-set accuracy at the run's threshold in ``extra``) and the wall time."""
     from omegaconf import OmegaConf
 
     from image_finetune.core.cli import compose_config
@@ -161,6 +168,9 @@ def run_template(
     metrics = train(cfg)
     seconds = time.perf_counter() - start
     shutil.rmtree(out, ignore_errors=True)
+    if task.multilabel:
+        extra = {"f1_micro": float(metrics["last/val/f1_micro"]), "exact": float(metrics["last/val/acc"])}
+        return Result(task.name, recipe.name, seed, float(metrics["last/val/map"]), seconds, key, extra)
     return Result(task.name, recipe.name, seed, float(metrics["last/val/acc"]), seconds, key)
 
 
@@ -178,15 +188,22 @@ def run_fastai(
     if todo and run:
         command = [str(python), str(REPO / "benchmarks" / "fastai_peer.py"), "--root", task.root, "--torch-home", task.torch_home,
                    "--size", str(task.size), "--epochs", str(task.epochs), "--batch-size", str(recipe.fastai_batch_size),
-                   "--seeds", *map(str, todo), "--threads", str(torch.get_num_threads())]  # fmt: skip
+                   "--seeds", *map(str, todo), "--threads", str(torch.get_num_threads()),
+                   *(["--multilabel"] if task.multilabel else [])]  # fmt: skip
         proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
         if proc.returncode != 0:
             raise RuntimeError(f"fastai peer failed on {task.name}: {proc.stderr[-2000:]}")
         for line in proc.stdout.splitlines():
             if line.startswith("{"):
                 row = json.loads(line)
+                score = row["map"] if task.multilabel else row["acc"]
+                extra = {
+                    k: row[k]
+                    for k in ("f1_micro", "f1_micro_at_0.5", "exact", "acc_multi", "threshold", "num_val")
+                    if k in row
+                }
                 results.append(
-                    Result(task.name, recipe.name, row["seed"], row["acc"], row["seconds"], keys[row["seed"]])
+                    Result(task.name, recipe.name, row["seed"], score, row["seconds"], keys[row["seed"]], extra)
                 )
     return sorted(results, key=lambda r: r.seed)
 
@@ -204,12 +221,33 @@ def cell(results: Sequence[Result]) -> str:
 def table(results: Sequence[Result], tasks: Sequence[Task], recipes: Sequence[Recipe]) -> str:
     header = (
         "| recipe | "
-        + " | ".join(f"{t.name} ({t.num_train} train / {t.num_val} val, {t.epochs} ep)" for t in tasks)
+        + " | ".join(
+            f"{t.name} ({t.num_train} train / {t.num_val} val, {t.epochs} ep{', mAP' if t.multilabel else ''})"
+            for t in tasks
+        )
         + " |"
     )
     lines = [header, "|---|" + "---|" * len(tasks)]
     for recipe in recipes:
         cells = [cell([r for r in results if r.task == t.name and r.recipe == recipe.name]) for t in tasks]
+        lines.append(f"| {recipe.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def f1_table(results: Sequence[Result], tasks: Sequence[Task], recipes: Sequence[Recipe]) -> str:
+    """Multi-label tasks: micro F1 at the threshold chosen on the validation split (both sides: the best of 0.01 ..
+    0.99, as the template's ``best_threshold``), mean ± std over seeds; empty when no task is multi-label."""
+    multilabel = [t for t in tasks if t.multilabel]
+    if not multilabel:
+        return ""
+    lines = ["| recipe | " + " | ".join(f"{t.name}: micro F1" for t in multilabel) + " |",
+             "|---|" + "---|" * len(multilabel)]  # fmt: skip
+    for recipe in recipes:
+        cells = []
+        for t in multilabel:
+            f1 = [r.extra["f1_micro"] for r in results if r.task == t.name and r.recipe == recipe.name]
+            std = statistics.stdev(f1) if len(f1) > 1 else 0.0
+            cells.append(f"{statistics.mean(f1):.3f} ± {std:.3f}" if f1 else "-")
         lines.append(f"| {recipe.name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -265,7 +303,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             with results_file.open("a") as f:
                 f.write(json.dumps(result.__dict__) + "\n")
         print(
-            f"{result.task:>14} {result.recipe:>14} seed {result.seed}: acc {result.acc:.3f} ({result.seconds:.1f} s)",
+            f"{result.task:>17} {result.recipe:>14} seed {result.seed}: "
+            f"{'mAP' if 'f1_micro' in result.extra else 'acc'} {result.acc:.3f} ({result.seconds:.1f} s)",
             flush=True,
         )
 
@@ -281,11 +320,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                 if result is not None:
                     record(result)
     total = time.perf_counter() - start
-    text = table(results, tasks, [r for r in recipes if r.fastai_batch_size is None or fastai_ok])
-    text += (f"\n\nMean ± std of the final epoch's validation accuracy over seeds {', '.join(map(str, args.seeds))} "
+    shown = [r for r in recipes if r.fastai_batch_size is None or fastai_ok]
+    text = table(results, tasks, shown)
+    text += (f"\n\nMean ± std of the final epoch's validation accuracy (mAP: macro average precision) over seeds {', '.join(map(str, args.seeds))} "
              "(fewer where a cell says n=...); "
              f"(s) = mean wall time per run. Study time {total / 60:.1f} min for {len(fresh_keys)} runs "
              f"({len(results) - len(fresh_keys)} more reused from earlier runs of the same recipe).")  # fmt: skip
+    if f1 := f1_table(results, tasks, shown):
+        text += "\n\n" + f1
     print("\n" + text)
     out = args.out or args.work / "study.md"
     out.parent.mkdir(parents=True, exist_ok=True)

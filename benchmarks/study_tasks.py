@@ -11,6 +11,12 @@ weights, but in seconds on a CPU:
   photograph. The backbone is pretrained on patches of eleven other photographs; the fine-tuning classes are five
   photographs it never saw. Training patches come from the left 70 % of each photograph and validation patches from
   the right 30 %, so no validation pixel was ever trained on.
+* ``photos-multilabel``: multi-label. Each image is a 2x2 mosaic of patches (each half the study's size): 1-3 of the
+  five fine-tuning photographs (the labels, every one present at most once), the other tiles patches of the eleven
+  pretraining photographs (distractors, never labels). Training tiles of the labelled photographs come from their left
+  70 %, validation tiles from the right 30 %. Written as ``images/*.png`` plus ``labels.csv`` (``path,label,split``;
+  labels space-separated; split ``train``/``val``), which the template's ``data=csv`` and fastai's ``DataBlock`` both
+  read, so both validate on the same rows.
 
 Images are written at the study's size (32 px) as RGB PNGs, so the template and the fastai peer read the same pixels.
 Everything is seeded: the same arguments write the same folders and weights.
@@ -41,6 +47,7 @@ FINETUNE_PHOTOS = ("china", "flower", "grace_hopper", "chelsea", "coffee")
 PRETRAIN_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "camera", "coins",
                    "grass", "gravel", "brick", "moon")  # fmt: skip
 TRAIN_REGION = 0.7  # photographs: training patches from the left 70 %, validation patches from the rest
+LABELS_CSV = "labels.csv"  # multi-label tasks: the table in the task folder (path,label,split)
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,11 @@ class Task:
     num_classes: int
     num_train: int
     num_val: int
+    multilabel: bool = False  # a ``labels.csv`` task (``LABELS_CSV``): scored by macro mAP instead of accuracy
+
+    @property
+    def labels_csv(self) -> str:
+        return str(Path(self.root) / LABELS_CSV)
 
 
 # ---- real images ----------------------------------------------------------------------------------------------------
@@ -120,6 +132,55 @@ def write_folder(root: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]], c
             Image.fromarray(image).save(folder / f"{i:05d}.png")
     shutil.rmtree(root, ignore_errors=True)
     staging.rename(root)
+
+
+def write_csv_task(root: Path, splits: dict[str, tuple[np.ndarray, list[list[str]]]]) -> None:
+    """``root/images/<split>_<i>.png`` and ``root/labels.csv`` (``path,label,split``; labels space-separated), staged
+    and renamed into place as ``write_folder`` does."""
+    staging = root.with_name(root.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "images").mkdir(parents=True)
+    lines = ["path,label,split"]
+    for split, (images, label_sets) in splits.items():
+        for i, (image, labels) in enumerate(zip(images, label_sets)):
+            path = f"images/{split}_{i:05d}.png"
+            Image.fromarray(image).save(staging / path)
+            lines.append(f"{path},{' '.join(labels)},{split}")
+    (staging / LABELS_CSV).write_text("\n".join(lines) + "\n")
+    shutil.rmtree(root, ignore_errors=True)
+    staging.rename(root)
+
+
+def mosaics(
+    labelled: dict[str, np.ndarray],
+    distractors: dict[str, np.ndarray],
+    n: int,
+    size: int,
+    rng: np.random.Generator,
+    region: tuple[float, float],
+) -> tuple[np.ndarray, list[list[str]]]:
+    """``n`` 2x2 mosaics of ``size`` px, each holding tiles of 1-3 of the ``labelled`` photographs (from their
+    horizontal ``region``) and of random ``distractors`` elsewhere, and each mosaic's labels (in ``labelled``'s order).
+    Mosaic ``i`` always holds photograph ``i mod len(labelled)``, so every label occurs once ``n >= len(labelled)``."""
+    names, others = list(labelled), list(distractors)
+    tile = size // 2
+    images, label_sets = [], []
+    for i in range(n):
+        extra = rng.permutation([j for j in range(len(names)) if j != i % len(names)])[: rng.integers(0, 3)]
+        chosen = sorted({i % len(names), *extra.tolist()})
+        cells = [None] * 4
+        for j, cell in zip(chosen, rng.permutation(4)):
+            cells[cell] = patches(labelled[names[j]], 1, tile, rng, region)[0]
+        for cell in range(4):
+            if cells[cell] is None:
+                cells[cell] = patches(distractors[others[rng.integers(len(others))]], 1, tile, rng)[0]
+        mosaic = np.zeros((2 * tile, 2 * tile, 3), np.uint8)
+        for cell, patch in enumerate(cells):
+            y, x = divmod(cell, 2)
+            mosaic[y * tile : (y + 1) * tile, x * tile : (x + 1) * tile] = patch
+        images.append(mosaic)
+        label_sets.append([names[j] for j in chosen])
+    return np.stack(images), label_sets
 
 
 def few_shot_split(
@@ -196,10 +257,12 @@ class Scale:
     large_epochs: int = 2
     photo_pool: int = 200  # training patches per fine-tuning photograph to draw shots from
     pretrain_digits_per_class: int | None = None  # None: every scan of digits 0-4 (~900)
+    mosaics_train: int = 100  # photos-multilabel: training and validation mosaics
+    mosaics_val: int = 100
 
 
 TOY = Scale(size=32, pretrain_epochs=1, pretrain_photo_patches=6, val_per_class=4, few_shot_epochs=2, large_epochs=2,
-            photo_pool=8, pretrain_digits_per_class=12)  # fmt: skip
+            photo_pool=8, pretrain_digits_per_class=12, mosaics_train=10, mosaics_val=6)  # fmt: skip
 
 
 def build_tasks(work: Path, names: Sequence[str], scale: Scale = Scale(), seed: int = 0, log=print) -> list[Task]:
@@ -214,13 +277,29 @@ def build_tasks(work: Path, names: Sequence[str], scale: Scale = Scale(), seed: 
             out.append(Task(**json.loads(stamp.read_text())["task"]))
             continue
         weights, torch_home = _pretrained(work, source, scale, seed, log)
+        root = work / "tasks" / name
+        if name == "photos-multilabel":
+            rng = np.random.default_rng(seed + 2)
+            labelled, distractors = photographs(FINETUNE_PHOTOS), photographs(PRETRAIN_PHOTOS)
+            ml_splits = {
+                "train": mosaics(labelled, distractors, scale.mosaics_train, scale.size, rng, (0.0, TRAIN_REGION)),
+                "val": mosaics(labelled, distractors, scale.mosaics_val, scale.size, rng, (TRAIN_REGION, 1.0)),
+            }
+            write_csv_task(root, ml_splits)
+            task = Task(name, str(root), str(weights), str(torch_home), scale.few_shot_epochs, scale.size,
+                        len(FINETUNE_PHOTOS), scale.mosaics_train, scale.mosaics_val, multilabel=True)  # fmt: skip
+            stamp.write_text(json.dumps({"built_with": wanted, "task": asdict(task)}, indent=1))
+            labels = sum(len(labels) for _, label_sets in ml_splits.values() for labels in label_sets)
+            log(f"built {name}: {task.num_train} training / {task.num_val} validation mosaics, {task.num_classes} "
+                f"labels, {labels / (task.num_train + task.num_val):.1f} per image")  # fmt: skip
+            out.append(task)
+            continue
         if variant.endswith("shot"):
             shots: int | None = int(variant.removesuffix("shot"))
         elif variant == "all":
             shots = None
         else:
-            raise ValueError(f"task {name!r}: use <source>-<k>shot or <source>-all")
-        root = work / "tasks" / name
+            raise ValueError(f"task {name!r}: use <source>-<k>shot, <source>-all or photos-multilabel")
         if source == "digits":
             images, labels = digits(scale.size)
             if shots is not None:  # few-shot: the classes the backbone never saw
