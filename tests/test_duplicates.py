@@ -14,16 +14,15 @@ from PIL import Image, ImageOps
 from sklearn.datasets import load_sample_image
 
 from image_finetune.core.errors import ConfigError
+from image_finetune.data.preprocessing import eval_transform
 from image_finetune.inference.data_issues import near_duplicate_bits
 from image_finetune.inference.duplicates import connected_groups, near_duplicate_pairs, perceptual_hashes
 
-SIDE = 64  # what an eval transform would resize every file to
+SIDE = 64  # eval_transform(64): Resize(73) + CenterCrop(64), an odd margin: a mirrored file comes out shifted 1 px
 
 
 def as_network_sees(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.array(image.convert("RGB").resize((SIDE, SIDE), Image.Resampling.BILINEAR))).permute(
-        2, 0, 1
-    )
+    return eval_transform(SIDE)(torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1))
 
 
 def jpeg(image: Image.Image, quality: int) -> Image.Image:

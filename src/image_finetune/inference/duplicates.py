@@ -5,7 +5,7 @@ byte copies are found, but a resized, re-compressed or mirrored copy lands furth
 a small network (benchmarks/README.md "Finding wrong labels and leaks"). A perceptual hash compares the pictures
 themselves: the image as grey levels at 32 x 32, its 2-D DCT, and one bit per low frequency (the top-left 8 x 8
 coefficients above their median), so resizing and JPEG noise, which change high frequencies, flip few bits. The mirror
-image is hashed too, so a flipped copy matches. Two images whose hashes differ in at most ``max_bits`` of 64 are near
+image is hashed too (also moved by one pixel, for the centre crop's rounding), so a flipped copy matches. Two images whose hashes differ in at most ``max_bits`` of 64 are near
 duplicates. Written with torch (the decoded batches are tensors already) rather than the ``imagehash`` package, which
 is not a dependency and hashes one PIL image at a time.
 """
@@ -34,38 +34,38 @@ def dct_matrix(n: int) -> torch.Tensor:
 
 
 def perceptual_hashes(images: torch.Tensor) -> torch.Tensor:
-    """``(B, C, H, W)`` images (uint8 or float, 1 or 3 channels) -> ``(B, 2, 64)`` bool: the pHash of each image and of
-    its mirror image."""
+    """``(B, C, H, W)`` images (uint8 or float, 1 or 3 channels) -> ``(B, 4, 64)`` bool: the pHash of each image, of its
+    mirror image, and of the mirror shifted one pixel left and right. The shifted ones are there because an eval
+    transform's centre crop is off by one pixel when the margin is odd (``Resize(37)`` + ``CenterCrop(32)`` keeps 2
+    pixels on the left and 3 on the right), so a mirrored file, once cropped, is the mirror image moved by one pixel."""
     x = images.float()
-    if x.shape[1] == 3:
-        grey = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
-    else:
-        grey = x.mean(dim=1)
-    grey = F.interpolate(grey[:, None], size=(SIDE, SIDE), mode="bilinear", antialias=True, align_corners=False)[:, 0]
-    both = torch.stack([grey, grey.flip(-1)], dim=1)
-    d = dct_matrix(SIDE).to(both.device)
-    low = (d @ both @ d.T)[..., :LOW, :LOW].flatten(-2)
+    grey = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2] if x.shape[1] == 3 else x.mean(dim=1)
+    mirror = grey.flip(-1)
+    padded = F.pad(mirror, (1, 1), mode="replicate")  # (B, H, W + 2)
+    variants = torch.stack([grey, mirror, padded[..., :-2], padded[..., 2:]], dim=1)
+    small = F.interpolate(variants, size=(SIDE, SIDE), mode="bilinear", antialias=True, align_corners=False)
+    d = dct_matrix(SIDE).to(small.device)
+    low = (d @ small @ d.T)[..., :LOW, :LOW].flatten(-2)
     return low > low.median(dim=-1, keepdim=True).values
 
 
 def dataset_hashes(dataset: Dataset, batch_size: int = 64, num_workers: int = 0) -> np.ndarray:
-    """``(N, 2, 64)`` hashes of a dataset of ``(image, label)`` pairs, as its transform delivers the images."""
+    """``(N, 4, 64)`` hashes of a dataset of ``(image, label)`` pairs, as its transform delivers the images."""
     out = [
         perceptual_hashes(images) for images, _ in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     ]
-    return torch.cat(out).numpy() if out else np.zeros((0, 2, BITS), dtype=bool)
+    return torch.cat(out).numpy() if out else np.zeros((0, 4, BITS), dtype=bool)
 
 
 def hamming(hashes: np.ndarray, block: int = 1024) -> Iterable[tuple[int, np.ndarray]]:
-    """Blocks of the pairwise distance ``min(bits(a, b), bits(a, mirror b))``: ``(first row, rows x N)`` int arrays,
-    so memory stays ``block x N`` however many images there are."""
+    """Blocks of the pairwise distance: the fewest bits in which image ``a``'s hash differs from any of ``b``'s (itself,
+    its mirror, shifted mirrors), as ``(first row, rows x N)`` int arrays, so memory stays ``block x N``."""
     plain = torch.from_numpy(hashes[:, 0]).float()
-    mirror = torch.from_numpy(hashes[:, 1]).float()
+    variants = [torch.from_numpy(hashes[:, v]).float() for v in range(hashes.shape[1])]
     for start in range(0, len(hashes), block):
         q = plain[start : start + block]
-        same_plain = q @ plain.T + (1 - q) @ (1 - plain).T
-        same_mirror = q @ mirror.T + (1 - q) @ (1 - mirror).T
-        yield start, (BITS - torch.maximum(same_plain, same_mirror)).round().int().numpy()
+        same = torch.stack([q @ v.T + (1 - q) @ (1 - v).T for v in variants]).amax(dim=0)
+        yield start, (BITS - same).round().int().numpy()
 
 
 def near_duplicate_pairs(hashes: np.ndarray, max_bits: int) -> list[tuple[int, int]]:
