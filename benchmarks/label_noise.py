@@ -2,14 +2,19 @@
 
     python benchmarks/label_noise.py                       # the run in benchmarks/README.md
     python benchmarks/label_noise.py --epochs 3 --noise 0.1 --work /tmp/label_noise
+    python benchmarks/label_noise.py --reuse-train --issues folds=10   # find_issues.py again on the same checkpoint
 
 1. scikit-learn's 1,797 digit scans are written as PNGs (``data.digits.write_digits_folder``, what the offline demo
-   reads) and split, stratified and seeded, into ``train/ val/ test/`` class folders (70/15/15).
+   reads) and split, stratified and seeded, into ``train/ val/ test/`` class folders (70/15/15). With
+   ``--backbone pretrained`` (the default: what a user does) only digits 5-9 (~900 scans) are used, and fine-tuning
+   starts from ``study_tasks.py``'s ResNet-18 pretrained on digits 0-4 (related classes, none of these images);
+   ``--backbone scratch`` uses all ten digits and a randomly initialised ResNet-18 (the first published run).
 2. ``--noise`` of the images (seeded) are moved to a different class folder of their split: their labels are wrong.
 3. ``--copies`` test images per kind are copied into ``train/`` (same class): ``exact`` (the same bytes), ``resized``
    (12 px instead of 8, PNG), ``jpeg`` (re-encoded as JPEG, quality 75), ``flipped`` (mirrored): leaks.
-4. ``train.py`` (a subprocess, CPU, 32 px, ResNet-18 from random initialisation: no download) trains briefly, then
-   ``find_issues.py`` runs on its last checkpoint.
+4. ``train.py`` (a subprocess, CPU, 32 px, no download) trains briefly, then ``find_issues.py`` runs on its last
+   checkpoint (``--issues KEY=VALUE ...`` adds overrides; ``--reuse-train`` keeps a checkpoint trained with the same
+   arguments).
 5. Precision and recall of the swapped files among the flagged ones, and per kind the fraction of planted pairs found
    in one near-duplicate group flagged ``leak``. Results also go to ``<work>/results.json``.
 """
@@ -32,15 +37,18 @@ REPO = Path(__file__).resolve().parents[1]
 KINDS = ("exact", "resized", "jpeg", "flipped")
 
 
-def build_folder(root: Path, cache: Path, noise: float, copies: int, seed: int) -> tuple[set[str], list[dict]]:
-    """The split digits folder with wrong labels and copies planted; returns the swapped paths and the copy pairs."""
+def build_folder(
+    root: Path, cache: Path, noise: float, copies: int, seed: int, first_class: int = 0
+) -> tuple[set[str], list[dict]]:
+    """The split digits folder (digits ``first_class``-9) with wrong labels and copies planted; returns the swapped
+    paths and the copy pairs."""
     sys.path.insert(0, str(REPO / "src"))
     from image_finetune.data.digits import write_digits_folder
 
     digits = write_digits_folder(cache / "digits")
     rng = random.Random(seed)
     shutil.rmtree(root, ignore_errors=True)
-    classes = sorted(p.name for p in digits.iterdir() if p.is_dir())
+    classes = sorted(p.name for p in digits.iterdir() if p.is_dir() and int(p.name) >= first_class)
     files: dict[str, list[tuple[Path, str]]] = {"train": [], "val": [], "test": []}
     for name in classes:
         items = sorted((digits / name).glob("*.png"))
@@ -98,20 +106,36 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=10, help="planted copies per kind")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backbone", choices=("pretrained", "scratch"), default="pretrained")
+    parser.add_argument("--issues", nargs="*", default=[], help="extra find_issues.py overrides (KEY=VALUE)")
+    parser.add_argument("--reuse-train", action="store_true", help="keep a checkpoint trained with these arguments")
     args = parser.parse_args()
     root = args.work / "images"
-    swapped, pairs = build_folder(root, args.work / "cache", args.noise, args.copies, args.seed)
-    for name in ("train", "issues"):
+    first_class = 5 if args.backbone == "pretrained" else 0
+    swapped, pairs = build_folder(root, args.work / "cache", args.noise, args.copies, args.seed, first_class)
+    weights = "null"
+    if args.backbone == "pretrained":
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        import study_tasks
+
+        weights = str(study_tasks._pretrained(args.work, "digits", study_tasks.Scale(), args.seed, print)[0])
+    stamp = {k: v for k, v in vars(args).items() if k not in ("issues", "reuse_train", "work")}
+    stamp_file = args.work / "train" / "benchmark_args.json"
+    reuse = args.reuse_train and stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp
+    for name in ("issues",) if reuse else ("train", "issues"):
         shutil.rmtree(args.work / name, ignore_errors=True)
-    train_s = run(
-        ["train.py", "data=imagefolder", f"data.root={root}", "data.image_size=32", "data.hflip=false",
-         "data.num_workers=0", "trainer=cpu", f"trainer.max_epochs={args.epochs}", "model.backbone.weights=null",
-         "logger=csv", f"seed={args.seed}", f"hydra.run.dir={args.work / 'train'}", f"paths.data_dir={args.work / 'cache'}"],
-        args.work / "train.log",
-    )  # fmt: skip
+    train_s = 0.0
+    if not reuse:
+        train_s = run(
+            ["train.py", "data=imagefolder", f"data.root={root}", "data.image_size=32", "data.hflip=false",
+             "data.num_workers=0", "trainer=cpu", f"trainer.max_epochs={args.epochs}", f"model.backbone.weights={weights}",
+             "logger=csv", f"seed={args.seed}", f"hydra.run.dir={args.work / 'train'}", f"paths.data_dir={args.work / 'cache'}"],
+            args.work / "train.log",
+        )  # fmt: skip
+        stamp_file.write_text(json.dumps(stamp))
     issues_s = run(
         ["find_issues.py", f"ckpt_path={args.work / 'train' / 'checkpoints' / 'last.ckpt'}",
-         f"hydra.run.dir={args.work / 'issues'}", f"paths.data_dir={args.work / 'cache'}"],
+         f"hydra.run.dir={args.work / 'issues'}", f"paths.data_dir={args.work / 'cache'}", *args.issues],
         args.work / "find_issues.log",
     )  # fmt: skip
     flagged = {row["path"] for row in read_rows(args.work / "issues" / "label_issues.csv")}
@@ -134,13 +158,16 @@ def main() -> None:
         "recall": hits / len(swapped) if swapped else 0.0,
         "duplicate_recall": recall,
         "test_acc": test_acc,
+        "backbone": args.backbone,
+        "issues_overrides": args.issues,
         "train_s": round(train_s, 1),
         "find_issues_s": round(issues_s, 1),
         "summary": (args.work / "find_issues.log").read_text().strip().splitlines()[-1],
     }
     (args.work / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"{results['images']} images, {len(swapped)} labels swapped ({args.noise:.0%}), {args.epochs} epochs "
-          f"(test acc {test_acc:.3f}, {train_s:.0f} s); find_issues {issues_s:.0f} s")  # fmt: skip
+    print(f"{results['images']} images, {len(swapped)} labels swapped ({args.noise:.0%}), {args.backbone} backbone, "
+          f"{args.epochs} epochs (test acc {test_acc:.3f}, {'reused' if reuse else f'{train_s:.0f} s'}); "
+          f"find_issues {issues_s:.0f} s {' '.join(args.issues)}")  # fmt: skip
     print(f"label issues: flagged {len(flagged)}, precision {results['precision']:.3f}, recall {results['recall']:.3f}")
     print("planted copies found as a leak: " + ", ".join(f"{k} {v:.0%}" for k, v in recall.items()))
     print(results["summary"])
