@@ -140,3 +140,37 @@ class FakeFlowers102(torch.utils.data.Dataset):
         pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8).numpy()
         image = Image.fromarray(pixels)
         return (self.transform(image) if self.transform else image), index % len(self.classes)
+
+
+# ---- multi-label: pairs of digits in a data=csv table ----------------------------------------------------------------
+LABELS = ["0", "1", "2", "3", "4"]
+PAIRS = 110
+
+
+def write_pairs(root: Path) -> Path:
+    """``images/pNNN.png``: two digits side by side, 32x32; ``labels.csv``: ``path,label`` with both digits
+    space-separated, a missing file (row 7), a non-image (row 11) and an image with an empty label cell (last row)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
+    pool = [i for i, digit in enumerate(digits.target) if digit < len(LABELS)]
+    rng = np.random.default_rng(0)
+    images = root / "images"
+    images.mkdir(parents=True)
+    rows = []
+    for n in range(PAIRS):
+        a, b = rng.choice(pool, 2, replace=False)
+        tile = np.zeros((16, 16), np.uint8)
+        tile[4:12, :8], tile[4:12, 8:] = pixels[a], pixels[b]
+        Image.fromarray(tile).resize((32, 32), Image.NEAREST).save(images / f"p{n:03d}.png")
+        rows.append([f"images/p{n:03d}.png", " ".join(sorted({str(digits.target[a]), str(digits.target[b])}))])
+    rows.insert(5, ["images/gone.png", "1 2"])
+    (images / "bad.png").write_bytes(b"not an image")
+    rows.insert(9, ["images/bad.png", "3"])
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(images / "blank.png")
+    rows.append(["images/blank.png", ""])
+    table = root / "labels.csv"
+    with open(table, "w", newline="") as f:
+        csv.writer(f).writerows([["path", "label"], *rows])
+    return table

@@ -16,11 +16,9 @@ import sys
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-from sklearn.datasets import load_digits
+from support import LABELS, PAIRS, write_pairs
 from test_entry_matrix import COMMON, run, script_env
 from test_interrupts import IN_EPOCH_2, LINE, ctrl_c
 from test_interrupts import run as run_in_session
@@ -33,36 +31,6 @@ from image_finetune.inference.classifier import Classifier
 from image_finetune.models.classifier import ImageClassifier
 from image_finetune.recipe.losses import bce, cross_entropy
 from image_finetune.recipe.metrics import THRESHOLD_GRID, best_threshold
-
-LABELS = ["0", "1", "2", "3", "4"]
-PAIRS = 110
-
-
-def write_pairs(root: Path) -> Path:
-    """``images/pNNN.png``: two digits side by side, 32x32; ``labels.csv``: ``path,label`` with both digits
-    space-separated, a missing file (row 7), a non-image (row 11) and an image with an empty label cell (last row)."""
-    digits = load_digits()
-    pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
-    pool = [i for i, digit in enumerate(digits.target) if digit < len(LABELS)]
-    rng = np.random.default_rng(0)
-    images = root / "images"
-    images.mkdir(parents=True)
-    rows = []
-    for n in range(PAIRS):
-        a, b = rng.choice(pool, 2, replace=False)
-        tile = np.zeros((16, 16), np.uint8)
-        tile[4:12, :8], tile[4:12, 8:] = pixels[a], pixels[b]
-        Image.fromarray(tile).resize((32, 32), Image.NEAREST).save(images / f"p{n:03d}.png")
-        rows.append([f"images/p{n:03d}.png", " ".join(sorted({str(digits.target[a]), str(digits.target[b])}))])
-    rows.insert(5, ["images/gone.png", "1 2"])
-    (images / "bad.png").write_bytes(b"not an image")
-    rows.insert(9, ["images/bad.png", "3"])
-    Image.fromarray(np.zeros((32, 32), np.uint8)).save(images / "blank.png")
-    rows.append(["images/blank.png", ""])
-    table = root / "labels.csv"
-    with open(table, "w", newline="") as f:
-        csv.writer(f).writerows([["path", "label"], *rows])
-    return table
 
 
 def train_command(table: Path, run_dir: Path, *extra: str) -> list[str]:

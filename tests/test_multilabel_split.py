@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import LABELS, write_pairs
 from test_entry_matrix import COMMON, TRAIN, run, script_env
-from test_multilabel import LABELS, write_pairs
 
 import image_finetune.data.multilabel_split as module
 from image_finetune.core.errors import DataError
