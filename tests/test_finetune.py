@@ -5,6 +5,7 @@ Runs on a tiny generated image folder with seeded "pretrained" ResNet-18 weights
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -174,6 +175,20 @@ def test_gradual_unfreezing_trains_the_last_stages_first_with_geometric_lrs(comp
     assert [finetune.resume_epoch(checkpoints / finetune.boundary_checkpoint(k)) for k in (1, 2, 3)] == [1, 2, 3]
     metrics = (Path(cfg.paths.output_dir) / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"lr-AdamW/head", "lr-AdamW/backbone.stem", "lr-AdamW/backbone.layer4"} <= set(metrics)
+
+
+def test_a_step_at_max_epochs_never_starts_an_empty_fit(compose_cfg, image_folder, caplog):
+    """finetune=gradual's last step (epoch 3) in a 3-epoch run: warned of, then neither announced nor fitted (an empty
+    fourth fit used to log "Unfreezing after epoch 3" and leave the run's last train metrics empty)."""
+    cfg = folder_cfg(compose_cfg, image_folder, "finetune=gradual", "trainer.limit_train_batches=1",
+                     "trainer.limit_val_batches=1")  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="image_finetune"):
+        run, recorder, _ = fit_recording(cfg)
+    unfreezing = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Unfreezing after epoch")]
+    assert [m.split(":")[0] for m in unfreezing] == ["Unfreezing after epoch 1", "Unfreezing after epoch 2"]
+    assert any("never unfreeze" in r.getMessage() for r in caplog.records)
+    assert sorted(recorder.requires_grad) == [0, 1, 2] and run.trainer.current_epoch == 3
+    assert "train/loss" in run.trainer.callback_metrics  # the last fit trained: its epoch metrics are there
 
 
 def test_linear_probe_never_unfreezes(compose_cfg, image_folder):

@@ -77,14 +77,16 @@ def fit(
     if not trainer.fast_dev_run:
         for warning in schedule.unreached(trainer.max_epochs):
             log.warning(warning)
+    if trainer.max_epochs is not None and trainer.max_epochs > 0:  # the phases unreached() warned of never start
+        phases = tuple(phase for phase in phases if phase.start < trainer.max_epochs)
     first = schedule.phase_at(resume_epoch(ckpt_path)) if ckpt_path else 0
     with _StopSignals.installed(trainer) as signals:
         try:
             for k in range(first, len(phases)):
                 if k > first and signals.received:
                     raise SIGTERMException  # as Lightning raises it inside a fit: the caller's interruption path
-                if not fit_phase(trainer, model, datamodule, phases[k], ckpt_path):
-                    return  # linear probe, early stop, interruption, fast_dev_run, or max_epochs reached first
+                if not fit_phase(trainer, model, datamodule, phases[k], ckpt_path) or k + 1 == len(phases):
+                    return  # linear probe, early stop, interruption, fast_dev_run, or max_epochs reached
                 # Saved after the fit has finished, so every callback (ModelCheckpoint's best and last included) has
                 # recorded the phase's last epoch first; a callback's own save would come before ModelCheckpoint's.
                 ckpt_path = Path(trainer.default_root_dir) / "checkpoints" / boundary_checkpoint(k + 1)
