@@ -160,7 +160,7 @@ def main() -> None:
     stamp = json.loads((args.work / "train" / "benchmark_args.json").read_text())
     print(f"read {args.work / 'images'} with {ckpt} ({stamp})")
     net, images, dataset = read_folder(ckpt, args.work / "cache")
-    features, symmetric, hashes = embed(net, dataset, 64, 0, torch.device("cpu"))
+    features, symmetric, hashes, _ = embed(net, dataset, 64, 0, torch.device("cpu"))
     paths = images.paths
     wrong = mislabelled(paths, args.work / "cache" / "digits")
     print(f"{len(paths)} files: {int(is_real(paths).sum())} scans ({int(wrong.sum())} mislabelled) + "

@@ -15,6 +15,10 @@ What it does, in order:
    docs recommend): each image's probabilities come from a classifier fitted on the other folds. The backbone itself
    was fine-tuned on the training labels, so a memorised wrong label can still pull its embedding towards the wrong
    class; out-of-fold probabilities from k-fold training do not have that bias.
+   Multi-label data (several labels per image, ``loss=bce``): each image's given labels are its label set (the
+   multi-hot target its ``all_images()`` item carries), the probabilities are per label (sigmoid; a stored file's
+   are not renormalised), the cross-validation is one-vs-rest logistic regression with folds made by iterative
+   stratification over every label (``data/multilabel_split.py``), and Datalab runs with ``task="multilabel"``.
 4. ``cleanlab.Datalab(...).find_issues(pred_probs=..., features=...)`` finds label issues, outliers and near duplicates.
    The features it compares are the mean of the embeddings of an image and of its mirror image, so a horizontally
    flipped copy is found as a duplicate too. Its radius misses most resized or re-encoded copies, so a perceptual hash
@@ -32,7 +36,7 @@ import hashlib
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +52,8 @@ from image_finetune.core.cli import save_json, write_csv
 from image_finetune.core.console import silence_lightning_noise
 from image_finetune.core.errors import ConfigError, DataError, UserError
 from image_finetune.core.plots import WRONG_COLOUR, image_grid
-from image_finetune.inference.classifier import resolve_device, to_float
+from image_finetune.data.multilabel_split import iterative_stratification
+from image_finetune.inference.classifier import label_sets, resolve_device, to_float
 from image_finetune.inference.duplicates import (
     BITS,
     connected_groups,
@@ -76,7 +81,7 @@ INSTALL_HINT = "pip install 'image-finetune[issues]'"
 @dataclass(frozen=True)
 class Images:
     """Every image of the data: its path (``<split>/<index>`` for one without a file), split and given label (an
-    index into ``class_names``)."""
+    index into ``class_names``; multi-label: a 0/1 row per image, one column per label)."""
 
     paths: list[str]
     splits: list[str]
@@ -84,9 +89,19 @@ class Images:
     class_names: list[str]
     files: list[bool] | None = None
     """Whether each of ``paths`` is a file; None: all are."""
+    multilabel: bool = False
+    threshold: float | list[float] = 0.5
+    """Multi-label: the checkpoint's decision threshold (one, or one per label): the suggested label sets."""
 
     def is_file(self, i: int) -> bool:
         return self.files is None or self.files[i]
+
+    def label_text(self, i: int) -> str:
+        """Image ``i``'s given label as the reports write it: its class, or (multi-label) its labels joined by a
+        space (empty: no labels)."""
+        if self.multilabel:
+            return " ".join(self.class_names[j] for j in np.flatnonzero(self.labels[i]))
+        return self.class_names[self.labels[i]]
 
 
 def require_cleanlab() -> None:
@@ -100,7 +115,9 @@ def require_cleanlab() -> None:
 
 def load_images(cfg: DictConfig, ckpt_path: str) -> tuple[ClassifierNet, Images, Dataset]:
     """The checkpoint's network, the images with their splits and labels, and a dataset of them at the eval transform
-    (the data module's ``all_images``, named by its ``image_names``)."""
+    (the data module's ``all_images``, named by its ``image_names``). Multi-label: ``labels`` has no columns yet;
+    the label sets come with the images themselves (``embed``, ``with_label_sets``), as ``all_images()`` items carry
+    each image's multi-hot target where ``ImageName.label`` is only the image's stratum."""
     model, datamodule = build_model_and_data(data_config(cfg, ckpt_path), checkpoint=ckpt_path)
     datamodule.prepare_data()
     datamodule.setup("test")
@@ -111,9 +128,16 @@ def load_images(cfg: DictConfig, ckpt_path: str) -> tuple[ClassifierNet, Images,
             "give (None): give the data module an eval_views() (data/base.py)"
         )
     names = datamodule.image_names()
+    if model.multilabel != (datamodule.task == "multilabel"):
+        raise ConfigError(
+            f"the checkpoint {ckpt_path} is {model.hparams.get('task') or 'multiclass'} but {datamodule.source} is "
+            f"{datamodule.task}: check its issues with data of its own task (leave data= out to use the checkpoint's)"
+        )
     labels = np.array([name.label for name in names], dtype=np.int64)
     counts = np.bincount(labels, minlength=len(datamodule.class_names))
-    if (counts < 2).any():
+    if model.multilabel:  # every label's images are counted once the label sets are read
+        labels = np.zeros((len(names), 0), dtype=np.int64)
+    elif (counts < 2).any():
         few = [name for name, n in zip(datamodule.class_names, counts) if n < 2]
         raise DataError(
             f"{datamodule.source}: classes {few} have fewer than 2 images; cross-validation needs 2 or more"
@@ -125,6 +149,8 @@ def load_images(cfg: DictConfig, ckpt_path: str) -> tuple[ClassifierNet, Images,
         labels,
         list(datamodule.class_names),
         [name.is_file for name in names],
+        multilabel=model.multilabel,
+        threshold=model.decision_threshold if model.multilabel else 0.5,
     )
     log.info("%s: %d images in %s", datamodule.source, len(names), dict(Counter(images.splits)))
     return model.net, images, everything
@@ -133,24 +159,44 @@ def load_images(cfg: DictConfig, ckpt_path: str) -> tuple[ClassifierNet, Images,
 @torch.inference_mode()
 def embed(
     net: ClassifierNet, dataset: Dataset, batch_size: int, num_workers: int, device: torch.device
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each image's embedding, the mean of its embedding and its mirror image's (a flipped copy gets the same), and
-    its perceptual hashes (``duplicates.perceptual_hashes``), from one pass over the images."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each image's embedding, the mean of its embedding and its mirror image's (a flipped copy gets the same), its
+    perceptual hashes (``duplicates.perceptual_hashes``) and its label as the dataset gives it (a class index, or
+    multi-label: the multi-hot target), from one pass over the images."""
     net = net.to(device).eval()
-    plain, symmetric, hashes = [], [], []
-    for images, _ in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
+    plain, symmetric, hashes, given = [], [], [], []
+    for images, labels in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
         x = to_float(images.to(device))
         features = net.features(x).float()
         plain.append(features.cpu())
         symmetric.append(((features + net.features(x.flip(-1)).float()) / 2).cpu())
         hashes.append(perceptual_hashes(images))
-    return torch.cat(plain).numpy(), torch.cat(symmetric).numpy(), torch.cat(hashes).numpy()
+        given.append(torch.as_tensor(labels))
+    return (
+        torch.cat(plain).numpy(),
+        torch.cat(symmetric).numpy(),
+        torch.cat(hashes).numpy(),
+        torch.cat(given).numpy(),
+    )
+
+
+def with_label_sets(images: Images, given: np.ndarray) -> Images:
+    """Multi-label: ``images`` with each image's label set, its multi-hot target as ``all_images()`` gives it."""
+    if given.ndim != 2 or given.shape != (len(images.paths), len(images.class_names)):
+        raise ConfigError(
+            f"the checkpoint is multi-label but the data's images carry labels of shape {tuple(given.shape)}, not one "
+            f"multi-hot row of {len(images.class_names)} labels per image: give all_images() items their multi-hot "
+            "target (data/csvfile.py does)"
+        )
+    return replace(images, labels=(given >= 0.5).astype(np.int64))
 
 
 def stored_out_of_fold(csv_path: Path, images: Images) -> np.ndarray | None:
     """The out-of-fold probabilities in ``csv_path`` (``path`` + ``prob_<class>``), rows in ``images.paths`` order, NaN
     for an image the file does not cover (a k-fold sweep covers its train + val pool, not the test split); None when
-    there is no such file. A file missing a class, or covering none of the images, is an error, never half used."""
+    there is no such file. A file missing a class, or covering none of the images, is an error, never half used.
+    Single-label rows are renormalised to sum 1; multi-label ones are per-label sigmoid probabilities, kept as they
+    are."""
     if not csv_path.is_file():
         return None
     with csv_path.open(newline="") as f:
@@ -169,7 +215,7 @@ def stored_out_of_fold(csv_path: Path, images: Images) -> np.ndarray | None:
     probs = np.array(
         [[float(rows[p][f"prob_{name}"]) for name in images.class_names] if p in rows else nan for p in images.paths]
     )
-    return probs / probs.sum(axis=1, keepdims=True)
+    return probs if images.multilabel else probs / probs.sum(axis=1, keepdims=True)
 
 
 def cross_validated_probabilities(features: np.ndarray, labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -190,13 +236,40 @@ def cross_validated_probabilities(features: np.ndarray, labels: np.ndarray, fold
     return cross_val_predict(classifier, features, labels, cv=cv, method="predict_proba")
 
 
+def cross_validated_label_probabilities(features: np.ndarray, labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Multi-label out-of-sample probabilities, one column per label: one-vs-rest logistic regression on the
+    embeddings, each image predicted by the classifiers fitted without it. sklearn's stratified K-fold takes one class
+    per image, so the folds come from iterative stratification over every label (``data/multilabel_split.py``): each
+    label held by ``folds`` or more images is in every fold. A label missing from a fold's training part gets a constant
+    classifier there (sklearn's one-vs-rest warns)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import PredefinedSplit, cross_val_predict
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if folds < 2:
+        raise ConfigError(f"folds={folds}: cross-validation needs at least 2 folds (default 5)")
+    k = min(folds, len(labels))
+    fold_of = iterative_stratification(
+        {i: np.flatnonzero(row).tolist() for i, row in enumerate(labels)}, [1.0] * k, seed
+    )
+    cv = PredefinedSplit([fold_of[i] for i in range(len(labels))])
+    classifier = make_pipeline(StandardScaler(), OneVsRestClassifier(LogisticRegression(max_iter=1000)))
+    return cross_val_predict(classifier, features, labels, cv=cv, method="predict_proba")
+
+
 def run_datalab(labels: np.ndarray, pred_probs: np.ndarray, features: np.ndarray) -> Any:
     """cleanlab's ``Datalab`` with label, outlier and near-duplicate checks; one that failed is an error (Datalab only
-    prints it)."""
+    prints it). ``labels``: class indices, or (multi-label) one 0/1 row per image, given to Datalab as each image's
+    list of label indices (``task="multilabel"``)."""
     from cleanlab import Datalab
 
-    # Integer labels: Datalab orders pred_probs columns by the sorted label values, which then are the class indices.
-    lab = Datalab(data={"label": labels.tolist()}, label_name="label", verbosity=0)
+    if labels.ndim == 2:  # multi-label: pred_probs columns are the label indices
+        given = [np.flatnonzero(row).tolist() for row in labels]
+        lab = Datalab(data={"label": given}, label_name="label", task="multilabel", verbosity=0)
+    else:  # Integer labels: Datalab orders pred_probs columns by the sorted label values, the class indices.
+        lab = Datalab(data={"label": labels.tolist()}, label_name="label", verbosity=0)
     lab.find_issues(pred_probs=pred_probs, features=features, issue_types={name: {} for name in ISSUE_TYPES})
     found = set(lab.issue_summary["issue_type"])
     failed = [name for name in ISSUE_TYPES if name not in found]
@@ -235,17 +308,25 @@ def image_digest(images: Images, dataset: Dataset | None, i: int) -> str:
     return hashlib.sha256(dataset[i][0].numpy().tobytes()).hexdigest()
 
 
-def write_label_issues(out_dir: Path, images: Images, issues: Any) -> list[int]:
-    """``label_issues.csv``: the flagged images, lowest label quality first; returns their indices in that order."""
+def suggested_labels(images: Images, issues: Any, pred_probs: np.ndarray) -> list[str]:
+    """Each image's suggested label: cleanlab's predicted class; multi-label: the labels whose out-of-sample
+    probability reaches the checkpoint's decision threshold, joined by a space."""
+    if images.multilabel:
+        chosen = label_sets(torch.from_numpy(pred_probs), images.class_names, images.threshold)
+        return [" ".join(labels) for labels in chosen]
+    return [images.class_names[int(p)] for p in issues["predicted_label"]]
+
+
+def write_label_issues(out_dir: Path, images: Images, issues: Any, suggested: list[str]) -> list[int]:
+    """``label_issues.csv``: the flagged images, lowest label quality first; returns their indices in that order.
+    Multi-label: ``given_labels`` and ``suggested_labels`` are label sets."""
     flagged = issues[issues["is_label_issue"]].sort_values("label_score", kind="stable")
-    names = images.class_names
     rows = [
-        [images.paths[i], images.splits[i], names[int(r.given_label)], names[int(r.predicted_label)], f"{r.label_score:.6f}"]
-        for i, r in zip(flagged.index, flagged.itertuples())
-    ]  # fmt: skip
-    write_csv(
-        out_dir / "label_issues.csv", [["path", "split", "given_label", "suggested_label", "label_quality"], *rows]
-    )
+        [images.paths[i], images.splits[i], images.label_text(i), suggested[i], f"{score:.6f}"]
+        for i, score in zip(flagged.index, flagged["label_score"])
+    ]
+    header = ["given_labels", "suggested_labels"] if images.multilabel else ["given_label", "suggested_label"]
+    write_csv(out_dir / "label_issues.csv", [["path", "split", *header, "label_quality"], *rows])
     return [int(i) for i in flagged.index]
 
 
@@ -265,7 +346,7 @@ def write_near_duplicates(
         for i in group:
             path = images.paths[i]
             identical = digests[digest[i]] > 1
-            rows.append([number, path, images.splits[i], images.class_names[images.labels[i]], leak, identical])
+            rows.append([number, path, images.splits[i], images.label_text(i), leak, identical])
     write_csv(out_dir / "near_duplicates.csv", [["group", "path", "split", "label", "leak", "identical"], *rows])
     return leaks
 
@@ -274,20 +355,21 @@ def write_outliers(out_dir: Path, images: Images, issues: Any) -> int:
     """``outliers.csv``: the flagged images, most atypical (lowest score) first; returns how many."""
     flagged = issues[issues["is_outlier_issue"]].sort_values("outlier_score", kind="stable")
     rows = [
-        [images.paths[i], images.splits[i], images.class_names[images.labels[i]], f"{score:.6f}"]
+        [images.paths[i], images.splits[i], images.label_text(i), f"{score:.6f}"]
         for i, score in zip(flagged.index, flagged["outlier_score"])
     ]
     write_csv(out_dir / "outliers.csv", [["path", "split", "label", "outlier_score"], *rows])
     return len(rows)
 
 
-def draw_suspects(path: Path, dataset: Dataset, images: Images, issues: Any, order: list[int]) -> Path:
-    """``label_issues.png``: the top suspects (as the network sees them), captioned ``given -> suggested``."""
-    names = images.class_names
+def draw_suspects(
+    path: Path, dataset: Dataset, images: Images, issues: Any, order: list[int], suggested: list[str]
+) -> Path:
+    """``label_issues.png``: the top suspects (as the network sees them), captioned ``given -> suggested`` (label
+    sets for multi-label data, ``{}`` for none)."""
     pictures = torch.stack([dataset[i][0] for i in order]) if order else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
     captions = [
-        f"{names[int(issues.at[i, 'given_label'])]} -> {names[int(issues.at[i, 'predicted_label'])]}\n"
-        f"quality {issues.at[i, 'label_score']:.2f}"
+        f"{images.label_text(i) or '{}'} -> {suggested[i] or '{}'}\nquality {issues.at[i, 'label_score']:.2f}"
         for i in order
     ]
     grid = image_grid(pictures, captions, columns=8, cell=128, caption_colours=[WRONG_COLOUR] * len(order))
@@ -325,7 +407,9 @@ def find_issues(cfg: DictConfig) -> dict[str, Any]:
     net, images, dataset = load_images(cfg, ckpt_path)
     device = resolve_device(cfg.get("device") or "auto")
     batch_size, workers = int(cfg.get("batch_size") or 64), int(cfg.get("num_workers") or 0)
-    features, symmetric, hashes = embed(net, dataset, batch_size, workers, device)
+    features, symmetric, hashes, given = embed(net, dataset, batch_size, workers, device)
+    if images.multilabel:
+        images = with_label_sets(images, given)
 
     oof_file = (
         Path(cfg.pred_probs).expanduser() if cfg.get("pred_probs") else Path(ckpt_path).parents[2] / OUT_OF_FOLD_FILE
@@ -336,9 +420,18 @@ def find_issues(cfg: DictConfig) -> dict[str, Any]:
         )
     stored = stored_out_of_fold(oof_file, images)
     folds = int(cfg.get("folds") or 5)
-    method = f"{folds}-fold stratified logistic regression on the checkpoint's embeddings"
+    seed = int(cfg.get("seed") or 0)
+    if images.multilabel:
+        method = (
+            f"{folds}-fold one-vs-rest logistic regression on the checkpoint's embeddings (folds stratified by every "
+            "label)"
+        )
+        cross_validate = cross_validated_label_probabilities
+    else:
+        method = f"{folds}-fold stratified logistic regression on the checkpoint's embeddings"
+        cross_validate = cross_validated_probabilities
     if stored is None or np.isnan(stored).any():
-        pred_probs = cross_validated_probabilities(features, images.labels, folds, int(cfg.get("seed") or 0))
+        pred_probs = cross_validate(features, images.labels, folds, seed)
     if stored is not None:
         covered = ~np.isnan(stored).any(axis=1)
         if covered.all():
@@ -353,7 +446,8 @@ def find_issues(cfg: DictConfig) -> dict[str, Any]:
 
     lab = run_datalab(images.labels, pred_probs, symmetric)
     label_issues = lab.get_issues("label")
-    label_order = write_label_issues(out_dir, images, label_issues)
+    suggested = suggested_labels(images, label_issues, pred_probs)
+    label_order = write_label_issues(out_dir, images, label_issues, suggested)
     pairs = sets_to_pairs(lab.get_info("near_duplicate")["near_duplicate_sets"])
     if bits is not None:  # altered copies (resized, re-encoded, mirrored) by perceptual hash, with cleanlab's
         pairs += near_duplicate_pairs(hashes, bits)
@@ -361,7 +455,7 @@ def find_issues(cfg: DictConfig) -> dict[str, Any]:
     leaks = write_near_duplicates(out_dir, images, groups, dataset)
     outliers = write_outliers(out_dir, images, lab.get_issues("outlier"))
     shown = label_order[: int(cfg.get("show", 32))]
-    draw_suspects(out_dir / "label_issues.png", dataset, images, label_issues, shown)
+    draw_suspects(out_dir / "label_issues.png", dataset, images, label_issues, shown, suggested)
     summary = {
         "checkpoint": ckpt_path,
         "pred_probs": method,
@@ -372,6 +466,8 @@ def find_issues(cfg: DictConfig) -> dict[str, Any]:
         "leaking_groups": len(leaks),
         "outliers": outliers,
     }
+    if images.multilabel:
+        summary |= {"task": "multilabel", "decision_threshold": images.threshold}
     save_json(summary, out_dir / "issues.json")
     print(summary_line(images, label_order, len(groups), len(leaks), outliers, out_dir), flush=True)
     return summary
