@@ -11,9 +11,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+from support import LABELS
 from test_entry_matrix import script_env
 from test_find_issues import SUMMARY, read_csv, run_find_issues
-from test_multilabel import LABELS, trained  # noqa: F401  (the shared multi-label run, a module fixture)
+from test_multilabel import trained  # noqa: F401  (the shared multi-label run, built once per session)
 
 from image_finetune.inference.data_issues import (
     Images,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from shared_runs import once_per_session
 from support import LABELS, PAIRS, write_pairs
 from test_entry_matrix import COMMON, run, script_env
 from test_interrupts import IN_EPOCH_2, LINE, ctrl_c
@@ -42,20 +43,23 @@ def train_command(table: Path, run_dir: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    """The shared ``train.py data=csv loss=bce`` run every entry-script test reads."""
-    root = tmp_path_factory.mktemp("multilabel")
-    table = write_pairs(root)
+    """The shared ``train.py data=csv loss=bce`` run every entry-script test reads (built once per session: tests of
+    other files, ``test_find_issues_multilabel.py``, read it too)."""
     env = script_env()
-    full = run_in_session(train_command(table, root / "train"), env)
-    assert full.returncode == 0 and "Traceback" not in full.stderr, full.stderr[-3000:]
+
+    def build(root: Path) -> None:
+        full = run_in_session(train_command(write_pairs(root), root / "train"), env)
+        (root / "train.out").write_text(full.stdout + full.stderr)
+        assert full.returncode == 0 and "Traceback" not in full.stderr, full.stderr[-3000:]
+
+    root = once_per_session(tmp_path_factory, "multilabel", build)
     metrics = json.loads((root / "train" / "metrics.json").read_text())
-    return {"root": root, "table": table, "env": env, "full": full, "metrics": metrics,
-            "best": Path(metrics["test"]["checkpoint"])}  # fmt: skip
+    return {"root": root, "table": root / "labels.csv", "env": env, "output": (root / "train.out").read_text(),
+            "metrics": metrics, "best": Path(metrics["test"]["checkpoint"])}  # fmt: skip
 
 
 def test_train_infers_multilabel_and_reports_map_with_a_stored_threshold(trained):
-    full, root, metrics = trained["full"], trained["root"], trained["metrics"]
-    output = full.stdout + full.stderr
+    root, metrics, output = trained["root"], trained["metrics"], trained["output"]
     assert f"data.task=auto: multi-label ({trained['table']} row 2 holds 2 labels:" in output
     assert (
         f"{trained['table']}: left out 2 row(s) whose image is missing or unusable (row 7: images/gone.png: " in output
@@ -152,23 +156,23 @@ def test_serve_answers_a_multilabel_checkpoint_with_its_label_set(trained):
 
 
 @pytest.mark.slow
-def test_a_multilabel_run_ctrl_cd_mid_epoch_resumes_to_the_uninterrupted_weights(trained):
+def test_a_multilabel_run_ctrl_cd_mid_epoch_resumes_to_the_uninterrupted_weights(trained, tmp_path):
     """The shared run again, Ctrl-C'd after epoch 2's second batch, then resumed with ``ckpt_path=last``."""
-    root, table, env = trained["root"], trained["table"], trained["env"]
-    stopped = run_in_session(ctrl_c(train_command(table, root / "stopped"), IN_EPOCH_2), env)
-    resumed = run_in_session(train_command(table, root / "stopped", "ckpt_path=last"), env)
+    root, table, env, run_dir = trained["root"], trained["table"], trained["env"], tmp_path / "stopped"
+    stopped = run_in_session(ctrl_c(train_command(table, run_dir), IN_EPOCH_2), env)
+    resumed = run_in_session(train_command(table, run_dir, "ckpt_path=last"), env)
     assert stopped.returncode == 130, stopped.stderr[-3000:]
-    assert stopped.stderr.splitlines()[-1] == LINE.format(when="during training", run_dir=root / "stopped")
+    assert stopped.stderr.splitlines()[-1] == LINE.format(when="during training", run_dir=run_dir)
     assert resumed.returncode == 0 and "Traceback" not in resumed.stderr, resumed.stderr[-3000:]
     assert "Reusing the data split in" in resumed.stdout + resumed.stderr
     assert_bitwise_equal(
-        weights(root / "stopped" / "checkpoints" / "last.ckpt"),
+        weights(run_dir / "checkpoints" / "last.ckpt"),
         weights(root / "train" / "checkpoints" / "last.ckpt"),
         "multi-label data=csv resumed after Ctrl-C",
     )
     thresholds = [
         torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]["decision_threshold"]
-        for run in (root / "stopped", root / "train")
+        for run in (run_dir, root / "train")
     ]
     assert thresholds[0] == thresholds[1]
 
