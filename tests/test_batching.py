@@ -76,7 +76,7 @@ def test_training_100_images_at_batch_64_takes_4_or_more_optimizer_steps_per_epo
     cfg = compose_cfg("data=imagefolder", f"data.root={tmp_path / 'images'}", *FAST, "data.batch_size=64", "data.cache=null",
                       "trainer.max_epochs=1", "finetune.freeze_epochs=1", "test=false", "data.test_fraction=0")  # fmt: skip
     train(cfg)
-    boundary = torch.load(
-        tmp_path / "run" / "checkpoints" / "phase1.ckpt", map_location="cpu", weights_only=True
-    )  # end of epoch 1
-    assert boundary["global_step"] >= 4, f"{boundary['global_step']} optimizer step(s) in the epoch"
+    last = torch.load(
+        tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+    )  # end of epoch 1, the run's only epoch
+    assert last["epoch"] == 0 and last["global_step"] >= 4, f"{last['global_step']} optimizer step(s) in the epoch"
