@@ -135,9 +135,11 @@ def quiet_logs() -> None:
 
 # ---- running --------------------------------------------------------------------------------------------------------
 def template_overrides(task: Task, recipe: Recipe, seed: int, work: Path) -> list[str]:
-    # multi-label: the CSV's split column gives train and val; no test rows are held out of train (test=false anyway)
-    data = (["data=csv", f"data.file={task.labels_csv}", "data.split_column=split", "data.test_fraction=0", "loss=bce"]
+    # train/ and val/ are given (a CSV split column, or folders); data.test_fraction=0: no test images are held out of
+    # train (test=false anyway), so the template trains on every training image, as the fastai peer does
+    data = (["data=csv", f"data.file={task.labels_csv}", "data.split_column=split", "loss=bce"]
             if task.multilabel else ["data=imagefolder", f"data.root={task.root}"])  # fmt: skip
+    data.append("data.test_fraction=0")
     return [
         *data, f"data.image_size={task.size}", "data.num_workers=0", "data.cache=null",
         f"paths.cache_dir={work / 'cache'}", "model.backbone.name=resnet18", f"model.backbone.weights={task.weights}",
