@@ -21,7 +21,8 @@ from support import make_image_folder
 
 from image_finetune.core.cli import user_errors
 from image_finetune.core.errors import DataError
-from image_finetune.inference.data_issues import Images, duplicate_groups, find_issues, stored_out_of_fold
+from image_finetune.inference.data_issues import Images, find_issues, stored_out_of_fold
+from image_finetune.inference.duplicates import connected_groups, sets_to_pairs
 
 pytest_plugins = ["trained"]  # the shared `trained` fixture: trained once per session
 
@@ -164,7 +165,7 @@ def test_missing_cleanlab_is_one_line_naming_the_extra(monkeypatch, capsys):
 
 def test_near_duplicate_sets_merge_into_groups():
     sets = [[1], [0, 2], [1], [], [5], [4], []]
-    assert duplicate_groups(sets) == [[0, 1, 2], [4, 5]]
+    assert connected_groups(len(sets), sets_to_pairs(sets)) == [[0, 1, 2], [4, 5]]
 
 
 def test_an_out_of_fold_file_covers_what_it_lists_and_one_that_fits_nothing_is_refused(tmp_path):

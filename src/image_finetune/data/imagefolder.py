@@ -18,9 +18,9 @@ import os
 import random
 import statistics
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -65,18 +65,9 @@ TestFraction = float | Literal["auto"]
 MAX_CLASSES_LISTED = 20
 
 
-class SplitRule(Protocol):
-    """How a pool is split (``stratified_split``'s signature); ``data=csv`` multi-label data brings its own."""
-
-    def __call__(
-        self,
-        samples: Samples,
-        fractions: list[float],
-        names: list[str],
-        classes: list[str],
-        seed: int,
-        folds: tuple[int, int] | None = None,
-    ) -> dict[str, Samples]: ...
+#: How a pool is split: ``stratified_split``'s positional arguments (samples, fractions, names, classes, seed, folds);
+#: ``data=csv`` multi-label data brings its own (``multilabel_split.multilabel_split``).
+SplitRule = Callable[[Samples, list[float], list[str], list[str], int, "tuple[int, int] | None"], dict[str, Samples]]
 
 
 class LabelledFiles(NamedTuple):

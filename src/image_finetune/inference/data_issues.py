@@ -35,7 +35,6 @@ import csv
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -67,10 +66,6 @@ from image_finetune.training.wiring import build_model_and_data, data_config
 
 log = logging.getLogger(__name__)
 
-#: Out-of-fold probabilities: a ``path`` column and ``prob_<class>`` per class. A k-fold sweep
-#: (``python train.py -m data.folds=K data.fold='range(K)'``) writes them for every image into the sweep dir, the
-#: parent of each fold's run dir; when they are there they replace the cross-validation.
-OUT_OF_FOLD_FILE = OOF_CSV
 ISSUE_TYPES = ("label", "outlier", "near_duplicate")
 #: Hash bits two near duplicates may differ in: measured on digits (benchmarks/README.md "Finding wrong labels and
 #: leaks"), 2 finds most resized, mirrored and re-encoded copies with 2 false groups among 1,797 real scans; 4: 22.
@@ -278,11 +273,6 @@ def run_datalab(labels: np.ndarray, pred_probs: np.ndarray, features: np.ndarray
     return lab
 
 
-def duplicate_groups(near_duplicate_sets: Sequence[Sequence[int]]) -> list[list[int]]:
-    """Datalab's per-image near-duplicate sets merged into groups (connected components), each sorted."""
-    return connected_groups(len(near_duplicate_sets), sets_to_pairs(near_duplicate_sets))
-
-
 def near_duplicate_bits(cfg: DictConfig) -> int | None:
     """``near_duplicate_bits``: how many of the 64 perceptual-hash bits two near duplicates may differ in (null: the
     hash check is off and only cleanlab's embedding radius counts)."""
@@ -411,9 +401,10 @@ def find_issues(cfg: DictConfig) -> dict[str, Any]:
     if images.multilabel:
         images = with_label_sets(images, given)
 
-    oof_file = (
-        Path(cfg.pred_probs).expanduser() if cfg.get("pred_probs") else Path(ckpt_path).parents[2] / OUT_OF_FOLD_FILE
-    )
+    # Out-of-fold probabilities (a ``path`` column, ``prob_<class>`` per class): a k-fold sweep
+    # (``python train.py -m data.folds=K data.fold='range(K)'``) writes them for every image into the sweep dir, the
+    # parent of each fold's run dir; when they are there they replace the cross-validation.
+    oof_file = Path(cfg.pred_probs).expanduser() if cfg.get("pred_probs") else Path(ckpt_path).parents[2] / OOF_CSV
     if cfg.get("pred_probs") and not oof_file.is_file():
         raise UserError(
             f"pred_probs={str(oof_file)!r}: no such file (a CSV: path + prob_<class> columns, as a k-fold sweep writes)"
